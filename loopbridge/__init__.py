@@ -1,0 +1,35 @@
+"""loopbridge: one daemon thread owns a private event loop and every PostgreSQL pool.
+
+Sync callers block on the result, async callers on any other loop await it; pools never cross loops.
+One :class:`Database` serves sync views, async handlers, CLIs, tests and notebooks at once.
+"""
+
+from .bridge import Bridge, default_bridge
+from .database import Database
+from .errors import (
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    ConnectError,
+    DatabaseClosedError,
+    DeadlockError,
+    LoopBridgeError,
+    PoolTimeoutError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Bridge",
+    "BridgeClosedError",
+    "CallTimeoutError",
+    "ConfigurationError",
+    "ConnectError",
+    "Database",
+    "DatabaseClosedError",
+    "DeadlockError",
+    "LoopBridgeError",
+    "PoolTimeoutError",
+    "__version__",
+    "default_bridge",
+]

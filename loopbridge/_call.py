@@ -1,0 +1,307 @@
+"""A call: one piece of work crossing from a caller into the bridge loop, and the way its outcome returns.
+
+The work itself always runs the same way (:meth:`Call.start`, on the bridge loop); only the way back to
+the caller differs, so each kind of caller has a small subclass:
+
+* :class:`BlockingCall` — a sync thread waits on a bare lock (cheaper than a ``concurrent.futures.Future``
+  with its condition variable);
+* :class:`AsyncCall` — a coroutine on another event loop awaits a future of its own loop, completed
+  through that loop's ``call_soon_threadsafe``;
+* :class:`FutureCall` — :meth:`Bridge.submit` hands out a ``concurrent.futures.Future``.
+
+Cancellation always happens on the bridge loop (``cancel``), whoever asks for it: a timeout, the caller
+going away (Ctrl-C, a cancelled task, a cancelled future) or the bridge closing. The reason decides what
+the caller sees.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import contextvars
+import enum
+import inspect
+import sys
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Generic, TypeVar
+
+from .errors import BridgeClosedError, CallTimeoutError
+
+__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "describe"]
+
+T = TypeVar("T")
+
+_TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)
+
+
+class CancelReason(enum.Enum):
+    """Why a call was cancelled on the bridge loop."""
+
+    TIMEOUT = "timeout"
+    CALLER = "caller"  # the caller stopped waiting: Ctrl-C, task cancelled, future cancelled
+    CLOSE = "close"
+
+
+class Call(Generic[T]):
+    """The work of one caller: ``fn(*args, **kwargs)``, or a ready awaitable when *args* is None."""
+
+    __slots__ = (
+        "_timer",
+        "args",
+        "cancel_reason",
+        "context",
+        "error",
+        "fn",
+        "kwargs",
+        "label",
+        "loop",
+        "result",
+        "running",
+        "settled",
+        "task",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[T]] | Awaitable[T],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.label = label
+        # The caller's contextvars are visible to the work (and changes made there stay there).
+        self.context = contextvars.copy_context()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.cancel_reason: CancelReason | None = None
+        self.running = False
+        self.settled = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    # -- on the bridge loop -------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop, inflight: set[Call[Any]]) -> None:
+        """Begin the work as a task on *loop* (the bridge loop)."""
+        inflight.add(self)
+        coro = self._drive(inflight)
+        if _TASK_TAKES_CONTEXT:
+            self.task = loop.create_task(coro, context=self.context)  # type: ignore[call-arg,unused-ignore]
+        else:  # a task copies the context current at its creation
+            self.task = self.context.run(loop.create_task, coro)
+        if self.timeout is not None:
+            self._timer = loop.call_later(self.timeout, self.cancel, CancelReason.TIMEOUT)
+
+    async def _drive(self, inflight: set[Call[Any]]) -> None:
+        try:
+            self.running = True
+            if self.cancel_reason is not None:  # cancelled between start() and this first step
+                self._close_unawaited()
+                raise asyncio.CancelledError
+            args = self.args
+            if args is None:
+                awaitable: Any = self.fn
+            else:
+                fn: Any = self.fn
+                awaitable = fn(*args, **self.kwargs) if self.kwargs else fn(*args)
+                if not inspect.isawaitable(awaitable):
+                    raise TypeError(_not_awaitable(self.label, self.fn, awaitable))
+            self.result = await awaitable
+        except asyncio.CancelledError as exc:
+            self.error = self._cancelled_error(exc)
+        except GeneratorExit:  # the task itself is being destroyed: nothing to report to
+            raise
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            inflight.discard(self)
+            if self._timer is not None:
+                self._timer.cancel()
+            self.settled = True
+            self._settle()
+
+    def cancel(self, reason: CancelReason) -> None:
+        """Cancel the work (on the bridge loop). The first reason given is the one reported."""
+        if self.settled:
+            return
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        # A task that has not taken its first step must not be cancelled from outside: the
+        # CancelledError would be thrown into the coroutine before its ``try`` and nothing would
+        # settle the call. _drive checks cancel_reason first thing instead.
+        if self.task is not None and self.running:
+            self.task.cancel()
+
+    def reject(self, error: BaseException) -> None:
+        """Settle a call that will never start (any thread, once the bridge no longer runs it)."""
+        self._close_unawaited()
+        self.error = error
+        self.settled = True
+        self._settle()
+
+    def _close_unawaited(self) -> None:
+        if inspect.iscoroutine(self.fn):
+            self.fn.close()  # no "coroutine was never awaited" warning for work we never ran
+
+    def _cancelled_error(self, exc: asyncio.CancelledError) -> BaseException:
+        reason = self.cancel_reason
+        if reason is CancelReason.TIMEOUT:
+            return CallTimeoutError(
+                f"{self.label} did not finish within {self.timeout:g} s; it was cancelled on the bridge loop"
+            )
+        if reason is CancelReason.CLOSE:
+            return BridgeClosedError(
+                f"{self.label} was cancelled because its bridge was closed while the call was in flight; "
+                "close the bridge only after the calls you care about have returned"
+            )
+        return exc
+
+    def _settle(self) -> None:
+        """Tell the caller the outcome is ready. Subclasses choose how."""
+        raise NotImplementedError
+
+    # -- on the caller's side -----------------------------------------------------------------------
+
+    def cancel_threadsafe(self, reason: CancelReason) -> None:
+        """Ask the bridge loop to cancel the work; from any thread."""
+        loop = self.loop
+        if loop is None or self.settled:
+            return
+        try:
+            loop.call_soon_threadsafe(self.cancel, reason)
+        except RuntimeError:  # the bridge loop is closed: close() settles or rejects every call
+            pass
+
+    def outcome(self) -> T:
+        """Return the result or raise the error (with the traceback from the bridge loop)."""
+        error = self.error
+        if error is not None:
+            # Drop our references so the traceback's frames do not keep this call alive.
+            self.error = None
+            try:
+                raise error
+            finally:
+                del error
+        return self.result  # type: ignore[return-value]
+
+
+class BlockingCall(Call[T]):
+    """The caller is a sync thread, waiting on a lock that the bridge loop releases."""
+
+    __slots__ = ("_done",)
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[T]] | Awaitable[T],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str,
+    ) -> None:
+        super().__init__(fn, args, kwargs, timeout, label)
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+
+    def _settle(self) -> None:
+        self._done.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until settled or *timeout* elapses; True if settled. Interruptible by Ctrl-C."""
+        return self._done.acquire(True, -1 if timeout is None else timeout)
+
+
+class AsyncCall(Call[T]):
+    """The caller is a coroutine on another event loop, awaiting :attr:`waiter`."""
+
+    __slots__ = ("caller_loop", "delivered", "waiter")
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[T]] | Awaitable[T],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str,
+        caller_loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(fn, args, kwargs, timeout, label)
+        self.caller_loop = caller_loop
+        self.waiter: asyncio.Future[None] = caller_loop.create_future()
+        self.delivered = False
+
+    def _settle(self) -> None:
+        try:
+            self.caller_loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the caller's loop is closed: nobody is left waiting
+            pass
+
+    def _deliver(self) -> None:
+        # On the caller's loop. The waiter may have been replaced (see Bridge.arun) or cancelled.
+        self.delivered = True
+        if not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class FutureCall(Call[T]):
+    """The caller holds a ``concurrent.futures.Future``; cancelling it cancels the work."""
+
+    __slots__ = ("future",)
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[T]] | Awaitable[T],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str,
+    ) -> None:
+        super().__init__(fn, args, kwargs, timeout, label)
+        self.future: Future[T] = Future()
+        self.future.add_done_callback(self._on_future_done)
+
+    def _on_future_done(self, future: Future[T]) -> None:
+        if future.cancelled():
+            self.cancel_threadsafe(CancelReason.CALLER)
+
+    def _settle(self) -> None:
+        future = self.future
+        error, self.error = self.error, None
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(self.result)  # type: ignore[arg-type]
+        except InvalidStateError:  # the caller cancelled the future meanwhile
+            pass
+
+
+def describe(fn: object) -> str:
+    """A short name for *fn* in messages: ``fetch_rows`` or ``<coroutine fetch_rows>``."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if inspect.iscoroutine(fn):
+        return f"<coroutine {name}>"
+    if name is None:
+        func = getattr(fn, "func", None)  # functools.partial
+        if func is not None:
+            return f"partial({describe(func)})"
+        return type(fn).__name__
+    return str(name)
+
+
+def _not_awaitable(label: str, fn: object, value: object) -> str:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return (
+        f"{label} runs async functions, but {describe(fn)}() returned {type(value).__name__} {shown}, "
+        "which cannot be awaited. Pass an 'async def' function (or a function returning an awaitable); "
+        "a plain function needs no bridge: call it directly."
+    )

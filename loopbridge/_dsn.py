@@ -1,0 +1,181 @@
+"""DSN handling: find it, check it, describe it, and keep its password out of every message.
+
+asyncpg does the real parsing when it connects. What this module adds is what a person needs when
+something goes wrong: an early, clear error for a malformed DSN, and a description ("database 'app' on
+db.internal:5432 as user 'web'") for reprs, logs and error messages that never contains the password.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from .errors import ConfigurationError
+
+__all__ = ["DsnInfo", "parse_dsn", "redact", "resolve_dsn"]
+
+#: Environment variables consulted, in order, when no DSN is passed.
+DSN_ENV_VARS = ("LOOPBRIDGE_DSN", "DATABASE_URL")
+
+_SCHEMES = {"postgres": "postgresql", "postgresql": "postgresql", "postgresql+asyncpg": "postgresql"}
+_REDACTED = "***"
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """Return *dsn*, or the first of ``LOOPBRIDGE_DSN`` / ``DATABASE_URL`` that is set.
+
+    :raises ConfigurationError: if none is given or set.
+    """
+    if dsn is not None:
+        if not isinstance(dsn, str):
+            raise ConfigurationError(
+                f"dsn must be a string such as 'postgresql://user@host:5432/dbname', not {type(dsn).__name__}"
+            )
+        return dsn
+    for name in DSN_ENV_VARS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    raise ConfigurationError(
+        "no DSN given: pass Database('postgresql://user:password@host:5432/dbname') "
+        "or set LOOPBRIDGE_DSN (or DATABASE_URL) in the environment"
+    )
+
+
+@dataclass(frozen=True)
+class DsnInfo:
+    """What a DSN says, for people: never print :attr:`dsn` itself, use :attr:`redacted`."""
+
+    dsn: str
+    """The DSN to hand to asyncpg (scheme normalized to ``postgresql``). Contains the password."""
+    redacted: str
+    """The DSN with its password replaced by ``***``: safe for reprs and logs."""
+    hosts: tuple[str, ...]
+    ports: tuple[str, ...]
+    database: str
+    user: str
+    password: str | None
+
+    def describe(self) -> str:
+        """``database 'app' on db:5432 as user 'web'``, for messages."""
+        places = ", ".join(
+            f"{host}:{port}" if not host.startswith("/") else f"{host} (unix socket, port {port})"
+            for host, port in zip(self.hosts, self.ports, strict=True)
+        )
+        return f"database {self.database!r} on {places} as user {self.user!r}"
+
+
+def parse_dsn(dsn: str) -> DsnInfo:
+    """Check *dsn* and describe it; asyncpg still does the authoritative parsing when connecting.
+
+    :raises ConfigurationError: for a DSN asyncpg could not use (wrong scheme, libpq keyword form,
+        bad port). The message never contains the password.
+    """
+    if "://" not in dsn:
+        hint = (
+            " (libpq 'key=value' strings are not supported by asyncpg; write it as a URL)"
+            if "=" in dsn
+            else ""
+        )
+        raise ConfigurationError(
+            f"invalid DSN {_scrub_keyword_dsn(dsn)!r}{hint}: expected "
+            "'postgresql://user:password@host:5432/dbname'"
+        )
+    scheme, _, rest = dsn.partition("://")
+    normalized_scheme = _SCHEMES.get(scheme.lower())
+    if normalized_scheme is None:
+        raise ConfigurationError(
+            f"unsupported DSN scheme {scheme!r}: loopbridge talks to PostgreSQL through asyncpg; "
+            "use 'postgresql://user:password@host:5432/dbname'"
+        )
+    normalized = f"{normalized_scheme}://{rest}"
+    # urlsplit cannot read a multi-host netloc's ports, so split the netloc by hand.
+    parts = urlsplit(normalized)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user, has_password, password = userinfo.partition(":")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+
+    hosts: list[str] = []
+    ports: list[str] = []
+    for item in hostlist.split(",") if hostlist else []:
+        host, port = _split_host_port(item)
+        hosts.append(unquote(host))
+        ports.append(port)
+    query_ports = (query.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    if hosts:
+        ports = [port or query_ports[0] for port in ports]
+    else:
+        hosts = (query.get("host") or os.environ.get("PGHOST") or "localhost").split(",")
+        ports = query_ports * len(hosts) if len(query_ports) == 1 else query_ports
+    if len(ports) != len(hosts):
+        raise ConfigurationError(
+            f"DSN {_redact_url(normalized, password)!r} lists {len(hosts)} hosts but {len(ports)} ports"
+        )
+    for port in ports:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"invalid port {port!r} in DSN {_redact_url(normalized, password)!r}: expected 1-65535"
+            )
+
+    user = unquote(user) or query.get("user") or os.environ.get("PGUSER") or _os_user()
+    database = (
+        unquote(parts.path.lstrip("/"))
+        or query.get("dbname")
+        or query.get("database")
+        or os.environ.get("PGDATABASE")
+        or user
+    )
+    secret = unquote(password) if has_password else query.get("password") or os.environ.get("PGPASSWORD")
+    return DsnInfo(
+        dsn=normalized,
+        redacted=_redact_url(normalized, password if has_password else None),
+        hosts=tuple(hosts),
+        ports=tuple(ports),
+        database=database,
+        user=user,
+        password=secret or None,
+    )
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Replace every occurrence of each non-empty secret in *text* by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, _REDACTED)
+    return text
+
+
+def _split_host_port(item: str) -> tuple[str, str]:
+    if item.startswith("["):  # [ipv6]:port
+        host, _, port = item[1:].partition("]")
+        return host, port.lstrip(":")
+    host, _, port = item.partition(":")
+    return host, port
+
+
+def _redact_url(url: str, password: str | None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if password is not None and "@" in netloc:
+        userinfo, _, hostlist = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{_REDACTED}@{hostlist}"
+    query = "&".join(
+        f"{key}={_REDACTED if key == 'password' else value}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _scrub_keyword_dsn(dsn: str) -> str:
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1" + _REDACTED, dsn, flags=re.IGNORECASE)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in the environment or the passwd database
+        return "postgres"

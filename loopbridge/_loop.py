@@ -1,0 +1,251 @@
+"""The bridge's daemon thread and its private event loop.
+
+A :class:`LoopThread` is one generation of a bridge: the thread, its loop, the queue of calls waiting to
+start, the calls in flight and the resources (pools) that live on the loop. A ``Bridge`` owns at most one
+live generation; after ``os.fork()`` the child abandons the parent's generation (see :func:`abandon`)
+and starts a fresh one on first use.
+
+Every call enters through :meth:`LoopThread.submit` — the one crossing point. A burst of calls costs one
+wakeup of the loop: callers append to a deque, and only the first caller after a drain schedules
+``_drain`` with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import logging
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._call import Call, CancelReason
+from .errors import BridgeClosedError
+
+__all__ = ["LoopThread", "Resource", "abandon"]
+
+logger = logging.getLogger("loopbridge")
+
+#: How long close() waits for cancelled work and stray tasks to unwind, beyond its own timeout.
+GRACE = 1.0
+
+
+class Resource(Protocol):
+    """Something that lives on the bridge loop and must be closed there (a Database's pool)."""
+
+    async def _aclose_on_bridge(self, timeout: float) -> None:
+        """Close gracefully within *timeout* seconds, then forcibly. Runs on the bridge loop."""
+
+    def _forget_after_fork(self) -> list[object]:
+        """In a forked child: drop every reference to loop-bound state without touching it.
+
+        Returns the objects dropped, which the caller keeps alive forever (see :func:`abandon`).
+        """
+
+
+class LoopThread:
+    """One thread running one event loop, taking calls from any other thread."""
+
+    def __init__(self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self.name = name
+        self.pid = os.getpid()
+        self.accepting = True
+        self.inflight: set[Call[Any]] = set()
+        self.resources: list[Resource] = []
+        self.thread_id = -1
+        self.loop: asyncio.AbstractEventLoop
+        self.thread: threading.Thread
+        self._loop_factory = loop_factory
+        self._queue: deque[Call[Any]] = deque()
+        self._wakeup_pending = False
+
+    def start(self) -> None:
+        """Start the thread and return once its loop exists. Raises what the loop factory raised."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self.thread = threading.Thread(
+            target=self._main, args=(ready, failure), name=f"loopbridge-{self.name}", daemon=True
+        )
+        self.thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+
+    def _main(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            loop = self._loop_factory()
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            return
+        self.loop = loop
+        self.thread_id = threading.get_ident()
+        asyncio.set_event_loop(loop)
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    # -- the crossing point -------------------------------------------------------------------------
+
+    def submit(self, call: Call[Any]) -> None:
+        """Queue *call* to start on the loop; from any thread.
+
+        :raises BridgeClosedError: if the loop no longer takes work (the call was not queued).
+        """
+        call.loop = self.loop
+        self._queue.append(call)
+        if not self.accepting:
+            self._withdraw(call)
+        elif not self._wakeup_pending:
+            self._wakeup_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed
+                self._withdraw(call)
+
+    def _withdraw(self, call: Call[Any]) -> None:
+        # close() began between our check and our append. Either its final sweep of the queue takes
+        # the call (and settles it), or we take it back here: exactly one of the two succeeds.
+        try:
+            self._queue.remove(call)
+        except ValueError:
+            return
+        call._close_unawaited()
+        raise BridgeClosedError(f"the bridge {self.name!r} is closing; {call.label} was not run")
+
+    def _drain(self) -> None:
+        self._wakeup_pending = False  # before popping: a call appended from now on schedules a new drain
+        queue = self._queue
+        loop = self.loop
+        inflight = self.inflight
+        while queue:
+            try:
+                call = queue.popleft()
+            except IndexError:  # withdrawn by its caller meanwhile
+                break
+            if self.accepting:
+                call.start(loop, inflight)
+            else:
+                call.reject(BridgeClosedError(f"the bridge {self.name!r} closed before {call.label} started"))
+
+    # -- shutdown -----------------------------------------------------------------------------------
+
+    def stop(self, timeout: float) -> None:
+        """Finish or cancel every call, close the resources on the loop, stop it and join the thread.
+
+        Called from any thread but the loop's own.
+        """
+        self.accepting = False
+        try:
+            shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self.loop)
+        except RuntimeError:  # the loop is already closed
+            pass
+        else:
+            try:
+                shutdown.result(timeout + 3 * GRACE)
+            except concurrent.futures.TimeoutError:
+                logger.warning(
+                    "bridge %r: shutdown did not finish within %.1f s; the loop may be blocked by "
+                    "synchronous code. Abandoning it.",
+                    self.name,
+                    timeout + 3 * GRACE,
+                )
+            except Exception:
+                logger.exception("bridge %r: error while shutting down", self.name)
+            try:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+            except RuntimeError:
+                pass
+        self.thread.join(GRACE)
+        if self.thread.is_alive():
+            logger.warning("bridge %r: thread %s did not stop; abandoning it", self.name, self.thread.name)
+        # Calls that slipped into the queue after the loop's last drain.
+        while self._queue:
+            try:
+                call = self._queue.popleft()
+            except IndexError:
+                break
+            call.reject(BridgeClosedError(f"the bridge {self.name!r} closed before {call.label} started"))
+
+    async def _shutdown(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        # A graceful close loses nothing: calls already running may finish within the timeout...
+        running = self._running_tasks()
+        if running:
+            await asyncio.wait(running, timeout=left())
+        # ... and whatever is still running then is cancelled; its caller gets BridgeClosedError.
+        for call in list(self.inflight):
+            call.cancel(CancelReason.CLOSE)
+        running = self._running_tasks()
+        if running:
+            await asyncio.wait(running, timeout=max(left(), GRACE))
+
+        # Pools close on the loop that owns them, never anywhere else.
+        for resource in reversed(list(self.resources)):  # closing unregisters: iterate a copy
+            try:
+                await resource._aclose_on_bridge(max(left(), GRACE))
+            except Exception:
+                logger.exception("bridge %r: error while closing %r", self.name, resource)
+        self.resources.clear()
+
+        # Tasks that the calls started and left behind.
+        current = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=GRACE)
+        for task in others:
+            if not task.done():
+                logger.warning("bridge %r: task %r ignored cancellation; abandoning it", self.name, task)
+        await loop.shutdown_asyncgens()
+        try:
+            await asyncio.wait_for(loop.shutdown_default_executor(), GRACE)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("bridge %r: default executor threads still busy; abandoning them", self.name)
+
+    def _running_tasks(self) -> set[asyncio.Task[None]]:
+        return {call.task for call in self.inflight if call.task is not None}
+
+
+# Objects a forked child inherited and must never touch again. See abandon().
+_abandoned: list[object] = []
+
+
+def abandon(generation: LoopThread) -> None:
+    """In a forked child, give up the parent's loop, pools and connections without touching them.
+
+    The child has a copy of the parent's objects but not the parent's loop thread. Everything those
+    objects could do would hurt the parent: closing a connection sends Terminate and ends the
+    parent's backend, even removing a socket from the copied epoll set edits the parent's epoll
+    instance (a forked epoll fd is shared). So nothing may run on them, not even their destructors:
+    closing a suspended coroutine runs its ``finally`` blocks (``ROLLBACK`` on the parent's socket),
+    and transports unregister from the selector. They are therefore made immortal: never freed, not
+    even at interpreter exit. The cost is a few file descriptors and some memory in the child.
+    """
+    generation.accepting = False
+    kept: list[object] = [generation]
+    for resource in generation.resources:
+        kept.extend(resource._forget_after_fork())
+    generation.resources = []
+    _abandoned.append(kept)
+    _immortalize(kept)
+
+
+def _immortalize(obj: object) -> None:
+    # One reference that is never released: the object (and all it refers to) is never deallocated,
+    # so no destructor or coroutine finalizer ever runs on it.
+    if sys.implementation.name == "cpython":
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))

@@ -1,0 +1,462 @@
+"""The Bridge: a daemon thread that owns a private event loop, and the one way work reaches it.
+
+Sync code calls :meth:`Bridge.run` and blocks; async code on any other loop awaits :meth:`Bridge.arun`;
+anything may :meth:`Bridge.submit` and hold a ``concurrent.futures.Future``. All three build a call and
+hand it to the loop thread's single submit path (``loopbridge._loop``); they differ only in how the
+caller waits for the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import inspect
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+from ._call import AsyncCall, BlockingCall, CancelReason, FutureCall, _not_awaitable, describe
+from ._loop import GRACE, LoopThread, Resource, abandon
+from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
+
+if sys.version_info >= (3, 11):
+    from typing import Self, TypeVarTuple, Unpack
+else:
+    from typing_extensions import Self, TypeVarTuple, Unpack
+
+__all__ = ["Bridge", "default_bridge"]
+
+logger = logging.getLogger("loopbridge")
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+_State = Literal["idle", "running", "closed"]
+
+
+class Bridge:
+    """A daemon thread named ``loopbridge-<name>`` running a private asyncio event loop.
+
+    The thread starts on first use (two threads racing the first call start exactly one) and runs
+    until :meth:`close`, or until interpreter exit, where every bridge still open is closed
+    gracefully. Use it as a context manager to close it at the end of a block.
+
+    :param name: names the thread (``loopbridge-<name>``) and appears in messages.
+    :param loop_factory: makes the bridge's event loop (default: ``asyncio.new_event_loop``).
+    :param uvloop: run the bridge loop on uvloop (needs the ``loopbridge[uvloop]`` extra).
+    :param close_timeout: default for :meth:`close`: how long calls in flight may take to finish.
+    """
+
+    def __init__(
+        self,
+        name: str = "bridge",
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        uvloop: bool = False,
+        close_timeout: float = 10.0,
+    ) -> None:
+        if loop_factory is not None and uvloop:
+            raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
+        self._name = name
+        self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
+        self._close_timeout = close_timeout
+        self._state: _State = "idle"
+        self._live: LoopThread | None = None
+        self._lock = threading.Lock()
+        _bridges.add(self)
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun; a closed bridge cannot be reopened."""
+        return self._state == "closed"
+
+    @property
+    def running(self) -> bool:
+        """True while the thread is running (it starts on first use)."""
+        live = self._live
+        return live is not None and live.accepting and live.pid == os.getpid()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The bridge's event loop (starting the thread if needed). Only for ``call_soon_threadsafe``
+        and the like: never run it, close it, or await its futures from another loop."""
+        return self._generation().loop
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The loop's thread, or None before first use."""
+        live = self._live
+        return live.thread if live is not None and live.pid == os.getpid() else None
+
+    def in_bridge_thread(self) -> bool:
+        """True when called on the bridge's own thread (where blocking calls would deadlock)."""
+        live = self._live
+        return live is not None and live.thread_id == threading.get_ident() and live.pid == os.getpid()
+
+    # -- calls --------------------------------------------------------------------------------------
+
+    @overload
+    def run(self, fn: Awaitable[T], /, *, timeout: float | None = None) -> T: ...
+    @overload
+    def run(
+        self, fn: Callable[[Unpack[Ts]], Awaitable[T]], /, *args: Unpack[Ts], timeout: float | None = None
+    ) -> T: ...
+    def run(self, fn: Any, /, *args: Any, timeout: float | None = None) -> Any:  # type: ignore[misc]  # mypy: overloads with TypeVarTuple
+        """Run ``fn(*args)`` on the bridge loop and block until it returns; from sync code.
+
+        *fn* is an async function (or any function returning an awaitable); an awaitable (such as
+        ``asyncpg.create_pool(...)``) may be passed instead, with no arguments. Pass keyword
+        arguments with ``functools.partial``.
+
+        :param timeout: seconds; on expiry the work is cancelled on the bridge loop.
+        :returns: what *fn* returned. Exceptions it raised are raised here unchanged.
+        :raises CallTimeoutError: (a ``TimeoutError``) if *timeout* expired.
+        :raises DeadlockError: if called on the bridge thread itself (await :meth:`arun` there).
+        :raises BridgeClosedError: if the bridge is closed, or closed while the call ran.
+        :raises KeyboardInterrupt: re-raised after cancelling the work when Ctrl-C interrupts the wait.
+        """
+        return self._run(fn, args, None, timeout, None)
+
+    @overload
+    async def arun(self, fn: Awaitable[T], /, *, timeout: float | None = None) -> T: ...
+    @overload
+    async def arun(
+        self, fn: Callable[[Unpack[Ts]], Awaitable[T]], /, *args: Unpack[Ts], timeout: float | None = None
+    ) -> T: ...
+    async def arun(self, fn: Any, /, *args: Any, timeout: float | None = None) -> Any:  # type: ignore[misc]  # mypy: overloads with TypeVarTuple
+        """Run ``fn(*args)`` on the bridge loop and await the result; from async code on any loop.
+
+        On the bridge loop itself it simply awaits. Cancelling the awaiting task cancels the work on
+        the bridge loop. Same arguments, results and errors as :meth:`run`.
+        """
+        return await self._arun(fn, args, None, timeout, None)
+
+    @overload
+    def submit(self, fn: Awaitable[T], /, *, timeout: float | None = None) -> Future[T]: ...
+    @overload
+    def submit(
+        self, fn: Callable[[Unpack[Ts]], Awaitable[T]], /, *args: Unpack[Ts], timeout: float | None = None
+    ) -> Future[T]: ...
+    def submit(self, fn: Any, /, *args: Any, timeout: float | None = None) -> Future[Any]:  # type: ignore[misc]  # mypy: overloads with TypeVarTuple
+        """Start ``fn(*args)`` on the bridge loop and return a ``concurrent.futures.Future`` at once.
+
+        Cancelling the future cancels the work. Never blocks, so it is safe on the bridge thread too
+        (but waiting there for the future's result would deadlock).
+
+        :raises BridgeClosedError: if the bridge is closed.
+        """
+        label = _label(fn, None, "Bridge.submit")
+        _check_fn(fn, args, label)
+        call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
+        self._generation().submit(call)
+        return call.future
+
+    # The internal entry points below take keyword arguments for fn and a label for messages; the
+    # Database facade and friends use them. They are the only two ways into the loop thread.
+
+    def _run(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str | None,
+    ) -> Any:
+        label = _label(fn, label, "Bridge.run")
+        _check_fn(fn, args, label)
+        generation = self._generation()
+        if generation.thread_id == threading.get_ident():
+            _close_if_coroutine(fn)
+            raise DeadlockError(_deadlock_message(label, self._name))
+        call: BlockingCall[Any] = BlockingCall(fn, args if callable(fn) else None, kwargs, timeout, label)
+        generation.submit(call)
+        try:
+            # The bridge loop enforces the timeout; waiting a little longer here only bounds the
+            # case where the loop itself is blocked and cannot.
+            settled = call.wait(None if timeout is None else timeout + GRACE)
+            if not settled:
+                call.cancel_threadsafe(CancelReason.TIMEOUT)
+                settled = call.wait(GRACE)
+        except BaseException:  # Ctrl-C (or another signal's exception) while waiting
+            call.cancel_threadsafe(CancelReason.CALLER)
+            call.wait(GRACE)  # let the work unwind, so its connection is back in the pool
+            raise
+        if not settled:
+            raise CallTimeoutError(_blocked_loop_message(label, timeout))
+        return call.outcome()
+
+    async def _arun(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        label: str | None,
+    ) -> Any:
+        label = _label(fn, label, "Bridge.arun")
+        _check_fn(fn, args, label)
+        generation = self._generation()
+        caller_loop = asyncio.get_running_loop()
+        if caller_loop is generation.loop:
+            return await _run_here(fn, args if callable(fn) else None, kwargs, timeout, label)
+        call: AsyncCall[Any] = AsyncCall(
+            fn, args if callable(fn) else None, kwargs, timeout, label, caller_loop
+        )
+        generation.submit(call)
+        bound = None
+        if timeout is not None:  # as in _run: bounds only a blocked bridge loop
+            bound = caller_loop.call_later(timeout + GRACE, _wake, call)
+        try:
+            await call.waiter
+        except asyncio.CancelledError:
+            call.cancel_threadsafe(CancelReason.CALLER)
+            if not call.delivered:
+                # Wait (briefly) for the work to unwind so its connection is back in the pool before
+                # our caller goes on; a second cancellation stops the wait.
+                call.waiter = caller_loop.create_future()
+                await asyncio.wait((call.waiter,), timeout=GRACE)
+            raise
+        finally:
+            if bound is not None:
+                bound.cancel()
+        if not call.settled:  # the bound expired: the bridge loop did not even enforce the timeout
+            call.cancel_threadsafe(CancelReason.TIMEOUT)
+            call.waiter = caller_loop.create_future()
+            await asyncio.wait((call.waiter,), timeout=GRACE)
+            if not call.settled:
+                raise CallTimeoutError(_blocked_loop_message(label, timeout))
+        return call.outcome()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def _generation(self) -> LoopThread:
+        """The live loop thread, started on first use. The hot path is two attribute reads."""
+        live = self._live
+        if live is not None and live.pid == os.getpid():
+            return live
+        return self._start()
+
+    def _start(self) -> LoopThread:
+        with self._lock:
+            live = self._live
+            if live is not None and live.pid != os.getpid():  # forked without os.fork's hooks
+                self._after_fork()
+                live = None
+            if live is not None:
+                return live
+            if self._state == "closed":
+                raise BridgeClosedError(
+                    f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
+                    "loopbridge.default_bridge(), which replaces a closed default bridge"
+                )
+            live = LoopThread(self._name, self._loop_factory)
+            live.start()
+            self._live = live
+            self._state = "running"
+            return live
+
+    def _register(self, resource: Resource) -> None:
+        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop."""
+        generation = self._generation()
+        if resource not in generation.resources:
+            generation.resources.append(resource)
+
+    def _unregister(self, resource: Resource) -> None:
+        live = self._live
+        if live is not None and resource in live.resources:
+            live.resources.remove(resource)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
+        close every resource registered on it (pools) on the bridge loop, stop the loop and join the
+        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`.
+
+        :raises DeadlockError: if called on the bridge thread (it cannot join itself).
+        """
+        if self.in_bridge_thread():
+            raise DeadlockError(
+                f"Bridge.close() was called on the bridge thread of {self._name!r}, which it would have "
+                "to join: close the bridge from another thread, or await bridge.aclose() elsewhere"
+            )
+        with self._lock:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+            live, self._live = self._live, None
+        if live is None:
+            return
+        if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
+            abandon(live)
+            return
+        live.stop(self._close_timeout if timeout is None else timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` for async code: runs the blocking close in a worker thread."""
+        await asyncio.to_thread(self.close, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = self._state if self._state != "running" or self.running else "idle"
+        thread = self.thread
+        where = f" thread={thread.name!r}" if thread is not None else ""
+        return f"<Bridge {self._name!r} {state}{where}>"
+
+    def _after_fork(self) -> None:
+        # In the child: the loop thread does not exist here. Abandon its generation untouched; the
+        # next call starts a fresh thread, loop and pools.
+        self._lock = threading.Lock()  # another thread may have held it at fork time
+        live, self._live = self._live, None
+        if live is not None:
+            abandon(live)
+        if self._state == "running":
+            self._state = "idle"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+async def _run_here(
+    fn: Any, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None, timeout: float | None, label: str
+) -> Any:
+    """arun() on the bridge loop itself: no crossing, just await (with the same timeout semantics)."""
+    if args is None:
+        awaitable = fn
+    else:
+        awaitable = fn(*args, **kwargs) if kwargs else fn(*args)
+        if not inspect.isawaitable(awaitable):
+            raise TypeError(_not_awaitable(label, fn, awaitable))
+    if timeout is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from None
+
+
+def _wake(call: AsyncCall[Any]) -> None:
+    if not call.waiter.done():
+        call.waiter.set_result(None)
+
+
+def _blocked_loop_message(label: str, timeout: float | None) -> str:
+    return (
+        f"{label} did not finish within {timeout:g} s and the bridge loop did not respond to its "
+        "cancellation: something is blocking the bridge loop (synchronous code in a coroutine?)"
+    )
+
+
+def _check_fn(fn: object, args: tuple[Any, ...], label: str) -> None:
+    """Refuse, in the caller's thread, what can never work."""
+    if callable(fn):
+        return
+    if not inspect.isawaitable(fn):
+        raise TypeError(
+            f"{label} needs an async function (or an awaitable), not {type(fn).__name__} {fn!r:.60}"
+        )
+    if inspect.iscoroutine(fn) and inspect.getcoroutinestate(fn) != inspect.CORO_CREATED:
+        raise RuntimeError(
+            f"{label} got a coroutine object that was already awaited or started; a coroutine runs once. "
+            f"Pass the async function and its arguments instead: {label.split('(')[0]}(fetch_rows, 42), "
+            "not (fetch_rows(42))"
+        )
+    if args:
+        _close_if_coroutine(fn)
+        raise TypeError(
+            f"{label} got an awaitable ({describe(fn)}) and extra arguments {args!r:.60}; pass the "
+            f"function and its arguments separately: incorrect: {label.split('(')[0]}(fetch_rows(), 42); "
+            f"correct: {label.split('(')[0]}(fetch_rows, 42)"
+        )
+
+
+def _close_if_coroutine(fn: object) -> None:
+    if inspect.iscoroutine(fn):
+        fn.close()
+
+
+def _label(fn: object, label: str | None, default: str) -> str:
+    return label if label is not None else f"{default}({describe(fn)})"
+
+
+def _deadlock_message(label: str, name: str) -> str:
+    return (
+        f"{label} is a blocking call, made on the bridge thread of {name!r}: it would wait forever for "
+        "the loop that is running it. On the bridge loop, await the async twin instead "
+        "(incorrect: db.fetch(...); correct: await db.afetch(...); for Bridge.run: await bridge.arun(...))"
+    )
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigurationError("uvloop=True needs uvloop: pip install 'loopbridge[uvloop]'") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+# -- the process-wide default bridge, exit and fork ------------------------------------------------
+
+_bridges: weakref.WeakSet[Bridge] = weakref.WeakSet()
+_default: Bridge | None = None
+_default_lock = threading.Lock()
+_exiting = False
+#: At interpreter exit, calls still in flight get this long to finish before they are cancelled.
+EXIT_TIMEOUT = 1.0
+
+
+def default_bridge() -> Bridge:
+    """The process-wide bridge (thread ``loopbridge-default``), shared by every Database that is not
+    given a bridge of its own. It is closed gracefully at interpreter exit. If it was closed
+    explicitly, the next call makes a new one.
+
+    Set ``LOOPBRIDGE_UVLOOP=1`` to run it on uvloop.
+    """
+    global _default
+    bridge = _default
+    if bridge is not None and not bridge.closed:
+        return bridge
+    with _default_lock:
+        if _default is None or (_default.closed and not _exiting):
+            _default = Bridge("default", uvloop=os.environ.get("LOOPBRIDGE_UVLOOP", "") not in ("", "0"))
+        return _default
+
+
+def _close_all_at_exit() -> None:
+    # Runs after the interpreter has joined non-daemon threads, so nobody legitimate still needs the
+    # bridges; closing them gracefully closes the pools (the server sees clean disconnects) and
+    # leaves no pending task to complain about.
+    global _exiting
+    _exiting = True
+    for bridge in list(_bridges):
+        try:
+            bridge.close(min(bridge._close_timeout, EXIT_TIMEOUT))
+        except Exception:  # pragma: no cover - close() logs its own problems
+            logger.exception("error while closing %r at exit", bridge)
+
+
+def _after_fork_in_child() -> None:
+    for bridge in list(_bridges):
+        bridge._after_fork()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

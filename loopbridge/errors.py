@@ -1,0 +1,83 @@
+"""The exceptions loopbridge raises.
+
+Every error that loopbridge itself raises derives from :class:`LoopBridgeError` *and* from the builtin it
+most resembles, so ``except TimeoutError`` or ``except RuntimeError`` keep working in code that has never
+heard of loopbridge. Errors raised by your own code or by asyncpg (``UniqueViolationError``, a syntax
+error, ...) are **not** wrapped: they reach the caller unchanged, with a traceback that shows where on
+the bridge they were raised.
+
+The one exception to that rule is establishing a connection: every failure to connect (refused, wrong
+password, unknown database, DNS failure, timeout) becomes a :class:`ConnectError` naming host, port,
+database and user, with asyncpg's original error as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+__all__ = [
+    "BridgeClosedError",
+    "CallTimeoutError",
+    "ConfigurationError",
+    "ConnectError",
+    "DatabaseClosedError",
+    "DeadlockError",
+    "LoopBridgeError",
+    "PoolTimeoutError",
+]
+
+
+class LoopBridgeError(Exception):
+    """Base class of the errors loopbridge itself raises."""
+
+
+class BridgeClosedError(LoopBridgeError, RuntimeError):
+    """The bridge is closed (or closing), or it was closed while the call was in flight.
+
+    A bridge cannot be reopened: create a new :class:`~loopbridge.Bridge` (or use
+    :func:`~loopbridge.default_bridge`, which replaces a closed default bridge).
+    """
+
+
+class DatabaseClosedError(LoopBridgeError, RuntimeError):
+    """The :class:`~loopbridge.Database` was closed; create a new one to keep querying."""
+
+
+class DeadlockError(LoopBridgeError, RuntimeError):
+    """A blocking call was made on the bridge's own thread.
+
+    The call would wait for the loop that is busy running the caller, forever. On the bridge loop,
+    await the async twin instead (``await db.afetch(...)`` rather than ``db.fetch(...)``).
+    """
+
+
+# On Python 3.10, asyncio.TimeoutError is not yet the builtin; inherit from both so either
+# ``except`` clause catches our timeouts.
+_TIMEOUT_BASES: tuple[type[BaseException], ...] = (
+    (TimeoutError,) if sys.version_info >= (3, 11) else (TimeoutError, asyncio.TimeoutError)
+)
+
+
+class CallTimeoutError(LoopBridgeError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """A call did not finish within its ``timeout``; its work on the bridge loop was cancelled.
+
+    For a single statement outside a transaction the server may still have committed it just before
+    the cancellation arrived: treat the outcome as unknown and make writes idempotent (unique keys).
+    """
+
+
+class PoolTimeoutError(CallTimeoutError):
+    """No pooled connection became free within the Database's ``pool_timeout``."""
+
+
+class ConnectError(LoopBridgeError, ConnectionError):
+    """A connection to PostgreSQL could not be established.
+
+    The message names host, port, database and user (never the password); the original asyncpg or
+    OS error is attached as ``__cause__``.
+    """
+
+
+class ConfigurationError(LoopBridgeError, ValueError):
+    """A DSN or an option is invalid, or no DSN was given and none is configured."""

@@ -1,0 +1,94 @@
+"""Fixtures: a real PostgreSQL (never a mock), a schema per test, bridges, databases, caller kinds.
+
+The server is found once per session, in this order: ``LOOPBRIDGE_TEST_DSN``; a local server on
+127.0.0.1:5432; testcontainers where Docker answers; the embedded PostgreSQL extra. If none works the run
+fails with a message saying what to set; it never skips the database tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from loopbridge import Bridge, Database
+from loopbridge._servers import NoServerError, Server, find_test_server
+from tests.pgcluster import PrivateCluster
+from tests.support import CALLER_KINDS, Caller, independent, with_query
+
+_server_key = pytest.StashKey[Server]()
+_counter = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        config.stash[_server_key] = find_test_server()
+    except NoServerError as exc:
+        raise pytest.UsageError(f"loopbridge tests need PostgreSQL: {exc}") from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_server_key, None)
+    if server is not None:
+        server.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"loopbridge test database: {config.stash[_server_key].describe()}"
+
+
+@pytest.fixture(scope="session")
+def server(pytestconfig: pytest.Config) -> Server:
+    return pytestconfig.stash[_server_key]
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(server: Server) -> str:
+    """The server's DSN, for a role that may create schemas and databases."""
+    return server.dsn
+
+
+@pytest.fixture
+def schema(admin_dsn: str) -> Iterator[str]:
+    """A schema of this test's own, dropped afterwards."""
+    name = f"lbt_{uuid.uuid4().hex[:12]}"
+    independent(admin_dsn, f"CREATE SCHEMA {name}")
+    yield name
+    independent(admin_dsn, f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture
+def dsn(admin_dsn: str, schema: str) -> str:
+    """A DSN whose connections work in this test's schema (and tag themselves for pg_stat_activity)."""
+    return with_query(admin_dsn, search_path=schema, application_name=schema)
+
+
+@pytest.fixture
+def bridge() -> Iterator[Bridge]:
+    bridge = Bridge(f"test-{next(_counter)}")
+    yield bridge
+    bridge.close(timeout=5)
+
+
+@pytest.fixture
+def db(dsn: str, bridge: Bridge) -> Iterator[Database]:
+    database = Database(dsn, bridge=bridge, max_size=4)
+    yield database
+    database.close(timeout=5)
+
+
+@pytest.fixture(params=CALLER_KINDS)
+def caller(request: pytest.FixtureRequest) -> Caller:
+    """Each test using it runs once per kind of caller (see tests.support.Caller)."""
+    return Caller(request.param)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[PrivateCluster]:
+    """A private cluster with password authentication, which tests may restart."""
+    private = PrivateCluster()
+    private.start()
+    yield private
+    private.destroy()

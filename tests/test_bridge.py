@@ -1,0 +1,454 @@
+"""Bridge: the thread, the crossing, timeouts, cancellation, errors, deadlock guard and close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Generator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import loopbridge
+from loopbridge import (
+    Bridge,
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    Database,
+    DeadlockError,
+)
+from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+
+
+async def add(a: int, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b
+
+
+async def where_am_i() -> str:
+    return threading.current_thread().name
+
+
+async def fail_deep() -> None:
+    await asyncio.sleep(0)
+    raise ValueError("raised on the bridge")
+
+
+class Recorder:
+    """A coroutine that sleeps and records whether it finished or was cancelled (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    async def sleep(self, seconds: float) -> str:
+        self.started.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished.set()
+        return "slept"
+
+
+class Ready(Awaitable[str]):
+    """An awaitable that is not a coroutine (like asyncpg's Pool before it is awaited)."""
+
+    def __await__(self) -> Generator[Any, None, str]:
+        yield from asyncio.sleep(0).__await__()
+        return "awaited"
+
+
+class TestThread:
+    def test_thread_starts_on_first_use_named_and_daemon(self) -> None:
+        with Bridge("lazy") as bridge:
+            assert not bridge.running
+            assert not any(t.name == "loopbridge-lazy" for t in threading.enumerate())
+            assert bridge.run(where_am_i) == "loopbridge-lazy"
+            thread = bridge.thread
+            assert thread is not None
+            assert thread.daemon
+            assert bridge.running
+
+    def test_threads_racing_the_first_call_start_exactly_one_loop_thread(self) -> None:
+        with Bridge("race") as bridge:
+            barrier = threading.Barrier(16)
+
+            def first_call() -> str:
+                barrier.wait(WAIT)
+                return bridge.run(where_am_i)
+
+            threads = [threading.Thread(target=first_call) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert [t.name for t in threading.enumerate()].count("loopbridge-race") == 1
+
+    def test_uvloop_runs_the_bridge_loop_when_asked(self) -> None:
+        import uvloop  # the test extra installs loopbridge[uvloop]
+
+        async def loop_type() -> type:
+            return type(asyncio.get_running_loop())
+
+        with Bridge("uv", uvloop=True) as bridge:
+            assert bridge.run(loop_type) is uvloop.Loop
+
+    def test_loop_factory_and_uvloop_are_exclusive(self) -> None:
+        with pytest.raises(ConfigurationError, match="either loop_factory or uvloop"):
+            Bridge(loop_factory=asyncio.new_event_loop, uvloop=True)
+
+
+class TestCalls:
+    def test_returns_the_result_for_every_kind_of_caller(self, bridge: Bridge, caller: Caller) -> None:
+        assert caller.call(bridge, "run", add, 2, 3) == 5
+
+    def test_the_work_runs_on_the_bridge_thread(self, bridge: Bridge, caller: Caller) -> None:
+        assert caller.call(bridge, "run", where_am_i) == f"loopbridge-{bridge.name}"
+
+    def test_accepts_an_awaitable_that_is_not_a_coroutine(self, bridge: Bridge, caller: Caller) -> None:
+        assert caller.call(bridge, "run", Ready()) == "awaited"
+
+    def test_runs_asyncpg_create_pool_on_the_bridge_loop(self, bridge: Bridge, dsn: str) -> None:
+        # Pass create_pool itself: called on the bridge, the pool binds to the bridge loop.
+        pool = bridge.run(asyncpg.create_pool, dsn)
+        try:
+            assert bridge.run(pool.fetchval, "SELECT 40 + 2") == 42
+            assert run_loop(lambda: bridge.arun(pool.fetchval, "SELECT 1")) == 1
+        finally:
+            bridge.run(pool.close)
+
+    def test_submit_returns_a_concurrent_future(self, bridge: Bridge) -> None:
+        future = bridge.submit(add, 20, 22)
+        assert future.result(timeout=WAIT) == 42
+
+    def test_contextvars_of_the_caller_are_visible(self, bridge: Bridge, caller: Caller) -> None:
+        async def read() -> str:
+            return request_id.get()
+
+        def sync_caller() -> str:
+            request_id.set("req-7")
+            result: str = bridge.run(read)
+            return result
+
+        async def foreign_loop() -> str:
+            request_id.set("req-7")
+            return await bridge.arun(read)
+
+        async def running_loop_thread() -> str:
+            request_id.set("req-7")
+            return sync_caller()
+
+        if caller.kind == "sync-thread":
+            assert in_thread(lambda: contextvars.Context().run(sync_caller)) == "req-7"
+        elif caller.kind == "foreign-loop":
+            assert run_loop(foreign_loop) == "req-7"
+        else:
+            assert run_loop(running_loop_thread) == "req-7"
+
+    def test_changes_to_contextvars_on_the_bridge_stay_there(self, bridge: Bridge) -> None:
+        async def write() -> None:
+            request_id.set("changed on the bridge")
+
+        request_id.set("caller")
+        bridge.run(write)
+        assert request_id.get() == "caller"
+
+
+class TestErrors:
+    def test_exceptions_keep_their_type_and_show_where_they_were_raised(
+        self, bridge: Bridge, caller: Caller
+    ) -> None:
+        with pytest.raises(ValueError, match="raised on the bridge") as info:
+            caller.call(bridge, "run", fail_deep)
+        frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+        assert "fail_deep" in frames
+
+    def test_asyncpg_errors_reach_the_caller_unchanged(self, db: Database, caller: Caller) -> None:
+        db.execute("CREATE TABLE t (k int PRIMARY KEY)")
+        db.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            caller.call(db, "execute", "INSERT INTO t VALUES (1)")
+
+    def test_a_sync_function_gets_a_clear_type_error(self, bridge: Bridge, caller: Caller) -> None:
+        def not_async() -> int:
+            return 5
+
+        with pytest.raises(TypeError, match=r"not_async\(\) returned int 5, which cannot be awaited"):
+            caller.call(bridge, "run", not_async)
+
+    def test_a_non_callable_gets_a_clear_type_error(self, bridge: Bridge) -> None:
+        with pytest.raises(TypeError, match="needs an async function"):
+            bridge.run(42)  # type: ignore[call-overload]
+
+    def test_an_awaitable_with_arguments_shows_the_correct_call(self, bridge: Bridge) -> None:
+        with pytest.raises(TypeError, match=r"correct: Bridge.run\(fetch_rows, 42\)"):
+            bridge.run(add(1, 2), 42)  # type: ignore[call-overload]
+
+    def test_an_already_awaited_coroutine_is_refused(self, bridge: Bridge) -> None:
+        coro = add(1, 2)
+        assert bridge.run(coro) == 3
+        with pytest.raises(RuntimeError, match="already awaited"):
+            bridge.run(coro)
+
+    def test_the_bridge_keeps_serving_after_errors(self, bridge: Bridge) -> None:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="raised on the bridge"):
+                bridge.run(fail_deep)
+        assert bridge.run(add, 1, 1) == 2
+
+
+class TestTimeoutsAndCancellation:
+    def test_timeout_raises_timeouterror_and_cancels_the_work(self, bridge: Bridge, caller: Caller) -> None:
+        recorder = Recorder()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            caller.call(bridge, "run", recorder.sleep, 30, timeout=0.2)
+        assert isinstance(info.value, CallTimeoutError)
+        assert "did not finish within 0.2 s" in str(info.value)
+        assert recorder.cancelled.wait(WAIT)
+        assert time.monotonic() - started < 10
+
+    def test_timeout_cancels_a_running_query(self, db: Database, caller: Caller, dsn: str) -> None:
+        with pytest.raises(CallTimeoutError):
+            caller.call(db, "execute", "SELECT pg_sleep(30)", timeout=0.3)
+        # The connection went back to the pool and works.
+        assert db.fetchval("SELECT 1") == 1
+
+    def test_submit_timeout_sets_the_error_on_the_future(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 30, timeout=0.2)
+        with pytest.raises(CallTimeoutError):
+            future.result(timeout=WAIT)
+        assert recorder.cancelled.wait(WAIT)
+
+    def test_cancelling_the_awaiting_task_cancels_the_bridge_task(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+
+        async def main() -> None:
+            task = asyncio.ensure_future(bridge.arun(recorder.sleep, 30))
+            await asyncio.to_thread(recorder.started.wait, WAIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run_loop(main)
+        assert recorder.cancelled.wait(WAIT)
+        assert not recorder.finished.is_set()
+
+    def test_cancelling_the_future_cancels_the_bridge_task(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 30)
+        assert recorder.started.wait(WAIT)
+        assert future.cancel()
+        assert recorder.cancelled.wait(WAIT)
+
+    def test_a_cancelled_awaiting_task_releases_its_connection(self, db: Database) -> None:
+        async def main() -> None:
+            task = asyncio.ensure_future(db.aexecute("SELECT pg_sleep(30)"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run_loop(main)
+        assert (
+            db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+                "AND state = 'active'"
+            )
+            == 0
+        )
+
+    def test_ctrl_c_during_a_blocking_run_cancels_the_work_and_reraises(self) -> None:
+        out = run_script(
+            """
+            import asyncio, signal, threading
+            from loopbridge import Bridge
+            cancelled = threading.Event()
+            async def sleeper():
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            bridge = Bridge("ctrl-c")
+            main = threading.main_thread().ident
+            threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+            try:
+                bridge.run(sleeper)
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt re-raised")
+            print("bridge task cancelled:", cancelled.wait(5))
+            print("bridge still serves:", bridge.run(asyncio.sleep, 0, "yes"))
+            bridge.close()
+            """
+        )
+        assert "KeyboardInterrupt re-raised" in out
+        assert "bridge task cancelled: True" in out
+        assert "bridge still serves: yes" in out
+
+
+class TestDeadlockGuard:
+    def test_a_blocking_call_on_the_bridge_thread_raises_deadlock_error_at_once(self, bridge: Bridge) -> None:
+        async def nested() -> None:
+            bridge.run(add, 1, 2)
+
+        started = time.monotonic()
+        with pytest.raises(DeadlockError, match=r"await the async twin") as info:
+            bridge.run(nested)
+        assert isinstance(info.value, RuntimeError)
+        assert time.monotonic() - started < 5
+
+    def test_a_blocking_database_call_inside_run_names_the_async_twin(self, db: Database) -> None:
+        async def work(conn: Any) -> None:
+            db.fetchval("SELECT 1")
+
+        with pytest.raises(DeadlockError, match=r"Database.fetchval\(\) is a blocking call"):
+            db.run(work)
+
+    def test_arun_on_the_bridge_loop_just_awaits(self, bridge: Bridge) -> None:
+        async def nested() -> int:
+            return await bridge.arun(add, 1, 2)
+
+        assert bridge.run(nested) == 3
+
+    def test_closing_from_the_bridge_thread_raises_deadlock_error(self, bridge: Bridge) -> None:
+        async def close_myself() -> None:
+            bridge.close()
+
+        with pytest.raises(DeadlockError, match="close the bridge from another thread"):
+            bridge.run(close_myself)
+
+
+class TestClose:
+    def test_close_twice_is_fine_and_later_calls_say_what_to_do(self) -> None:
+        bridge = Bridge("closing")
+        assert bridge.run(add, 1, 1) == 2
+        bridge.close()
+        bridge.close()
+        assert bridge.closed
+        assert bridge.thread is None
+        with pytest.raises(BridgeClosedError, match="create a new Bridge"):
+            bridge.run(add, 1, 1)
+        with pytest.raises(BridgeClosedError):
+            run_loop(lambda: bridge.arun(add, 1, 1))
+        with pytest.raises(BridgeClosedError):
+            bridge.submit(add, 1, 1)
+
+    def test_close_joins_the_named_thread(self) -> None:
+        bridge = Bridge("joined")
+        bridge.run(add, 1, 1)
+        thread = bridge.thread
+        assert thread is not None
+        bridge.close()
+        assert not thread.is_alive()
+
+    def test_closing_an_unused_bridge_starts_nothing(self) -> None:
+        bridge = Bridge("unused")
+        bridge.close()
+        assert bridge.thread is None
+        assert not any(t.name == "loopbridge-unused" for t in threading.enumerate())
+
+    def test_context_manager_closes(self) -> None:
+        with Bridge("ctx") as bridge:
+            bridge.run(add, 1, 1)
+        assert bridge.closed
+
+    def test_calls_in_flight_finish_within_the_close_timeout(self) -> None:
+        bridge = Bridge("graceful")
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 0.3)
+        assert recorder.started.wait(WAIT)
+        bridge.close(timeout=10)
+        assert future.result(timeout=0) == "slept"
+
+    def test_calls_still_running_after_the_timeout_get_bridge_closed_error(self) -> None:
+        bridge = Bridge("impatient")
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 30)
+        assert recorder.started.wait(WAIT)
+        started = time.monotonic()
+        bridge.close(timeout=0.2)
+        assert time.monotonic() - started < 5
+        with pytest.raises(BridgeClosedError, match="closed while the call was in flight"):
+            future.result(timeout=0)
+        assert recorder.cancelled.is_set()
+
+    def test_a_blocked_sync_caller_is_woken_by_close(self) -> None:
+        bridge = Bridge("wake")
+        recorder = Recorder()
+        errors: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                bridge.run(recorder.sleep, 30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=blocked)
+        thread.start()
+        assert recorder.started.wait(WAIT)
+        bridge.close(timeout=0.1)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert isinstance(errors[0], BridgeClosedError)
+
+    def test_close_closes_registered_pools_on_the_bridge_loop(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        bridge = Bridge("pools")
+        db = Database(dsn, bridge=bridge, min_size=2)
+        db.open()
+        count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        assert independent(admin_dsn, count, schema)[0][0] == 2
+        bridge.close()
+        assert independent(admin_dsn, count, schema)[0][0] == 0
+        with pytest.raises(BridgeClosedError):
+            db.fetchval("SELECT 1")
+
+    def test_aclose_from_async_code(self) -> None:
+        bridge = Bridge("aclose")
+
+        async def main() -> None:
+            assert await bridge.arun(add, 1, 1) == 2
+            await bridge.aclose()
+
+        run_loop(main)
+        assert bridge.closed
+
+
+class TestDefaultBridge:
+    def test_default_bridge_is_shared(self) -> None:
+        assert loopbridge.default_bridge() is loopbridge.default_bridge()
+        assert loopbridge.default_bridge().name == "default"
+
+    def test_database_uses_the_default_bridge_unless_given_one(self, dsn: str) -> None:
+        db = Database(dsn)
+        assert db.bridge is loopbridge.default_bridge()
+        db.close()
+
+    def test_a_closed_default_bridge_is_replaced(self) -> None:
+        first = loopbridge.default_bridge()
+        first.run(add, 1, 1)
+        first.close()
+        second = loopbridge.default_bridge()
+        assert second is not first
+        assert second.run(add, 2, 2) == 4
+
+    def test_repr_names_the_state(self) -> None:
+        bridge = Bridge("shown")
+        assert repr(bridge) == "<Bridge 'shown' idle>"
+        bridge.run(add, 1, 1)
+        assert repr(bridge) == "<Bridge 'shown' running thread='loopbridge-shown'>"
+        bridge.close()
+        assert repr(bridge) == "<Bridge 'shown' closed>"
