@@ -16,12 +16,14 @@ from .errors import (
     LoopBridgeError,
     PoolTimeoutError,
 )
+from .stats import BridgeStats
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Bridge",
     "BridgeClosedError",
+    "BridgeStats",
     "CallTimeoutError",
     "ConfigurationError",
     "ConnectError",

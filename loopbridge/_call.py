@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from .errors import BridgeClosedError, CallTimeoutError
 
-__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "describe"]
+__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "Ledger", "describe"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,18 @@ class CancelReason(enum.Enum):
     TIMEOUT = "timeout"
     CALLER = "caller"  # the caller stopped waiting: Ctrl-C, task cancelled, future cancelled
     CLOSE = "close"
+
+
+class Ledger:
+    """The loop thread's account of its calls. Written only on the bridge loop; read from anywhere."""
+
+    __slots__ = ("failed", "inflight", "started", "succeeded")
+
+    def __init__(self) -> None:
+        self.inflight: set[Call[Any]] = set()
+        self.started = 0
+        self.succeeded = 0
+        self.failed = 0
 
 
 class Call(Generic[T]):
@@ -89,10 +101,11 @@ class Call(Generic[T]):
 
     # -- on the bridge loop -------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop, inflight: set[Call[Any]]) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, ledger: Ledger) -> None:
         """Begin the work as a task on *loop* (the bridge loop)."""
-        inflight.add(self)
-        coro = self._drive(inflight)
+        ledger.started += 1
+        ledger.inflight.add(self)
+        coro = self._drive(ledger)
         if _TASK_TAKES_CONTEXT:
             self.task = loop.create_task(coro, context=self.context)  # type: ignore[call-arg,unused-ignore]
         else:  # a task copies the context current at its creation
@@ -100,7 +113,7 @@ class Call(Generic[T]):
         if self.timeout is not None:
             self._timer = loop.call_later(self.timeout, self.cancel, CancelReason.TIMEOUT)
 
-    async def _drive(self, inflight: set[Call[Any]]) -> None:
+    async def _drive(self, ledger: Ledger) -> None:
         try:
             self.running = True
             if self.cancel_reason is not None:  # cancelled between start() and this first step
@@ -122,7 +135,11 @@ class Call(Generic[T]):
         except BaseException as exc:
             self.error = exc
         finally:
-            inflight.discard(self)
+            ledger.inflight.discard(self)
+            if self.error is None:
+                ledger.succeeded += 1
+            else:
+                ledger.failed += 1
             if self._timer is not None:
                 self._timer.cancel()
             self.settled = True

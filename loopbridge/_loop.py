@@ -19,11 +19,13 @@ import logging
 import os
 import sys
 import threading
+import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._call import Call, CancelReason
+from ._call import Call, CancelReason, Ledger
 from .errors import BridgeClosedError
 
 __all__ = ["LoopThread", "Resource", "abandon"]
@@ -50,12 +52,19 @@ class Resource(Protocol):
 class LoopThread:
     """One thread running one event loop, taking calls from any other thread."""
 
-    def __init__(self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    def __init__(
+        self,
+        name: str,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        block_threshold: float | None = None,
+    ) -> None:
         self.name = name
         self.pid = os.getpid()
         self.accepting = True
-        self.inflight: set[Call[Any]] = set()
+        self.ledger = Ledger()
+        self.inflight = self.ledger.inflight
         self.resources: list[Resource] = []
+        self.monitor = LagMonitor(name, block_threshold)
         self.thread_id = -1
         self.loop: asyncio.AbstractEventLoop
         self.thread: threading.Thread
@@ -74,6 +83,7 @@ class LoopThread:
         ready.wait()
         if failure:
             raise failure[0]
+        self.monitor.start(self.loop, self.thread_id)
 
     def _main(self, ready: threading.Event, failure: list[BaseException]) -> None:
         try:
@@ -124,14 +134,14 @@ class LoopThread:
         self._wakeup_pending = False  # before popping: a call appended from now on schedules a new drain
         queue = self._queue
         loop = self.loop
-        inflight = self.inflight
+        ledger = self.ledger
         while queue:
             try:
                 call = queue.popleft()
             except IndexError:  # withdrawn by its caller meanwhile
                 break
             if self.accepting:
-                call.start(loop, inflight)
+                call.start(loop, ledger)
             else:
                 call.reject(BridgeClosedError(f"the bridge {self.name!r} closed before {call.label} started"))
 
@@ -163,6 +173,7 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(self.loop.stop)
             except RuntimeError:
                 pass
+        self.monitor.stop()
         self.thread.join(GRACE)
         if self.thread.is_alive():
             logger.warning("bridge %r: thread %s did not stop; abandoning it", self.name, self.thread.name)
@@ -218,6 +229,91 @@ class LoopThread:
 
     def _running_tasks(self) -> set[asyncio.Task[None]]:
         return {call.task for call in self.inflight if call.task is not None}
+
+
+class LagMonitor:
+    """How late the bridge loop runs its callbacks, and a watchdog for a loop that is blocked.
+
+    A tick scheduled on the loop every *interval* seconds measures how late it runs (the loop lag). A
+    watchdog thread, which needs no loop, checks that the ticks keep coming: when none came for longer
+    than *block_threshold* seconds, code on the loop is blocking it (a synchronous call hidden in a
+    coroutine), and the watchdog logs a warning with the loop thread's current stack, once per episode.
+    """
+
+    def __init__(self, name: str, block_threshold: float | None) -> None:
+        self.name = name
+        self.block_threshold = block_threshold
+        self.interval = min(0.25, block_threshold / 4) if block_threshold else 0.25
+        self.lag = 0.0
+        self.max_lag = 0.0
+        self.blocked_episodes = 0
+        self._last_tick = time.monotonic()
+        self._expected = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
+        self._loop = loop
+        self._last_tick = time.monotonic()
+        self._expected = time.monotonic() + self.interval
+        loop.call_soon_threadsafe(self._schedule)
+        if self.block_threshold is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, args=(thread_id,), name=f"loopbridge-{self.name}-watchdog", daemon=True
+            )
+            self._watchdog.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._watchdog is not None:
+            self._watchdog.join(GRACE)
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._expected = time.monotonic() + self.interval
+        self._loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.lag = max(0.0, now - self._expected)
+        self.max_lag = max(self.max_lag, self.lag)
+        self._last_tick = now
+        if not self._stopped.is_set():
+            self._schedule()
+
+    def current_lag(self) -> float:
+        """The loop's lag now: the last measured one, or how long the next tick is overdue."""
+        if self._stopped.is_set():
+            return 0.0
+        overdue = time.monotonic() - self._expected
+        return max(self.lag, overdue)
+
+    def _watch(self, thread_id: int) -> None:
+        assert self.block_threshold is not None
+        blocked_since: float | None = None
+        while not self._stopped.wait(self.block_threshold / 2):
+            overdue = time.monotonic() - self._expected
+            if overdue > self.block_threshold and blocked_since is None:
+                blocked_since = self._expected
+                self.blocked_episodes += 1
+                frame = sys._current_frames().get(thread_id)
+                stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+                logger.warning(
+                    "bridge %r: the event loop has been blocked for %.2f s (threshold %.2f s); code running "
+                    "on it is not yielding: a synchronous call in a coroutine? Its thread is at:\n%s",
+                    self.name,
+                    overdue,
+                    self.block_threshold,
+                    stack.rstrip(),
+                )
+            elif blocked_since is not None and overdue <= self.block_threshold:
+                logger.info(
+                    "bridge %r: the event loop runs again after being blocked for %.2f s",
+                    self.name,
+                    self._last_tick - blocked_since,
+                )
+                blocked_since = None
 
 
 # Objects a forked child inherited and must never touch again. See abandon().

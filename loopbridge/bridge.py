@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar, overload
 from ._call import AsyncCall, BlockingCall, CancelReason, FutureCall, _not_awaitable, describe
 from ._loop import GRACE, LoopThread, Resource, abandon
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
+from .stats import BridgeStats
 
 if sys.version_info >= (3, 11):
     from typing import Self, TypeVarTuple, Unpack
@@ -51,6 +52,9 @@ class Bridge:
     :param loop_factory: makes the bridge's event loop (default: ``asyncio.new_event_loop``).
     :param uvloop: run the bridge loop on uvloop (needs the ``loopbridge[uvloop]`` extra).
     :param close_timeout: default for :meth:`close`: how long calls in flight may take to finish.
+    :param block_threshold: seconds; when code on the bridge loop blocks it for longer (a synchronous
+        call hidden in a coroutine), a watchdog thread logs a warning with the loop thread's stack.
+        None turns the watchdog off.
     """
 
     def __init__(
@@ -60,12 +64,14 @@ class Bridge:
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
         uvloop: bool = False,
         close_timeout: float = 10.0,
+        block_threshold: float | None = 1.0,
     ) -> None:
         if loop_factory is not None and uvloop:
             raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
         self._name = name
         self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
         self._close_timeout = close_timeout
+        self._block_threshold = block_threshold
         self._state: _State = "idle"
         self._live: LoopThread | None = None
         self._lock = threading.Lock()
@@ -99,6 +105,24 @@ class Bridge:
         """The loop's thread, or None before first use."""
         live = self._live
         return live.thread if live is not None and live.pid == os.getpid() else None
+
+    def stats(self) -> BridgeStats:
+        """Counters and loop lag of the bridge's current thread (all zero before it starts)."""
+        live = self._live
+        if live is None or live.pid != os.getpid():
+            return BridgeStats(self._name, False, 0, 0, 0, 0, 0.0, 0.0, 0)
+        ledger, monitor = live.ledger, live.monitor
+        return BridgeStats(
+            name=self._name,
+            running=live.accepting,
+            calls_started=ledger.started,
+            calls_succeeded=ledger.succeeded,
+            calls_failed=ledger.failed,
+            calls_in_flight=len(ledger.inflight),
+            loop_lag=monitor.current_lag(),
+            max_loop_lag=monitor.max_lag,
+            blocked_episodes=monitor.blocked_episodes,
+        )
 
     def in_bridge_thread(self) -> bool:
         """True when called on the bridge's own thread (where blocking calls would deadlock)."""
@@ -261,7 +285,7 @@ class Bridge:
                     f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
                     "loopbridge.default_bridge(), which replaces a closed default bridge"
                 )
-            live = LoopThread(self._name, self._loop_factory)
+            live = LoopThread(self._name, self._loop_factory, self._block_threshold)
             live.start()
             self._live = live
             self._state = "running"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 import time
 import traceback
@@ -452,3 +453,63 @@ class TestDefaultBridge:
         assert repr(bridge) == "<Bridge 'shown' running thread='loopbridge-shown'>"
         bridge.close()
         assert repr(bridge) == "<Bridge 'shown' closed>"
+
+
+class TestStatsAndWatchdog:
+    def test_stats_count_calls_by_outcome(self, bridge: Bridge) -> None:
+        assert bridge.stats().calls_started == 0
+        for _ in range(3):
+            bridge.run(add, 1, 1)
+        with pytest.raises(ValueError, match="raised on the bridge"):
+            bridge.run(fail_deep)
+        stats = bridge.stats()
+        assert stats.running
+        assert (stats.calls_started, stats.calls_succeeded, stats.calls_failed) == (4, 3, 1)
+        assert stats.calls_in_flight == 0
+        assert stats.name == bridge.name
+
+    def test_stats_see_calls_in_flight(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 30)
+        assert recorder.started.wait(WAIT)
+        assert bridge.stats().calls_in_flight == 1
+        future.cancel()
+        assert recorder.cancelled.wait(WAIT)
+
+    def test_a_blocked_loop_is_reported_with_the_blocking_stack(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="loopbridge")
+        seen_lag: list[float] = []
+
+        async def hidden_sync_call() -> None:
+            time.sleep(2.0)  # noqa: ASYNC251 - the bug the watchdog exists for: blocking the loop
+
+        with Bridge("blocked", block_threshold=0.3) as bridge:
+            future = bridge.submit(hidden_sync_call)
+            deadline = time.monotonic() + WAIT
+            while bridge.stats().blocked_episodes == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_lag.append(bridge.stats().loop_lag)
+            future.result(timeout=WAIT)
+            assert bridge.run(add, 1, 1) == 2  # and it keeps serving afterwards
+            stats = bridge.stats()
+        assert stats.blocked_episodes == 1
+        assert seen_lag[0] > 0.3
+        assert stats.max_loop_lag > 0.3
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "blocked" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "hidden_sync_call" in warnings[0].getMessage()
+        assert "time.sleep(2.0)" in warnings[0].getMessage()
+
+    def test_the_watchdog_can_be_turned_off(self) -> None:
+        with Bridge("unwatched", block_threshold=None) as bridge:
+            bridge.run(add, 1, 1)
+            assert not any(t.name == "loopbridge-unwatched-watchdog" for t in threading.enumerate())
+
+    def test_the_watchdog_thread_stops_with_the_bridge(self) -> None:
+        bridge = Bridge("watched")
+        bridge.run(add, 1, 1)
+        assert any(t.name == "loopbridge-watched-watchdog" for t in threading.enumerate())
+        bridge.close()
+        assert not any(t.name == "loopbridge-watched-watchdog" for t in threading.enumerate())
