@@ -133,7 +133,7 @@ class Call(Generic[T]):
         except GeneratorExit:  # the task itself is being destroyed: nothing to report to
             raise
         except BaseException as exc:
-            self.error = exc
+            self.error = exc if self.cancel_reason is None else self._unwound_error(exc)
         finally:
             ledger.inflight.discard(self)
             if self.error is None:
@@ -180,6 +180,19 @@ class Call(Generic[T]):
                 "close the bridge only after the calls you care about have returned"
             )
         return exc
+
+    def _unwound_error(self, exc: BaseException) -> BaseException:
+        """The error for work that was cancelled but ended with *exc*, raised while it unwound.
+
+        asyncpg's ``Transaction.__aexit__``, for one, raises its own error when the cancellation left the
+        connection closed. What happened is still the timeout (or the close): report that, caused by
+        *exc*. An error that has nothing to do with the cancellation is reported as it is.
+        """
+        if self.cancel_reason is CancelReason.CALLER or not _raised_during_cancellation(exc):
+            return exc
+        error = self._cancelled_error(asyncio.CancelledError())
+        error.__cause__ = exc
+        return error
 
     def _settle(self) -> None:
         """Tell the caller the outcome is ready. Subclasses choose how."""
@@ -298,6 +311,18 @@ class FutureCall(Call[T]):
                 future.set_result(self.result)  # type: ignore[arg-type]
         except InvalidStateError:  # the caller cancelled the future meanwhile
             pass
+
+
+def _raised_during_cancellation(exc: BaseException) -> bool:
+    """True if a CancelledError is in the chain of exceptions *exc* was raised from or during."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, asyncio.CancelledError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def describe(fn: object) -> str:

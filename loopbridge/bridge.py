@@ -21,7 +21,15 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from ._call import AsyncCall, BlockingCall, CancelReason, FutureCall, _not_awaitable, describe
+from ._call import (
+    AsyncCall,
+    BlockingCall,
+    CancelReason,
+    FutureCall,
+    _not_awaitable,
+    _raised_during_cancellation,
+    describe,
+)
 from ._loop import GRACE, LoopThread, Resource, abandon
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
@@ -68,6 +76,8 @@ class Bridge:
     ) -> None:
         if loop_factory is not None and uvloop:
             raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
+        _check_seconds("close_timeout", close_timeout, allow_none=False)
+        _check_seconds("block_threshold", block_threshold, allow_none=True)
         self._name = name
         self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
         self._close_timeout = close_timeout
@@ -183,6 +193,8 @@ class Bridge:
         """
         label = _label(fn, None, "Bridge.submit")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
         self._generation().submit(call)
         return call.future
@@ -200,6 +212,8 @@ class Bridge:
     ) -> Any:
         label = _label(fn, label, "Bridge.run")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         generation = self._generation()
         if generation.thread_id == threading.get_ident():
             _close_if_coroutine(fn)
@@ -231,6 +245,8 @@ class Bridge:
     ) -> Any:
         label = _label(fn, label, "Bridge.arun")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         generation = self._generation()
         caller_loop = asyncio.get_running_loop()
         if caller_loop is generation.loop:
@@ -370,10 +386,27 @@ async def _run_here(
             raise TypeError(_not_awaitable(label, fn, awaitable))
     if timeout is None:
         return await awaitable
+    # The work runs in this very task, cancelled when the timeout expires: unlike wait_for(), no inner
+    # task whose late error (raised while it unwinds the cancellation) nobody would retrieve.
+    task = asyncio.current_task()
+    assert task is not None
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except (asyncio.TimeoutError, TimeoutError):
-        raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from None
+        return await awaitable
+    except BaseException as exc:
+        if not expired or not _raised_during_cancellation(exc):
+            raise
+        raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from (
+            None if isinstance(exc, asyncio.CancelledError) else exc
+        )
+    finally:
+        timer.cancel()
 
 
 def _wake(call: AsyncCall[Any]) -> None:
@@ -409,6 +442,23 @@ def _check_fn(fn: object, args: tuple[Any, ...], label: str) -> None:
             f"function and its arguments separately: incorrect: {label.split('(')[0]}(fetch_rows(), 42); "
             f"correct: {label.split('(')[0]}(fetch_rows, 42)"
         )
+
+
+def _check_timeout(timeout: object, label: str) -> None:
+    """Refuse a timeout the bridge loop could not use, before the call is queued (a bad one would
+    fail there, far from the caller)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{label}: timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:  # also NaN
+        raise ValueError(f"{label}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        also = " or None" if allow_none else ""
+        raise ConfigurationError(f"{name} must be a positive number of seconds{also}, not {value!r}")
 
 
 def _close_if_coroutine(fn: object) -> None:
@@ -478,6 +528,8 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread may have held it at fork time
     for bridge in list(_bridges):
         bridge._after_fork()
 

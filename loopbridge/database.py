@@ -24,9 +24,12 @@ from ._twins import twins
 from .bridge import Bridge, default_bridge
 from .errors import (
     BridgeClosedError,
+    CallTimeoutError,
     ConfigurationError,
     ConnectError,
+    ConnectionLostError,
     DatabaseClosedError,
+    LoopBridgeError,
     PoolTimeoutError,
 )
 
@@ -43,6 +46,23 @@ R = TypeVar("R")
 
 #: How much longer than its own timeout a close may take to cross to the bridge and back.
 _CLOSE_MARGIN = 5.0
+
+#: How often a statement that found its pooled connection dead before sending anything is run again.
+#: After a server restart every idle connection of the pool may be dead, and asyncpg notices each one
+#: only when it is used; the call's own timeout bounds the retries as well.
+_DEAD_CONNECTION_RETRIES = 3
+
+#: What asyncpg raises when the connection is gone, depending on when and how it noticed (a socket
+#: error, the server's FATAL, a protocol left mid-exchange by either, a closed connection).
+_CONNECTION_FAILURES = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
 
 # Options Database manages itself, and may not be passed through to asyncpg.
 _RESERVED_OPTIONS = {"dsn", "loop", "min_size", "max_size"}
@@ -110,6 +130,7 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
         self._leased = 0  # connections held or being acquired through this Database
+        self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -138,32 +159,64 @@ class Database:
 
         :param timeout: seconds for the whole call (waiting for a connection included); on expiry the
             query is cancelled and :class:`~loopbridge.CallTimeoutError` raised.
+        :raises ConnectionLostError: if the connection died during the call.
         """
-        async with _Lease(self) as con:
-            return await con.fetch(query, *args)
+        result: list[asyncpg.Record] = await self._statement("fetch", query, args)
+        return result
 
     async def _fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
         """Run *query* and return its first row, or None if it returned none."""
-        async with _Lease(self) as con:
-            return await con.fetchrow(query, *args)
+        result: asyncpg.Record | None = await self._statement("fetchrow", query, args)
+        return result
 
     async def _fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
         """Run *query* and return the value of *column* in its first row, or None if no row."""
-        async with _Lease(self) as con:
-            return await con.fetchval(query, *args, column=column)
+        return await self._statement("fetchval", query, args, column=column)
 
     async def _execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a command and return its status (``'INSERT 0 1'``). Without *args*, *query* may hold
         several statements separated by semicolons."""
-        async with _Lease(self) as con:
-            return await con.execute(query, *args)
+        result: str = await self._statement("execute", query, args)
+        return result
 
     async def _executemany(
         self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
         """Run *command* once per argument tuple in *args*, atomically (one implicit transaction)."""
-        async with _Lease(self) as con:
-            await con.executemany(command, args)
+        await self._statement("executemany", command, (args,))
+
+    async def _statement(self, method: str, query: str, args: tuple[Any, ...], **options: Any) -> Any:
+        """``con.<method>(query, *args)`` on a pooled connection.
+
+        A pooled connection can be dead before it is used: its backend was terminated while it sat idle
+        and asyncpg has not seen the socket close yet. When the call fails that way before anything that
+        could change data was sent (asyncpg counts what it sends), it is safe to run it again, on a fresh
+        connection; otherwise the failure is the caller's :class:`ConnectionLostError`.
+        """
+        if not isinstance(query, str):
+            raise TypeError(
+                f"Database.{method}() takes the SQL as a str with $1, $2, ... placeholders, not "
+                f"{type(query).__name__}; pass values as arguments: db.{method}('SELECT * FROM t WHERE id = "
+                "$1', 42)"
+            )
+        for retry in range(_DEAD_CONNECTION_RETRIES + 1):
+            lease = _Lease(self)
+            try:
+                async with lease as con:
+                    return await getattr(con, method)(query, *args, **options)
+            except ConnectionLostError:
+                if not lease.unsent or retry == _DEAD_CONNECTION_RETRIES:
+                    raise
+                logger.debug("%r: a pooled connection was dead before use; retrying on another", self)
+            except (asyncio.TimeoutError, TimeoutError) as exc:
+                if isinstance(exc, LoopBridgeError):
+                    raise
+                # asyncpg's command_timeout: a bare TimeoutError without a word. Say what expired.
+                raise CallTimeoutError(
+                    f"Database.{method}(): the statement did not finish within command_timeout="
+                    f"{self._pool_options.get('command_timeout')!r} s; asyncpg cancelled it on the server"
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run(self, fn: Callable[..., Awaitable[R]], *args: Any, timeout: float | None = None) -> R:
         """Call ``await fn(connection, *args)`` with a pooled asyncpg connection, on the bridge loop.
@@ -234,6 +287,8 @@ class Database:
         pool, opening = self._pool, self._opening
         self._pool = self._opening = None
         self._bridge._unregister(self)
+        if self._orphans:  # connection attempts still finishing, to be closed as soon as they are made
+            await asyncio.wait(set(self._orphans), timeout=timeout)
         if pool is None and opening is not None:  # closed while the pool was being created
             try:
                 pool = await asyncio.shield(opening)
@@ -308,11 +363,37 @@ class Database:
         return pool
 
     async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
-        """Every new pooled connection: asyncpg's connect, with failures made to say where and who."""
+        """Every new pooled connection: asyncpg's connect, never abandoned halfway.
+
+        Cancelling ``asyncpg.connect()`` while its socket is being set up leaves a future whose error
+        nobody retrieves (asyncio logs "Future exception was never retrieved: unexpected
+        connection_lost() call"; found by the stress suite's short timeouts). So a caller that gives up
+        leaves the attempt to finish on its own, and a connection it still makes is closed at once.
+        """
+        attempt = asyncio.ensure_future(self._connect_now(*args, **kwargs))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            orphan = asyncio.ensure_future(_close_when_made(attempt))
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
+            raise
+
+    async def _connect_now(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """asyncpg's connect, with failures made to say where and who."""
         try:
             return await self._user_connect(*args, **kwargs)
         except Exception as exc:
             raise ConnectError(self._connect_failure(exc)) from exc
+
+    def _connection_lost(self, exc: BaseException) -> str:
+        detail = redact(str(exc) or type(exc).__name__, *self._secrets)
+        return (
+            f"the connection to {self._info.describe()} was lost during the call: {type(exc).__name__}: "
+            f"{detail}. A transaction that had not committed was rolled back; a single statement may "
+            "have committed just before. The pool opens a new connection: retry (with unique keys for "
+            "writes)"
+        )
 
     def _connect_failure(self, exc: Exception) -> str:
         if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
@@ -361,23 +442,75 @@ class Database:
 
     async def _release(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
         self._leased -= 1
-        await pool.release(con)  # asyncpg shields the release: cancellation cannot leak the connection
+        # asyncpg shields the release, so cancellation cannot leak the connection; but a release it had
+        # to finish alone, once its caller was cancelled, fails unseen ("Task exception was never
+        # retrieved") if the connection died meanwhile. Hold the release ourselves and retrieve that.
+        release = asyncio.ensure_future(pool.release(con))
+        try:
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            release.add_done_callback(_retrieve)
+            raise
 
 
 class _Lease:
-    """``async with _Lease(db) as con``: a pooled connection for the length of the block."""
+    """``async with _Lease(db) as con``: a pooled connection for the length of the block.
 
-    __slots__ = ("_con", "_db", "_pool")
+    If the block fails because the connection died, the caller gets :class:`ConnectionLostError`
+    (asyncpg's error as its cause), and :attr:`unsent` says whether nothing that could change data had
+    been sent on it yet.
+    """
+
+    __slots__ = ("_con", "_db", "_pool", "_protocol", "_sent", "unsent")
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.unsent = False
 
     async def __aenter__(self) -> PoolConnectionProxy:
         self._pool, self._con = await self._db._acquire()
+        # asyncpg counts the statements it has sent (Bind/Execute or a simple query; never a bare
+        # Parse/Describe, which changes nothing). Read through getattr: it is not public API.
+        self._protocol = getattr(self._con, "_protocol", None)
+        self._sent = getattr(self._protocol, "queries_count", None)
         return self._con
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._db._release(self._pool, self._con)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lost = exc is not None and _lost_connection(exc, self._protocol)
+        sent = getattr(self._protocol, "queries_count", None)
+        try:
+            await self._db._release(self._pool, self._con)
+        except Exception as error:
+            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
+            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
+            # nothing leaks and the pool opens a new one. The call's own outcome stands, whether a
+            # result already received (a committed write must not be reported as failed) or the error
+            # that ended the call, which says more than the failed reset (found by the stress suite:
+            # "InternalClientError: cannot switch to state 15" replacing a timeout).
+            logger.debug("%r: a connection failed its reset on release and was closed: %r", self._db, error)
+        if lost:
+            assert exc is not None
+            self.unsent = sent is not None and sent == self._sent
+            raise ConnectionLostError(self._db._connection_lost(exc)) from exc
+
+
+def _lost_connection(exc: BaseException, protocol: Any) -> bool:
+    """Did *exc* end the call because the connection died (rather than the server refusing a query)?
+
+    Only asyncpg's (and the socket's) ways of reporting a broken connection count, and only when the
+    connection is indeed closed, or the server's error was FATAL (it ends the session; asyncpg may not
+    have seen the socket close yet). An error of the caller's own, or an InterfaceError on a connection
+    that is still open ("another operation is in progress"), is left alone.
+    """
+    if not isinstance(exc, _CONNECTION_FAILURES):
+        return False
+    if getattr(exc, "severity", None) in ("FATAL", "PANIC"):
+        return True
+    # Ask the protocol, not the connection proxy: asyncpg detaches the proxy of a connection that closed.
+    is_connected = getattr(protocol, "is_connected", None)
+    return is_connected is not None and not is_connected()
 
 
 def _check_callable(fn: object) -> None:
@@ -391,7 +524,19 @@ def _check_callable(fn: object) -> None:
         )
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:
+    """Wait for a connection attempt nobody waits for any more, and close what it made."""
+    try:
+        connection = await attempt
+    except BaseException:  # it failed: the error was its caller's, who has gone
+        return
+    try:
+        await connection.close(timeout=5)
+    except BaseException:  # closing failed or was cancelled: close() has aborted the connection
+        connection.terminate()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
     # Every waiter sees the error; this only keeps asyncio from logging "exception never retrieved"
     # when all of them were cancelled.
     if not task.cancelled():
@@ -405,7 +550,9 @@ def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> No
         raise ConfigurationError(
             f"min_size must be an integer from 0 to max_size={max_size}, not {min_size!r}"
         )
-    if pool_timeout is not None and not pool_timeout > 0:
+    if pool_timeout is not None and (
+        isinstance(pool_timeout, bool) or not isinstance(pool_timeout, (int, float)) or not pool_timeout > 0
+    ):
         raise ConfigurationError(
             f"pool_timeout must be a positive number of seconds or None, not {pool_timeout!r}"
         )
