@@ -20,6 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
+from ._pgbouncer import transaction_pooling_options
 from ._twins import twins
 from .bridge import Bridge, default_bridge
 from .errors import (
@@ -96,6 +97,9 @@ class Database:
     :param max_size: most connections open at once.
     :param pool_timeout: seconds a call may wait for a free connection before
         :class:`~loopbridge.PoolTimeoutError`; None waits forever.
+    :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
+        statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
+        session reset query on release. See ``loopbridge._pgbouncer`` for what stays unsupported there.
     :param pool_options: passed to ``asyncpg.create_pool`` / ``asyncpg.connect`` (``command_timeout``,
         ``statement_cache_size``, ``ssl``, ``server_settings``, ``init``, ``setup``, ``connect``, ...).
     :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or an unknown option.
@@ -109,11 +113,14 @@ class Database:
         min_size: int = 1,
         max_size: int = 10,
         pool_timeout: float | None = 30.0,
+        pgbouncer: bool = False,
         **pool_options: Any,
     ) -> None:
         self._info: DsnInfo = parse_dsn(resolve_dsn(dsn))
         _check_sizes(min_size, max_size, pool_timeout)
         _check_options(pool_options)
+        if pgbouncer:
+            pool_options = transaction_pooling_options(pool_options)
         self._bridge = bridge if bridge is not None else default_bridge()
         self._min_size = min_size
         self._max_size = max_size
@@ -402,6 +409,11 @@ class Database:
             hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
         elif isinstance(exc, asyncpg.CannotConnectNowError):
             hint = "the server is starting up or shutting down; try again in a moment"
+        elif "unsupported startup parameter" in str(exc):
+            hint = (
+                "PgBouncer refuses this setting at login: drop it from the DSN and server_settings (set "
+                "it per role: ALTER ROLE ... SET), or list it in PgBouncer's ignore_startup_parameters"
+            )
         elif isinstance(exc, asyncpg.TooManyConnectionsError):
             hint = "the server has no connection slots left: lower max_size or raise max_connections"
         elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
