@@ -29,11 +29,15 @@ def own_port(dsn: str) -> int:
     return port
 
 
+def own_place(dsn: str) -> str:
+    return f"{urlsplit(dsn).hostname}:{own_port(dsn)}"
+
+
 class TestMultiHost:
     def test_a_dsn_whose_first_host_refuses_connects_to_the_next(self, dsn: str, bridge: Bridge) -> None:
         db = Database(with_hosts(dsn, REFUSED), bridge=bridge)
         assert db.fetchval("SELECT inet_server_port()") == own_port(dsn)
-        assert f"{REFUSED},127.0.0.1:{own_port(dsn)}" in repr(db)
+        assert f"{REFUSED},{own_place(dsn)}" in repr(db)
         db.close()
 
     def test_when_every_host_refuses_the_error_names_them_all(self, bridge: Bridge) -> None:
@@ -48,7 +52,7 @@ class TestMultiHost:
         writable.close()
         # The test server is a primary: asking for a standby finds none, and says where it looked.
         standby = Database(with_hosts(dsn, REFUSED) + "&target_session_attrs=standby", bridge=bridge)
-        with pytest.raises(ConnectError, match=f"on {REFUSED}, 127.0.0.1:{own_port(dsn)} "):
+        with pytest.raises(ConnectError, match=f"on {REFUSED}, {own_place(dsn)} "):
             standby.fetchval("SELECT 1")
         only_primary = Database(dsn + "&target_session_attrs=standby", bridge=bridge)
         with pytest.raises(ConnectError) as info:
