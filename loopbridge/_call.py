@@ -41,6 +41,7 @@ class CancelReason(enum.Enum):
     TIMEOUT = "timeout"
     CALLER = "caller"  # the caller stopped waiting: Ctrl-C, task cancelled, future cancelled
     CLOSE = "close"
+    EXIT = "exit"  # the interpreter exits: cancelled, and the caller (a daemon thread) is not woken
 
 
 class Ledger:
@@ -143,7 +144,8 @@ class Call(Generic[T]):
             if self._timer is not None:
                 self._timer.cancel()
             self.settled = True
-            self._settle()
+            if self.cancel_reason is not CancelReason.EXIT:
+                self._settle()
 
     def cancel(self, reason: CancelReason) -> None:
         """Cancel the work (on the bridge loop). The first reason given is the one reported."""
@@ -164,6 +166,11 @@ class Call(Generic[T]):
         self.settled = True
         self._settle()
 
+    def abandon(self) -> None:
+        """Drop a call that will never start, at interpreter exit: its caller is not woken."""
+        self._close_unawaited()
+        self.settled = True
+
     def _close_unawaited(self) -> None:
         if inspect.iscoroutine(self.fn):
             self.fn.close()  # no "coroutine was never awaited" warning for work we never ran
@@ -174,7 +181,7 @@ class Call(Generic[T]):
             return CallTimeoutError(
                 f"{self.label} did not finish within {self.timeout:g} s; it was cancelled on the bridge loop"
             )
-        if reason is CancelReason.CLOSE:
+        if reason is CancelReason.CLOSE or reason is CancelReason.EXIT:
             return BridgeClosedError(
                 f"{self.label} was cancelled because its bridge was closed while the call was in flight; "
                 "close the bridge only after the calls you care about have returned"

@@ -30,7 +30,7 @@ from ._call import (
     _raised_during_cancellation,
     describe,
 )
-from ._loop import GRACE, LoopThread, Resource, abandon
+from ._loop import GRACE, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -84,6 +84,7 @@ class Bridge:
         self._block_threshold = block_threshold
         self._state: _State = "idle"
         self._live: LoopThread | None = None
+        self._stopping: LoopThread | None = None  # the generation close() is stopping right now
         self._lock = threading.Lock()
         _bridges.add(self)
 
@@ -296,27 +297,33 @@ class Bridge:
                 live = None
             if live is not None:
                 return live
-            if self._state == "closed":
-                raise BridgeClosedError(
-                    f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
-                    "loopbridge.default_bridge(), which replaces a closed default bridge"
-                )
-            live = LoopThread(self._name, self._loop_factory, self._block_threshold)
-            live.start()
-            self._live = live
-            self._state = "running"
-            return live
+            if self._state != "closed":
+                live = LoopThread(self._name, self._loop_factory, self._block_threshold)
+                live.start()
+                self._live = live
+                self._state = "running"
+                return live
+        if _exiting and threading.current_thread() is not threading.main_thread():
+            park_at_exit()  # a daemon thread calling in while the interpreter exits
+        raise BridgeClosedError(
+            f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
+            "loopbridge.default_bridge(), which replaces a closed default bridge"
+        )
 
     def _register(self, resource: Resource) -> None:
-        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop."""
-        generation = self._generation()
-        if resource not in generation.resources:
+        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop.
+
+        Registers with the generation running this loop, also while close() is stopping it: a pool
+        first opened by a call racing close() is closed with the rest, never left open on a dead loop.
+        """
+        generation = self._live or self._stopping
+        if generation is not None and resource not in generation.resources:
             generation.resources.append(resource)
 
     def _unregister(self, resource: Resource) -> None:
-        live = self._live
-        if live is not None and resource in live.resources:
-            live.resources.remove(resource)
+        for generation in (self._live, self._stopping):
+            if generation is not None and resource in generation.resources:
+                generation.resources.remove(resource)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
@@ -325,6 +332,9 @@ class Bridge:
 
         :raises DeadlockError: if called on the bridge thread (it cannot join itself).
         """
+        self._close(timeout, at_exit=False)
+
+    def _close(self, timeout: float | None, *, at_exit: bool) -> None:
         if self.in_bridge_thread():
             raise DeadlockError(
                 f"Bridge.close() was called on the bridge thread of {self._name!r}, which it would have "
@@ -334,13 +344,18 @@ class Bridge:
             if self._state == "closed":
                 return
             self._state = "closed"
+            # In one step, so that work on the loop always finds the generation it runs on.
             live, self._live = self._live, None
-        if live is None:
-            return
-        if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
-            abandon(live)
-            return
-        live.stop(self._close_timeout if timeout is None else timeout)
+            self._stopping = live
+        try:
+            if live is None:
+                return
+            if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
+                abandon(live)
+                return
+            live.stop(self._close_timeout if timeout is None else timeout, at_exit=at_exit)
+        finally:
+            self._stopping = None
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code: runs the blocking close in a worker thread."""
@@ -365,8 +380,10 @@ class Bridge:
         # next call starts a fresh thread, loop and pools.
         self._lock = threading.Lock()  # another thread may have held it at fork time
         live, self._live = self._live, None
-        if live is not None:
-            abandon(live)
+        stopping, self._stopping = self._stopping, None  # a close() the parent was in the middle of
+        for generation in (live, stopping):
+            if generation is not None:
+                abandon(generation)
         if self._state == "running":
             self._state = "idle"
 
@@ -522,7 +539,7 @@ def _close_all_at_exit() -> None:
     _exiting = True
     for bridge in list(_bridges):
         try:
-            bridge.close(min(bridge._close_timeout, EXIT_TIMEOUT))
+            bridge._close(min(bridge._close_timeout, EXIT_TIMEOUT), at_exit=True)
         except Exception:  # pragma: no cover - close() logs its own problems
             logger.exception("error while closing %r at exit", bridge)
 
