@@ -243,3 +243,14 @@ def _transactions(bouncer: PgBouncer) -> int:
         if row.get("database") == "postgres":
             return int(row["total_xact_count"])
     return 0
+
+
+class TestMissingBinary:
+    def test_a_missing_pgbouncer_skips_locally_and_fails_in_ci(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("tests.pgbouncer.shutil.which", lambda *args, **kwargs: None)
+        monkeypatch.delenv("LOOPBRIDGE_REQUIRE_PGBOUNCER", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="apt-get install pgbouncer"):
+            _need_pgbouncer()
+        monkeypatch.setenv("LOOPBRIDGE_REQUIRE_PGBOUNCER", "1")
+        with pytest.raises(pytest.fail.Exception, match="LOOPBRIDGE_REQUIRE_PGBOUNCER is set"):
+            _need_pgbouncer()
