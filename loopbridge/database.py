@@ -429,16 +429,26 @@ class Database:
         pool = self._pool or await self._get_pool()
         if self._closed:
             raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
-        self._leased += 1
-        try:
-            if self._leased <= self._max_size:  # a connection is free or can be opened: no waiting
-                con: PoolConnectionProxy = await pool.acquire()
-            else:
-                con = await self._acquire_waiting(pool)
-        except BaseException:
-            self._leased -= 1
-            raise
-        return pool, con
+        for retry in range(_DEAD_CONNECTION_RETRIES + 1):
+            self._leased += 1
+            try:
+                if self._leased <= self._max_size:  # a connection is free or can be opened: no waiting
+                    con: PoolConnectionProxy = await pool.acquire()
+                else:
+                    con = await self._acquire_waiting(pool)
+            except BaseException as exc:
+                self._leased -= 1
+                # A connection that died before it was handed out (its backend terminated as it was
+                # being set up: "connection was closed during pool initialization", found by the stress
+                # suite): nothing of the call was sent, so another connection may serve it.
+                if not _died_in_acquire(exc):
+                    raise
+                if retry == _DEAD_CONNECTION_RETRIES:
+                    raise ConnectionLostError(self._connection_lost(exc)) from exc
+                logger.debug("%r: a connection died while being acquired; acquiring another", self)
+                continue
+            return pool, con
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire_waiting(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         try:
@@ -506,6 +516,14 @@ class _Lease:
             assert exc is not None
             self.unsent = sent is not None and sent == self._sent
             raise ConnectionLostError(self._db._connection_lost(exc)) from exc
+
+
+def _died_in_acquire(exc: BaseException) -> bool:
+    """Did the pool fail to hand out a connection because that connection died (not because it could
+    not connect, was closed, or the caller's ``setup`` failed)?"""
+    if isinstance(exc, LoopBridgeError):  # ConnectError, PoolTimeoutError: the caller's to see
+        return False
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError))
 
 
 def _lost_connection(exc: BaseException, protocol: Any) -> bool:

@@ -142,6 +142,32 @@ class TestDeadPooledConnections:
         assert db.fetchval("SELECT count(*) FROM t") == 1
         assert any("dead before use; retrying" in r.getMessage() for r in caplog.records)
 
+    def test_a_connection_that_dies_while_being_acquired_is_replaced(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Stress suite: a new connection whose backend was terminated as the pool set it up failed the
+        call with "ConnectionDoesNotExistError: connection was closed during pool initialization"."""
+        caplog.set_level(logging.DEBUG, logger="loopbridge")
+        made: list[asyncpg.Connection] = []
+
+        async def connect_then_die_once(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+            connection: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+            made.append(connection)
+            if len(made) == 1:  # the first one dies before the pool hands it out
+                closed = asyncio.Event()
+                connection.add_termination_listener(lambda _: closed.set())
+                admin = await asyncpg.connect(admin_dsn)
+                await admin.execute("SELECT pg_terminate_backend($1)", connection.get_server_pid())
+                await admin.close()
+                await asyncio.wait_for(closed.wait(), WAIT)
+            return connection
+
+        db = Database(dsn, bridge=bridge, min_size=0, max_size=1, connect=connect_then_die_once)
+        assert db.fetchval("SELECT 1", timeout=WAIT) == 1
+        assert len(made) == 2
+        assert any("died while being acquired" in r.getMessage() for r in caplog.records)
+        assert db._leased == 0
+
     def test_a_call_that_may_have_reached_the_server_is_never_retried(
         self, db: Database, admin_dsn: str, schema: str
     ) -> None:
