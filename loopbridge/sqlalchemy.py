@@ -217,16 +217,19 @@ class Engine:
             )
         return await result
 
-    async def _run_sync(self, fn: Callable[..., R], *args: Any, timeout: float | None = None) -> R:
-        """Call ``fn(connection, *args)`` with a sync-style SQLAlchemy ``Connection`` in a transaction,
-        on the bridge loop: committed if *fn* returns, rolled back if it raises.
+    async def _run_sync(
+        self, /, fn: Callable[..., R], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Call ``fn(connection, *args, **kwargs)`` with a sync-style SQLAlchemy ``Connection`` in a
+        transaction, on the bridge loop: committed if *fn* returns, rolled back if it raises.
 
         Reuses sync Core code as it is: ``engine.run_sync(metadata.create_all)``. The connection is only
-        valid inside *fn*.
+        valid inside *fn*. (``timeout`` is the call's own; pass a *fn* keyword of that name with
+        ``functools.partial``.)
         """
-        _check_sync_fn(fn, "Engine.run_sync()", "engine")
+        _check_sync_fn(fn, "Engine.run_sync()", "connection")
         async with self._async_engine().begin() as connection:
-            return await connection.run_sync(fn, *args)
+            return await connection.run_sync(fn, *args, **kwargs)
 
     async def _open(self, *, timeout: float | None = None) -> None:
         """Create the engine now and make one connection, instead of on first use.
@@ -489,9 +492,11 @@ class _Scope:
         async with self._using() as session:
             await session.rollback()
 
-    async def _run_sync(self, fn: Callable[..., R], *args: Any, timeout: float | None = None) -> R:
-        """Call ``fn(session, *args)`` with the scope's sync-style ``sqlalchemy.orm.Session``, on the
-        bridge loop, and return its result.
+    async def _run_sync(
+        self, /, fn: Callable[..., R], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Call ``fn(session, *args, **kwargs)`` with the scope's sync-style ``sqlalchemy.orm.Session``, on
+        the bridge loop, and return its result.
 
         The escape hatch for existing sync ORM code: inside *fn*, lazy loading works and
         ``session.query()``, ``session.execute()`` and relationship access behave as in any sync
@@ -499,7 +504,7 @@ class _Scope:
         """
         _check_sync_fn(fn, f"{type(self).__name__}.run_sync()", "session")
         async with self._using() as session:
-            return await session.run_sync(fn, *args)
+            return await session.run_sync(fn, *args, **kwargs)
 
     # -- in memory: no I/O, so the caller's own thread does it --------------------------------------
 
