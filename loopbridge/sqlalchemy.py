@@ -606,6 +606,10 @@ class _Scope:
             self._task = asyncio.current_task()
             try:
                 yield session
+            except asyncio.CancelledError:
+                if self._state == "abandoned":  # cancelled by Engine.close(): say so, not "cancelled"
+                    raise self._unusable() from None
+                raise
             finally:
                 self._task = None
 
@@ -636,6 +640,17 @@ class _Scope:
             "this session scope has ended (committed or rolled back, and closed); open a new one. "
             "Objects from it can join a new scope with session.add(obj) or session.merge(obj)"
         )
+
+    def _interrupted_opening(self, exc: BaseException) -> None:
+        # Cancelled (or Ctrl-C) while opening: the opening may have completed on the bridge all the
+        # same, and no __exit__ will come to end it. Queue its end behind it; if it never opened, the
+        # end does nothing. (An Exception means _begin itself refused, and opened nothing.)
+        if isinstance(exc, Exception):
+            return
+        try:
+            self.bridge.submit(_Scope._end, self, False)
+        except BridgeClosedError:  # the bridge closed, and the engine and its scopes with it
+            pass
 
     def _exit_failed(self, exc: BaseException) -> None:
         # Ending a scope that is already failing: the scope's own error is what the caller must see,
@@ -688,7 +703,11 @@ class BridgedSession(_Scope):
     run_sync = _run_sync[0]
 
     def __enter__(self) -> Self:
-        self.bridge._run(_Scope._begin, (self,), None, None, "engine.session()")
+        try:
+            self.bridge._run(_Scope._begin, (self,), None, None, "engine.session()")
+        except BaseException as exc:
+            self._interrupted_opening(exc)
+            raise
         return self
 
     def __exit__(
@@ -733,7 +752,11 @@ class AsyncBridgedSession(_Scope):
     run_sync = _run_sync[1]
 
     async def __aenter__(self) -> Self:
-        await self.bridge._arun(_Scope._begin, (self,), None, None, "engine.asession()")
+        try:
+            await self.bridge._arun(_Scope._begin, (self,), None, None, "engine.asession()")
+        except BaseException as exc:
+            self._interrupted_opening(exc)
+            raise
         return self
 
     async def __aexit__(

@@ -208,6 +208,13 @@ class TestEngine:
                 == make_url(dsn).query["search_path"]
             )
 
+    def test_the_url_defaults_to_loopbridge_dsn(
+        self, dsn: str, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+        with Engine(bridge=bridge, pool_size=1) as engine, engine.session() as session:
+            assert session.scalar(text("SELECT 1")) == 1
+
     def test_a_sqlalchemy_url_object_is_accepted(self, dsn: str, bridge: Bridge) -> None:
         with Engine(make_url(dsn), bridge=bridge, pool_size=1) as engine, engine.session() as session:
             assert session.scalar(text("SELECT 1")) == 1
@@ -569,6 +576,51 @@ class TestCancellationAndClose:
         assert names_in_db(dsn) == []
         with engine.session() as session:  # and the engine serves on
             assert session.scalar(text("SELECT 1")) == 1
+
+    def test_a_caller_cancelled_while_opening_leaves_no_scope_open(
+        self, engine: Engine, tables: None
+    ) -> None:
+        async def main() -> AsyncBridgedSession:
+            session = engine.asession()
+            opening = asyncio.ensure_future(session.__aenter__())
+            await asyncio.sleep(0)  # the opening is submitted; the task awaits the bridge
+            # Block this loop while the opening completes on the bridge, then cancel: the caller never
+            # gets its session, and no __aexit__ will come.
+            time.sleep(0.3)  # noqa: ASYNC251
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            return session
+
+        session = run_loop(main)
+        wait_until(lambda: session._state == "ended")
+        assert engine._scopes == set()
+
+    def test_a_call_in_flight_when_the_engine_closes_gets_engine_closed_error(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        inside = threading.Event()
+        errors: list[BaseException] = []
+
+        def view() -> None:
+            try:
+                with engine.session() as session:
+                    session.add(User(name="ada"))
+                    session.flush()
+                    inside.set()
+                    session.execute(text("SELECT pg_sleep(10)"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        time.sleep(0.2)
+        engine.close(timeout=0.2)
+        thread.join(WAIT)
+        assert [type(error) for error in errors] == [EngineClosedError]
+        assert names_in_db(dsn) == []
+        wait_until(lambda: backend_states(admin_dsn, schema) == [])
 
     def test_close_disposes_of_the_connections_and_later_use_says_so(
         self, dsn: str, bridge: Bridge, schema: str, admin_dsn: str, caller: Caller
