@@ -380,6 +380,7 @@ class TestSessionScopes:
             await session.delete(bob)
             await session.flush()
             merged = await session.merge(User(id=3, name="cy"))
+            await session.flush()
             await session.execute(text("UPDATE users SET name = 'cy young' WHERE id = 3"))
             await session.refresh(merged)
             with pytest.raises(sqlalchemy.exc.NoResultFound):
