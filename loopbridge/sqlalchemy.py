@@ -134,7 +134,9 @@ class Engine:
         ``create_async_engine`` refuses.
     """
 
-    def __init__(self, url: str | URL | None = None, *, bridge: Bridge | None = None, **engine_kwargs: Any):
+    def __init__(
+        self, url: str | URL | None = None, *, bridge: Bridge | None = None, **engine_kwargs: Any
+    ) -> None:
         if isinstance(url, URL):
             url = url.render_as_string(hide_password=False)
         self._info: DsnInfo = _parse_url(resolve_dsn(url))
@@ -545,7 +547,7 @@ class _Scope:
         if self._state != "new":
             raise sqlalchemy.exc.InvalidRequestError(
                 f"{self!r} was already used: a session scope opens once; open a new one with "
-                f"`with engine.{self._facade}() as session:`"
+                f"`{self._opening()} as session:`"
             )
         engine = self._engine._async_engine()
         self._session = AsyncSession(engine, sync_session_class=_HomeSession, **self._options)
@@ -559,6 +561,10 @@ class _Scope:
         completes on the bridge loop. A commit interrupted that way has an unknown outcome."""
         if self._state == "new":  # opening failed: nothing to end
             return
+        if self._pid != os.getpid():  # the parent's scope: never touch its connection
+            if commit:
+                raise self._unusable()
+            return
         ending = asyncio.get_running_loop().create_task(self._ending(commit))
         ending.add_done_callback(_retrieve)
         await asyncio.shield(ending)
@@ -567,10 +573,10 @@ class _Scope:
         assert self._lock is not None
         assert self._session is not None
         async with self._lock:
-            if self._pid != os.getpid() or self._state != "open":
+            if self._state != "open":
                 if commit:
                     raise self._unusable()
-                return  # the engine closed it (or it is the parent's): nothing to roll back here
+                return  # the engine closed it: nothing left to roll back
             session = self._session
             self._state = "ended"
             try:
@@ -584,17 +590,28 @@ class _Scope:
 
     async def _abandon(self) -> None:
         """The engine is closing and this scope did not end in time: end it without committing."""
-        self._state = "abandoned"
+        assert self._lock is not None
+        if self._state == "open":
+            self._state = "abandoned"
         task = self._task
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait((task,), timeout=GRACE)
-        if self._session is not None:
-            try:
+            task.cancel()  # its caller gets EngineClosedError (see _using)
+        try:
+            await asyncio.wait_for(self._lock.acquire(), GRACE)
+        except (asyncio.TimeoutError, TimeoutError):
+            locked = False
+        else:
+            locked = True
+        try:
+            # Unless its owner's own end got there first (then it ends as the owner asked).
+            if self._state == "abandoned" and self._session is not None:
                 await self._session.invalidate()  # the server rolls back; the connection is discarded
-            except Exception:
-                logger.exception("%r: error while ending an abandoned session", self._engine)
-        self._engine._forget_scope(self)
+        except Exception:
+            logger.exception("%r: error while ending an abandoned session", self._engine)
+        finally:
+            if locked:
+                self._lock.release()
+            self._engine._forget_scope(self)
 
     @asynccontextmanager
     async def _using(self) -> AsyncIterator[AsyncSession]:
@@ -632,14 +649,26 @@ class _Scope:
                 "without committing"
             )
         if self._state == "new":
-            opening = f"{'async with' if self._facade == 'asession' else 'with'} engine.{self._facade}()"
             return sqlalchemy.exc.InvalidRequestError(
-                f"the session is not open: use it inside its block, `{opening} as session: ...`"
+                f"the session is not open: use it inside its block, `{self._opening()} as session: ...`"
             )
         return sqlalchemy.exc.InvalidRequestError(
             "this session scope has ended (committed or rolled back, and closed); open a new one. "
             "Objects from it can join a new scope with session.add(obj) or session.merge(obj)"
         )
+
+    def _ended_elsewhere(self, exc: BaseException | None) -> bool:
+        """At the end of the block: True if the engine already ended this scope (or it is the parent
+        process's), so there is nothing to cross for. Raises if the block itself succeeded: its work was
+        not committed."""
+        if self._state != "abandoned" and self._pid == os.getpid():
+            return False
+        if exc is None:
+            raise self._unusable()
+        return True
+
+    def _opening(self) -> str:
+        return f"{'async with' if self._facade == 'asession' else 'with'} engine.{self._facade}()"
 
     def _interrupted_opening(self, exc: BaseException) -> None:
         # Cancelled (or Ctrl-C) while opening: the opening may have completed on the bridge all the
@@ -713,6 +742,8 @@ class BridgedSession(_Scope):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._ended_elsewhere(exc):
+            return
         if exc is None:
             self.bridge._run(_Scope._end, (self, True), None, None, "BridgedSession commit")
             return
@@ -762,6 +793,8 @@ class AsyncBridgedSession(_Scope):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._ended_elsewhere(exc):
+            return
         if exc is None:
             await self.bridge._arun(_Scope._end, (self, True), None, None, "AsyncBridgedSession commit")
             return

@@ -24,7 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 from sqlalchemy.pool import QueuePool
 
-from loopbridge import Bridge, CallTimeoutError, ConfigurationError, ConnectError, DatabaseClosedError
+from loopbridge import (
+    Bridge,
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    ConnectError,
+    DatabaseClosedError,
+    LoopBridgeError,
+)
 from loopbridge.sqlalchemy import (
     AsyncBridgedSession,
     BridgedSession,
@@ -233,6 +241,16 @@ class TestEngine:
     def test_reserved_session_options_are_refused(self, engine: Engine) -> None:
         with pytest.raises(ConfigurationError, match="always bound to its Engine"):
             engine.session(bind=None)
+
+    def test_the_public_names_exist_and_the_errors_are_documented(self) -> None:
+        import loopbridge.sqlalchemy as module
+
+        for name in module.__all__:
+            assert getattr(module, name).__doc__, name
+        assert issubclass(EngineClosedError, DatabaseClosedError)
+        assert issubclass(EngineClosedError, RuntimeError)
+        assert issubclass(LazyLoadError, LoopBridgeError)
+        assert issubclass(LazyLoadError, sqlalchemy.exc.MissingGreenlet)
 
     def test_import_loopbridge_does_not_import_sqlalchemy(self) -> None:
         out = run_script(
@@ -644,6 +662,42 @@ class TestCancellationAndClose:
             engine.open()
             assert backend_states(admin_dsn, schema) == ["idle"]
         assert backend_states(admin_dsn, schema) == []
+
+    def test_closing_the_bridge_under_an_open_scope_commits_nothing_and_says_so(
+        self, dsn: str, schema: str, admin_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        inside, go_on = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+        bridge = Bridge("sa-open-scope")
+        engine = Engine(dsn, bridge=bridge, pool_size=1)
+        engine.run_sync(Base.metadata.create_all)
+
+        def view() -> None:
+            try:
+                with engine.session() as session:
+                    session.add(User(name="ada"))
+                    session.flush()
+                    inside.set()
+                    go_on.wait(WAIT)
+                    session.add(User(name="bob"))
+                    session.flush()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        bridge.close(timeout=0.2)
+        go_on.set()
+        thread.join(WAIT)
+        # The scope's next call says the engine ended it (the bridge took the engine with it).
+        assert [type(error) for error in errors] == [EngineClosedError]
+        assert "ended without committing" in str(errors[0])
+        assert names_in_db(dsn) == []
+        assert backend_states(admin_dsn, schema) == []
+        assert "ending it without commit" in caplog.text
+        with pytest.raises(BridgeClosedError), engine.session():
+            pass
 
     def test_close_lets_open_scopes_commit_within_the_timeout(
         self, engine: Engine, tables: None, dsn: str
