@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -982,8 +983,6 @@ class TestFork:
 
 class TestExample:
     def test_the_example_app_runs_and_verifies_its_rows(self, dsn: str) -> None:
-        from pathlib import Path
-
         example = Path(__file__).parent.parent / "examples" / "sqlalchemy_app.py"
         out = run_script(example.read_text(), env={"LOOPBRIDGE_DSN": dsn}, timeout=90)
         assert "verified" in out
