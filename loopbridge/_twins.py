@@ -49,12 +49,23 @@ _ASYNC_NOTE = (
 
 def twins(
     impl: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+    *,
+    owners: tuple[str, str] | None = None,
 ) -> tuple[Callable[Concatenate[S, P], R], Callable[Concatenate[S, P], Coroutine[Any, Any, R]]]:
-    """Derive the blocking method and the ``a``-prefixed async method from *impl*."""
+    """Derive the blocking method and the ``a``-prefixed async method from *impl*.
+
+    :param owners: for a sync facade and an async facade of one thing (``loopbridge.sqlalchemy``'s two
+        sessions): the names of the two classes that take the methods. Both methods then keep *impl*'s
+        name, without the ``a``, as the SQLAlchemy classes those facades imitate do.
+    """
     owner, _, impl_name = impl.__qualname__.rpartition(".")
     name = impl_name.lstrip("_")
-    sync_label = f"{owner}.{name}()"
-    async_label = f"{owner}.a{name}()"
+    if owners is None:
+        sync_owner, async_owner, async_name = owner, owner, f"a{name}"
+    else:
+        (sync_owner, async_owner), async_name = owners, name
+    sync_label = f"{sync_owner}.{name}()"
+    async_label = f"{async_owner}.{async_name}()"
 
     def sync(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]
@@ -67,12 +78,13 @@ def twins(
         return result
 
     doc = (impl.__doc__ or "").rstrip()
-    for twin, twin_name, note in (
-        (sync, name, _SYNC_NOTE.format(async_name=f"a{name}")),
-        (async_, f"a{name}", _ASYNC_NOTE),
+    awaited = async_name if owners is None else f"{async_owner}.{async_name}"
+    for twin, twin_owner, twin_name, note in (
+        (sync, sync_owner, name, _SYNC_NOTE.format(async_name=awaited)),
+        (async_, async_owner, async_name, _ASYNC_NOTE),
     ):
         twin.__name__ = twin_name
-        twin.__qualname__ = f"{owner}.{twin_name}"
+        twin.__qualname__ = f"{twin_owner}.{twin_name}"
         twin.__module__ = impl.__module__
         twin.__doc__ = doc + note
     return sync, async_

@@ -312,25 +312,7 @@ class Database:
         try:
             return await self._user_connect(*args, **kwargs)
         except Exception as exc:
-            raise ConnectError(self._connect_failure(exc)) from exc
-
-    def _connect_failure(self, exc: Exception) -> str:
-        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-            hint = "check the user name and password in the DSN (LOOPBRIDGE_DSN / DATABASE_URL / dsn=)"
-        elif isinstance(exc, asyncpg.InvalidCatalogNameError):
-            hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
-        elif isinstance(exc, asyncpg.CannotConnectNowError):
-            hint = "the server is starting up or shutting down; try again in a moment"
-        elif isinstance(exc, asyncpg.TooManyConnectionsError):
-            hint = "the server has no connection slots left: lower max_size or raise max_connections"
-        elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            hint = "the server did not answer in time: check host, port and network (or raise timeout=)"
-        elif isinstance(exc, OSError):
-            hint = "is PostgreSQL running there and accepting connections? check host and port in the DSN"
-        else:
-            hint = "check the DSN and the server's log"
-        detail = redact(str(exc) or type(exc).__name__, *self._secrets)
-        return f"could not connect to {self._info.describe()}: {type(exc).__name__}: {detail}. {hint}"
+            raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
 
     async def _acquire(self) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
         pool = self._pool or await self._get_pool()
@@ -378,6 +360,31 @@ class _Lease:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._db._release(self._pool, self._con)
+
+
+def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
+    """What a :class:`ConnectError` says when asyncpg could not connect: where, as whom, why, and what
+    to do. No password: *secrets* are scrubbed from asyncpg's message (the SQLAlchemy engine uses it too).
+    """
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        hint = "check the user name and password in the DSN (LOOPBRIDGE_DSN / DATABASE_URL / dsn=)"
+    elif isinstance(exc, asyncpg.InvalidCatalogNameError):
+        hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
+    elif isinstance(exc, asyncpg.CannotConnectNowError):
+        hint = "the server is starting up or shutting down; try again in a moment"
+    elif isinstance(exc, asyncpg.TooManyConnectionsError):
+        hint = (
+            "the server has no connection slots left: lower max_size (pool_size for an Engine) or raise "
+            "max_connections"
+        )
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        hint = "the server did not answer in time: check host, port and network (or raise timeout=)"
+    elif isinstance(exc, OSError):
+        hint = "is PostgreSQL running there and accepting connections? check host and port in the DSN"
+    else:
+        hint = "check the DSN and the server's log"
+    detail = redact(str(exc) or type(exc).__name__, *secrets)
+    return f"could not connect to {info.describe()}: {type(exc).__name__}: {detail}. {hint}"
 
 
 def _check_callable(fn: object) -> None:
