@@ -265,7 +265,7 @@ class TestTimeoutsAndCancellation:
         assert (
             db.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
-                "AND state = 'active'"
+                "AND state = 'active' AND application_name = current_setting('application_name')"
             )
             == 0
         )

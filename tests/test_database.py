@@ -181,7 +181,8 @@ class TestLifecycle:
             lambda: (
                 db.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE 'SELECT pg_sleep(0.3)%'"
+                    "AND query LIKE 'SELECT pg_sleep(0.3)%' "
+                    "AND application_name = current_setting('application_name')"
                 )
                 == 1
             )
