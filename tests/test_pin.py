@@ -102,9 +102,7 @@ class TestPinned:
         finally:
             db.close()
 
-    def test_unpin_returns_the_connection_to_the_pool_and_rolls_back(
-        self, db: Database, dsn: str
-    ) -> None:
+    def test_unpin_returns_the_connection_to_the_pool_and_rolls_back(self, db: Database, dsn: str) -> None:
         db.execute("CREATE TABLE items (n int)")
         transaction = db.bridge.run(_pin_and_begin, db)
         db.execute("INSERT INTO items VALUES (1)")
