@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -133,6 +134,16 @@ def django_env(dsn: str) -> dict[str, str]:
     return {"LOOPBRIDGE_DSN": dsn, "DJANGO_SETTINGS_MODULE": SETTINGS}
 
 
+def no_backends_left(admin_dsn: str, application_name: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    while independent(admin_dsn, query, application_name)[0][0]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def kinds(dsn: str) -> list[tuple[str, int]]:
     rows = independent(dsn, "SELECT kind, count(*) FROM hits GROUP BY kind ORDER BY kind")
     return [(row[0], row[1]) for row in rows]
@@ -152,7 +163,9 @@ def hit_both(served: Served, count: int) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 class TestServers:
-    def test_asgi_under_uvicorn(self, django_env: dict[str, str], dsn: str) -> None:
+    def test_asgi_under_uvicorn(
+        self, django_env: dict[str, str], dsn: str, admin_dsn: str, schema: str
+    ) -> None:
         port = free_port()
         argv = python(
             "-m", "uvicorn", "tests.apps.djangoproject.asgi:application", "--host", "127.0.0.1",
@@ -167,8 +180,11 @@ class TestServers:
         assert all(body["loop"] is None for body in sync)  # the thread-sensitive executor
         assert all(body["loop"] and not body["bridge_loop_is_this_loop"] for body in asynchronous)
         assert kinds(dsn) == [("async", 20), ("sync", 20)]
+        assert no_backends_left(admin_dsn, schema)  # closed at exit, by every worker
 
-    def test_wsgi_under_gunicorn(self, django_env: dict[str, str], dsn: str) -> None:
+    def test_wsgi_under_gunicorn(
+        self, django_env: dict[str, str], dsn: str, admin_dsn: str, schema: str
+    ) -> None:
         port = free_port()
         argv = python(
             "-m", "gunicorn", "tests.apps.djangoproject.wsgi:application", "--bind", f"127.0.0.1:{port}",
@@ -180,3 +196,4 @@ class TestServers:
             assert "Traceback" not in served.output()
         assert all(body.get("bridge_loop_is_this_loop") in (None, False) for body in bodies)
         assert kinds(dsn) == [("async", 20), ("sync", 20)]
+        assert no_backends_left(admin_dsn, schema)  # closed at exit, by every worker
