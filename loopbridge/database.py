@@ -55,6 +55,8 @@ def _pass_through_options() -> frozenset[str]:
 
 
 _POOL_OPTIONS = _pass_through_options()
+# Database's own keywords, for "did you mean" when one is misspelled.
+_OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout"})
 
 
 class Database:
@@ -110,6 +112,7 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
         self._leased = 0  # connections held or being acquired through this Database
+        self._pinned: _Pin | None = None  # see _pin(): every call on one connection, for test fixtures
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -234,6 +237,8 @@ class Database:
         pool, opening = self._pool, self._opening
         self._pool = self._opening = None
         self._bridge._unregister(self)
+        if self._pinned is not None:  # give the pinned connection back first, or pool.close() waits for it
+            await self._unpin(timeout)
         if pool is None and opening is not None:  # closed while the pool was being created
             try:
                 pool = await asyncio.shield(opening)
@@ -248,8 +253,8 @@ class Database:
             pool.terminate()
 
     def _forget_after_fork(self) -> list[object]:
-        dropped: list[object] = [obj for obj in (self._pool, self._opening) if obj is not None]
-        self._pool = self._opening = None
+        dropped: list[object] = [obj for obj in (self._pool, self._opening, self._pinned) if obj is not None]
+        self._pool = self._opening = self._pinned = None
         self._leased = 0
         return dropped
 
@@ -315,6 +320,9 @@ class Database:
             raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
 
     async def _acquire(self) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
+        pinned = self._pinned
+        if pinned is not None and await self._enter_pin(pinned):
+            return pinned.pool, pinned.con
         pool = self._pool or await self._get_pool()
         if self._closed:
             raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
@@ -342,8 +350,122 @@ class Database:
         return con
 
     async def _release(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
+        pinned = self._pinned
+        if pinned is not None and con is pinned.con:  # not the pool's to take back: pass the turn on
+            if not pinned.leave():
+                return
+            self._pinned = None  # the last holder of a connection that _unpin gave up returns it
         self._leased -= 1
         await pool.release(con)  # asyncpg shields the release: cancellation cannot leak the connection
+
+    # -- pinning: every call on one connection, for test fixtures -----------------------------------
+    #
+    # A test wrapped in a transaction that is rolled back at its end needs the code under test, which
+    # uses the plain Database, to run on the connection holding that transaction. While pinned,
+    # _acquire() hands that one connection to one task at a time, and _release() passes the turn on
+    # instead of returning it to the pool. Everything that acquires through _acquire() follows, later
+    # transactions included: asyncpg makes a transaction begun on a connection already in one a
+    # savepoint. Private: loopbridge.contrib.pytest_plugin is the one user.
+
+    async def _pin(self) -> PoolConnectionProxy:
+        """From now on, until :meth:`_unpin`, every call uses one connection, taken from the pool now.
+
+        Calls take turns on it (an ``asyncio.Lock`` on the bridge loop). The task whose turn it is may
+        acquire again without waiting: ``db.arun(fn)`` whose *fn* awaits ``db.afetch(...)`` runs both on
+        the connection, in one task (``arun`` on the bridge loop is a plain await).
+
+        :raises RuntimeError: if the Database is already pinned.
+        """
+        self._check_not_pinned()
+        pool, con = await self._acquire()
+        try:
+            self._check_not_pinned()  # pinned by another task while we waited for the connection?
+        except RuntimeError:
+            await self._release(pool, con)
+            raise
+        self._pinned = _Pin(pool, con)
+        return con
+
+    def _check_not_pinned(self) -> None:
+        if self._pinned is not None:
+            raise RuntimeError(f"{self!r} is already pinned to a connection; unpin it first")
+
+    async def _unpin(self, timeout: float = 10.0) -> None:
+        """Wait for the call holding the pinned connection, if any, then return it to the pool (which
+        rolls back a transaction left open on it); calls waiting for a turn go to the pool instead.
+
+        After *timeout* seconds the connection is terminated: whatever holds it fails, the server rolls
+        its transaction back, and the holder returns it to the pool when it lets go. Safe to call twice.
+        """
+        pinned = self._pinned
+        if pinned is None or pinned.gone:
+            return
+        pinned.gone = True  # no new turns
+        try:
+            await asyncio.wait_for(pinned.lock.acquire(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning(
+                "%r: the pinned connection is still in use after %g s; terminating it", self, timeout
+            )
+            pinned.orphaned = True
+            pinned.con.terminate()
+            return
+        self._pinned = None
+        pinned.lock.release()  # wakes the callers waiting for a turn: they see `gone`
+        await self._release(pinned.pool, pinned.con)
+
+    async def _enter_pin(self, pinned: _Pin) -> bool:
+        """Take the pinned connection's turn; False if the Database is being unpinned."""
+        task = asyncio.current_task()
+        if task is not None and pinned.owner is task:  # re-entry by the task whose turn it is
+            pinned.depth += 1
+            return True
+        if pinned.gone:
+            return False
+        try:
+            await asyncio.wait_for(pinned.lock.acquire(), self._pool_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise PoolTimeoutError(
+                f"{self!r} is pinned to one connection (a test's rolled-back transaction) and another "
+                f"call held it for pool_timeout={self._pool_timeout:g} s. Calls on a pinned Database take "
+                "turns: do not start concurrent calls from inside one (asyncio.gather inside db.run)"
+            ) from None
+        return pinned.begin(task)
+
+
+class _Pin:
+    """The one connection a pinned Database uses, and whose turn it is (see ``Database._pin``)."""
+
+    __slots__ = ("con", "depth", "gone", "lock", "orphaned", "owner", "pool")
+
+    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
+        self.pool = pool
+        self.con = con
+        self.lock = asyncio.Lock()
+        self.owner: asyncio.Task[Any] | None = None
+        self.depth = 0  # acquisitions by the owner not yet released
+        self.gone = False  # being unpinned: no new turns, callers use the pool
+        self.orphaned = False  # _unpin gave up waiting: the last holder returns the connection
+
+    def begin(self, task: asyncio.Task[Any] | None) -> bool:
+        """With the lock just acquired: start *task*'s turn, or (if being unpinned) give the lock back
+        and return False."""
+        if self.gone:
+            self.lock.release()
+            return False
+        self.owner, self.depth = task, 1
+        return True
+
+    def leave(self) -> bool:
+        """End one acquisition; True if the caller must now return the connection to the pool."""
+        # Not checked against the current task: a lease may end in another call than it began in (a
+        # transaction held across calls), so turns are counted rather than owned.
+        self.depth -= 1
+        if self.depth > 0:
+            return False
+        self.owner = None
+        self.lock.release()
+        return self.orphaned
 
 
 class _Lease:
@@ -427,7 +549,7 @@ def _check_options(options: dict[str, Any]) -> None:
                 else f"pass {name!r} as a keyword of Database itself"
             )
         if name not in _POOL_OPTIONS:
-            close = difflib.get_close_matches(name, _POOL_OPTIONS, n=1)
+            close = difflib.get_close_matches(name, _POOL_OPTIONS | _OWN_OPTIONS, n=1)
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigurationError(
                 f"unknown pool option {name!r}: Database passes options to asyncpg.create_pool and "

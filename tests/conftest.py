@@ -18,6 +18,9 @@ from loopbridge._servers import NoServerError, Server, find_test_server
 from tests.pgcluster import PrivateCluster
 from tests.support import CALLER_KINDS, Caller, independent, with_query
 
+# pytester runs the pytest plugin in a project of its own (tests/test_pytest_plugin.py).
+pytest_plugins = ["pytester"]
+
 _server_key = pytest.StashKey[Server]()
 _counter = itertools.count()
 
@@ -48,6 +51,12 @@ def server(pytestconfig: pytest.Config) -> Server:
 def admin_dsn(server: Server) -> str:
     """The server's DSN, for a role that may create schemas and databases."""
     return server.dsn
+
+
+@pytest.fixture(scope="session")
+def loopbridge_dsn(admin_dsn: str) -> str:
+    """The pytest plugin's fixtures use the server this suite found."""
+    return admin_dsn
 
 
 @pytest.fixture
