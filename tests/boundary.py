@@ -34,6 +34,7 @@ from tests.support import WAIT, independent
 T = TypeVar("T")
 
 _STOP = object()
+_EXHAUSTED = object()
 
 
 class Driver:
@@ -124,13 +125,19 @@ class Driver:
     def next(self, iterator: Any) -> Any:
         """``next(it)`` / ``await it.__anext__()``; raises StopIteration at the end for both."""
 
-        async def anext() -> Any:
+        def sync() -> Any:
+            return next(iterator, _EXHAUSTED)
+
+        async def async_() -> Any:
             try:
                 return await iterator.__anext__()
-            except StopAsyncIteration:
-                raise StopIteration from None
+            except StopAsyncIteration:  # a coroutine may not raise StopIteration (PEP 479)
+                return _EXHAUSTED
 
-        return self.do(lambda: next(iterator), anext)
+        item = self.do(sync, async_)
+        if item is _EXHAUSTED:
+            raise StopIteration
+        return item
 
     def drain(self, iterable: Any) -> list[Any]:
         """``list(it)`` / ``[x async for x in it]``."""
