@@ -199,16 +199,20 @@ def sessions(admin_dsn: str, application_name: str, state: str | None = None) ->
     return count
 
 
-def terminate(admin_dsn: str, application_name: str, state: str | None = None) -> list[int]:
-    """pg_terminate_backend the test's sessions (in *state*); returns their pids once they are gone."""
+def terminate(admin_dsn: str, application_name: str, state: str | None = None, query: str = "%") -> list[int]:
+    """pg_terminate_backend the test's sessions (in *state*, last query LIKE *query*); returns their pids
+    once they are gone."""
     rows = independent(
         admin_dsn,
         "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE application_name = $1 AND ($2::text IS NULL OR state = $2) AND pid <> pg_backend_pid()",
+        "WHERE application_name = $1 AND ($2::text IS NULL OR state = $2) AND query LIKE $3 "
+        "AND pid <> pg_backend_pid()",
         application_name,
         state,
+        query,
     )
     pids = [row[0] for row in rows]
+    assert pids, f"no session of {application_name} to terminate (state {state}, query {query})"
     wait_until(
         lambda: not independent(admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids),
         what=f"backends {pids} gone",
