@@ -362,8 +362,10 @@ class _Job:
         return result
 
     def _abort(self, error: BaseException) -> None:
+        # First make the COPY fail (a reader that saw a plain end would complete it and keep half the
+        # data), then wait for it to be gone.
         if self.pipe is not None:
-            self.pipe.close()
+            self.pipe.close(_CallerFailed(f"{self.label}: the caller's side failed: {error!r}"))
         if isinstance(error, Exception):  # wait, so that the connection is back when the error is seen
             self.bridge._run(self._cancel, (), None, None, self.label)
         else:  # Ctrl-C: do not make an interrupted caller wait again
@@ -410,7 +412,7 @@ class _Job:
 
     async def _aabort(self, error: BaseException) -> None:
         if self.pipe is not None:
-            self.pipe.close()
+            self.pipe.close(_CallerFailed(f"{self.label}: the caller's side failed: {error!r}"))
         if isinstance(error, Exception):
             await self.bridge._arun(self._cancel, (), None, None, self.label)
         else:  # the awaiting task was cancelled: it must not wait again
@@ -457,6 +459,10 @@ class _Job:
 
     async def _abandon_on_bridge(self, why: str) -> None:
         await self._cancel()
+
+
+class _CallerFailed(Exception):
+    """Raised into a COPY FROM on the bridge loop when the caller's side failed: the COPY must fail."""
 
 
 # -- the caller's side: reading sources, writing outputs --------------------------------------------
