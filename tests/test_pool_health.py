@@ -162,19 +162,19 @@ def ssl_cluster(cluster: PrivateCluster) -> Iterator[PrivateCluster]:
     admin = cluster.dsn()
     for setting, value in (("ssl_cert_file", str(cert)), ("ssl_key_file", str(key)), ("ssl", "on")):
         # ALTER SYSTEM takes no parameters: let the server quote the value.
-        statement = independent(
+        quoted = independent(
             admin, "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)", setting, value
         )
-        independent(admin, statement[0][0])
+        independent(admin, quoted[0][0])
     independent(admin, "SELECT pg_reload_conf()")
     wait_until(lambda: independent(admin, "SHOW ssl")[0][0] == "on", what="TLS on")
     yield cluster
-    for statement in (
+    for reset in (
         "ALTER SYSTEM RESET ssl",
         "ALTER SYSTEM RESET ssl_cert_file",
         "ALTER SYSTEM RESET ssl_key_file",
     ):
-        independent(admin, statement)
+        independent(admin, reset)
     independent(admin, "SELECT pg_reload_conf()")
     wait_until(lambda: independent(admin, "SHOW ssl")[0][0] == "off", what="TLS off")
 
