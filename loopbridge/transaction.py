@@ -374,12 +374,15 @@ class _Core:
                         if commit:
                             raise
                         return
-                    self._ended("rolled back", "its COMMIT failed, and the server rolled it back")
+                    if commit:
+                        self._ended("rolled back", "its COMMIT failed, and the server rolled it back")
+                    else:
+                        self._ended("lost", "its ROLLBACK failed; the connection is discarded")
                     raise
                 if commit:
                     self._ended("committed", "it was committed")
-                elif self.state == "active":
-                    self._ended("rolled back", f"it was rolled back after {_describe(error)}")
+                else:
+                    self._ended("rolled back", f"it was rolled back after {type(error).__name__}")
         finally:
             await self._let_go()
 
@@ -412,6 +415,10 @@ class _Core:
             self.finalizer.detach()
         pin = self.pin
         assert pin is not None
+        if self.state == "lost" and not pin.check_lost():
+            # Its ROLLBACK failed or was interrupted: the session's state is unknown, so it must not go
+            # back into the pool as it is (closing it ends the transaction on the server).
+            pin.con.terminate()
         try:
             await self.db._release(pin.pool, pin.con)
         except Exception as exc:  # a pool closed meanwhile; asyncpg has discarded the connection
@@ -420,10 +427,6 @@ class _Core:
 
 class _Abandoned(Exception):
     """The reason handed to end() when a transaction is rolled back for an owner that went away."""
-
-
-def _describe(error: BaseException | None) -> str:
-    return "an exception" if error is None else f"{type(error).__name__}"
 
 
 def _lost_message(kind: str, *, committing: bool = False) -> str:
