@@ -322,7 +322,7 @@ class TestOut:
         self, db: Database, driver: Driver, admin_dsn: str, schema: str
     ) -> None:
         with pytest.raises(CallTimeoutError, match="nothing of it was kept"):
-            driver.call(db, "copy_from_query", "SELECT pg_sleep(30)", output=io.BytesIO(), timeout=0.3)
+            driver.call(db, "copy_from_query", "SELECT pg_sleep(60)", output=io.BytesIO(), timeout=0.3)
         settled(db, admin_dsn, schema)
 
 

@@ -190,7 +190,7 @@ class TestStoppingEarly:
     def test_a_timeout_waiting_for_rows_closes_the_stream(
         self, db: Database, driver: Driver, admin_dsn: str, schema: str
     ) -> None:
-        stream = db.iterate("SELECT pg_sleep(30)", timeout=0.3)
+        stream = db.iterate("SELECT pg_sleep(60)", timeout=0.3)
         with pytest.raises(CallTimeoutError):
             driver.next(stream)
         settled(db, admin_dsn, schema)
@@ -201,7 +201,7 @@ class TestStoppingEarly:
     ) -> None:
         async def main() -> None:
             async def consume() -> None:
-                async for _ in db.aiterate("SELECT pg_sleep(30)"):
+                async for _ in db.aiterate("SELECT pg_sleep(60)"):
                     pass
 
             task = asyncio.create_task(consume())
@@ -224,7 +224,7 @@ class TestStoppingEarly:
             main = threading.main_thread().ident
             threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
             try:
-                for row in db.iterate("SELECT pg_sleep(30)"):
+                for row in db.iterate("SELECT pg_sleep(60)"):
                     pass
             except KeyboardInterrupt:
                 print("interrupted")

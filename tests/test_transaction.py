@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ from loopbridge import (
     Transaction,
     TransactionClosedError,
 )
+from loopbridge._twins import twin_contexts
 from tests.boundary import Driver, sessions, settled, terminate, wait_until
 from tests.support import WAIT, independent, run_loop, run_script
 
@@ -242,7 +244,7 @@ class TestAbandoned:
         def block() -> None:
             with driver.block(db.transaction()) as tx:
                 driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
-                driver.call(tx, "execute", "SELECT pg_sleep(30)", timeout=0.3)
+                driver.call(tx, "execute", "SELECT pg_sleep(60)", timeout=0.3)
 
         with pytest.raises(CallTimeoutError):
             block()
@@ -289,7 +291,7 @@ class TestAbandoned:
                     else:
                         await asyncio.sleep(30)  # the caller's own await, between statements
 
-            for statement in ("SELECT pg_sleep(30)", ""):
+            for statement in ("SELECT pg_sleep(60)", ""):
                 entered.clear()
                 task = asyncio.create_task(work(statement))
                 await asyncio.wait_for(entered.wait(), WAIT)
@@ -339,7 +341,7 @@ class TestAbandoned:
                         if where == "between statements":
                             time.sleep(30)
                         else:
-                            tx.execute("SELECT pg_sleep(30)")
+                            tx.execute("SELECT pg_sleep(60)")
                 except KeyboardInterrupt:
                     print(where, "interrupted;", "state:", tx.state, "in use:", db.stats().in_use)
             print("rows:", db.fetchval("SELECT count(*) FROM ctrl_c"))
@@ -399,7 +401,7 @@ class TestLostConnection:
         def run() -> None:
             try:
                 with db.transaction() as tx:
-                    tx.execute("SELECT pg_sleep(30)")
+                    tx.execute("SELECT pg_sleep(60)")
             except BaseException as exc:
                 errors.append(exc)
 
@@ -412,3 +414,55 @@ class TestLostConnection:
         assert isinstance(errors[0], (asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError))
         settled(db, admin_dsn, schema)
         assert db.fetchval("SELECT 1") == 1
+
+
+class TestTwinContexts:
+    """loopbridge._twins.twin_contexts, which gives Transaction (and streams, subscriptions) their four
+    context-manager methods."""
+
+    class Held:
+        def __init__(self, bridge: Bridge) -> None:
+            self.bridge = bridge
+            self.log: list[str] = []
+
+        async def _open(self, owner: Any) -> str:
+            self.log.append("open")
+            return "held"
+
+        async def _close(self, error: BaseException | None) -> None:
+            await asyncio.sleep(0.05)
+            self.log.append(f"close {type(error).__name__}")
+
+        __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_open, _close)
+
+    def test_entering_that_fails_on_the_callers_side_still_closes_on_the_bridge(self) -> None:
+        # The bridge side opened, but the caller was cancelled before it could receive the result: no
+        # block will ever exit, so the exit runs anyway.
+        with Bridge("twin-contexts") as bridge:
+            held = self.Held(bridge)
+
+            async def main() -> None:
+                task = asyncio.create_task(held.__aenter__())
+                await asyncio.sleep(0)  # the call is on its way
+                time.sleep(0.3)  # noqa: ASYNC251  # on purpose: busy while the bridge opens and answers
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            run_loop(main)
+            wait_until(lambda: held.log == ["open", "close CancelledError"])
+
+    def test_the_exit_runs_to_completion_even_when_the_caller_stops_waiting(self) -> None:
+        with Bridge("twin-contexts") as bridge:
+            held = self.Held(bridge)
+
+            async def main() -> None:
+                await held.__aenter__()
+                task = asyncio.create_task(held.__aexit__(None, None, None))
+                await asyncio.sleep(0.01)  # the exit is running on the bridge (it takes 50 ms)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            run_loop(main)
+            wait_until(lambda: held.log == ["open", "close NoneType"])
