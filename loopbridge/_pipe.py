@@ -53,10 +53,11 @@ class Pipe(Generic[T]):
     Create it on the bridge loop.
     """
 
-    __slots__ = ("_queue", "error", "label")
+    __slots__ = ("_ended", "_queue", "error", "label")
 
     def __init__(self, maxsize: int, label: str) -> None:
         self._queue: janus.Queue[T] = janus.Queue(maxsize)
+        self._ended = False
         self.error: BaseException | None = None
         self.label = label
 
@@ -70,7 +71,7 @@ class Pipe(Generic[T]):
     @property
     def ended(self) -> bool:
         """True once finished or closed (items may still be queued for the reader)."""
-        return self._queue._is_shutdown  # janus exposes no public "is shut down" that ignores pending tasks
+        return self._ended
 
     def qsize(self) -> int:
         return self._queue.sync_q.qsize()
@@ -114,7 +115,8 @@ class Pipe(Generic[T]):
 
     def finish(self, error: BaseException | None = None) -> None:
         """From any thread: no more items; the reader gets the queued ones, then END (or *error*)."""
-        if not self.ended:
+        if not self._ended:
+            self._ended = True
             self.error = error
             self._queue.shutdown()
 
@@ -151,7 +153,8 @@ class Pipe(Generic[T]):
     def close(self, error: BaseException | None = None) -> None:
         """From any thread: end the pipe now. Queued items are dropped, the writer's next put raises
         :class:`PipeClosed`, and a reader still reading gets *error* (or END)."""
-        if not self.ended:
+        if not self._ended:
+            self._ended = True
             self.error = error
             self._queue.shutdown(immediate=True)
 

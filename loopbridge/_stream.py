@@ -348,7 +348,13 @@ class _Core:
         # Closing the Database terminates the connections still in use after its timeout: say so,
         # rather than leave the reader with a bare "connection is closed".
         assert self.transaction is not None
-        broken = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, TransactionClosedError, OSError)
+        broken = (
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+            OSError,
+            TransactionClosedError,
+            DatabaseClosedError,
+        )
         if self.transaction._core.db.closed and isinstance(exc, broken):
             error = DatabaseClosedError(
                 f"{self.label} stopped: its Database was closed while rows were being read"

@@ -275,6 +275,8 @@ class _Core:
             for channel in self.channels:
                 await con.add_listener(channel, self._on_notification)  # asyncpg quotes the name
             con.add_termination_listener(self._on_lost)
+            if _gone(con):  # lost during the LISTENs: the termination listener came too late
+                raise ConnectionError("the connection was lost while LISTENing")
         except BaseException:
             await self.db._release(pool, con)
             raise
@@ -401,6 +403,13 @@ class _Core:
                 f"{self!r} ended because its Database was closed; notifications received before are delivered"
             )
         await self.aclose(error)
+
+
+def _gone(con: PoolConnectionProxy) -> bool:
+    try:
+        return con.is_closed()
+    except asyncpg.InterfaceError:  # asyncpg hands a connection that closed back to its pool at once
+        return True
 
 
 def _closed_message(sub: Subscription) -> str:

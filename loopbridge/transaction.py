@@ -41,7 +41,7 @@ from ._copy import CopyMethods
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._stream import StreamMethods
 from ._twins import twin_contexts, twins
-from .errors import ConfigurationError, TransactionClosedError
+from .errors import ConfigurationError, DatabaseClosedError, TransactionClosedError
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -312,7 +312,7 @@ class _Core:
                 )
             raise TransactionClosedError(f"this {self.kind} has ended: {self.why}")
         if self.pin is not None and self.pin.lost:
-            raise TransactionClosedError(_lost_message(self.kind))
+            raise self._gone()
 
     @contextlib.asynccontextmanager
     async def statement(self) -> AsyncIterator[PoolConnectionProxy]:
@@ -323,12 +323,22 @@ class _Core:
         async with pin.lock:
             self.check_usable()  # it may have ended while we waited
             if pin.check_lost():
-                raise TransactionClosedError(_lost_message(self.kind))
+                raise self._gone()
             try:
                 yield pin.con
             except BaseException:
                 pin.check_lost()  # the error itself (asyncpg's) reaches the caller unchanged
                 raise
+
+    def _gone(self, *, committing: bool = False) -> Exception:
+        """The error for a transaction whose connection is gone: closing the Database ends connections
+        still in use after its timeout, and then that is the reason to give."""
+        if self.db.closed:
+            return DatabaseClosedError(
+                f"this {self.kind} was open when its Database was closed, and its connection was ended: "
+                "the server rolled it back. Nothing it did was committed"
+            )
+        return TransactionClosedError(_lost_message(self.kind, committing=committing))
 
     def add_dependent(self, dependent: Dependent) -> None:
         self.check_usable()
@@ -359,7 +369,7 @@ class _Core:
                 if pin.check_lost():
                     self._ended("lost", "its connection was lost; the server rolled it back")
                     if commit:
-                        raise TransactionClosedError(_lost_message(self.kind, committing=True))
+                        raise self._gone(committing=True)
                     return
                 try:
                     if commit:

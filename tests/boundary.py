@@ -221,8 +221,14 @@ def terminate(admin_dsn: str, application_name: str, state: str | None = None, q
 
 
 def settled(db: Database, admin_dsn: str, application_name: str) -> None:
-    """Wait until nothing is held: no connection in use, none idle in transaction on the server."""
-    wait_until(lambda: db.stats().in_use == 0, what="every connection back in the pool")
+    """Wait until nothing is held: no connection in use (every open one idle in the pool), none idle in
+    transaction on the server."""
+
+    def free() -> bool:
+        stats = db.stats()
+        return stats.in_use == 0 and stats.idle == stats.size
+
+    wait_until(free, what="every connection back in the pool")
     wait_until(
         lambda: sessions(admin_dsn, application_name, "idle in transaction") == 0,
         what="no session idle in transaction",

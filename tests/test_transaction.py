@@ -17,6 +17,7 @@ from loopbridge import (
     CallTimeoutError,
     ConfigurationError,
     Database,
+    DatabaseClosedError,
     DeadlockError,
     PoolTimeoutError,
     Transaction,
@@ -392,6 +393,23 @@ class TestLostConnection:
         settled(db, admin_dsn, schema)
         assert names(dsn) == []
         assert driver.call(db, "fetchval", "SELECT 1") == 1  # the pool replaced the connection
+
+    def test_closing_the_database_under_an_open_transaction_says_so(
+        self, dsn: str, bridge: Bridge, table: str, driver: Driver
+    ) -> None:
+        db = Database(dsn, bridge=bridge)
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                db.close(timeout=0.2)  # the transaction does not end within 0.2 s: its connection is ended
+                with pytest.raises(DatabaseClosedError, match="was open when its Database was closed"):
+                    driver.call(tx, "execute", "INSERT INTO items VALUES (2, 'two')")
+
+        with pytest.raises(DatabaseClosedError, match="Nothing it did was committed"):
+            block()  # the commit at the end of the block
+        assert names(dsn) == []
 
     def test_a_statement_running_when_the_backend_dies_raises_asyncpgs_error(
         self, db: Database, schema: str, admin_dsn: str
