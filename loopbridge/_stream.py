@@ -26,6 +26,7 @@ connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -160,7 +161,11 @@ class RowStream:
             raise StopIteration
         try:
             batch = self._core.pipe.receive(self._timeout)
-        except BaseException as exc:
+        except Exception:  # from the server, or a timeout: the stream is over, and closed on return
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+        except BaseException as exc:  # Ctrl-C: do not make an interrupted caller wait again
             self._broken(exc)
             raise
         if isinstance(batch, End):
@@ -192,7 +197,11 @@ class RowStream:
             raise StopAsyncIteration
         try:
             batch = await self._core.pipe.areceive(self.bridge, self._timeout)
-        except BaseException as exc:
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.aclose()
+            raise
+        except BaseException as exc:  # a cancelled task must not wait again
             self._broken(exc)
             raise
         if isinstance(batch, End):
@@ -223,9 +232,7 @@ class RowStream:
     __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_open, _close)
 
     def _broken(self, error: BaseException) -> None:
-        # The wait for a batch failed. An error from the server or from closing ends the stream on the
-        # bridge side already; a timeout, Ctrl-C or a cancelled task leave the producer there: stop it,
-        # without making an interrupted caller wait again.
+        # The wait for a batch was interrupted: stop the producer without waiting for it.
         self._batch, self._state = [], "done"
         abandon_soon(self.bridge, self._core, f"{type(error).__name__} while waiting for rows")
 

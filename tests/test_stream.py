@@ -193,6 +193,7 @@ class TestStoppingEarly:
         stream = db.iterate("SELECT pg_sleep(60)", timeout=0.3)
         with pytest.raises(CallTimeoutError):
             driver.next(stream)
+        assert db.stats().in_use == 0  # closed before the error was raised
         settled(db, admin_dsn, schema)
         assert sessions(admin_dsn, schema, "active") == 0
 
