@@ -219,9 +219,11 @@ class RowStream:
     # -- both ---------------------------------------------------------------------------------------
 
     async def _open(self, owner: Owner) -> RowStream:
-        """Declare the cursor (beginning the stream's own transaction first) and start the producer."""
-        self._state = "open"
-        await self._core.open(self, owner)
+        """Declare the cursor (beginning the stream's own transaction first) and start the producer.
+        Once: entering a stream already started (or closed) just returns it."""
+        if self._state == "new":
+            self._state = "open"
+            await self._core.open(self, owner)
         return self
 
     async def _close(self, error: BaseException | None) -> None:
@@ -280,8 +282,7 @@ class _Core:
         self.finalizer: Finalizer | None = None
 
     async def open(self, handle: RowStream, owner: Owner) -> None:
-        if self.opened or self.closing:
-            raise RuntimeError(f"{self.label}: a stream is iterated once; call iterate() again for a new one")
+        assert not self.opened, "a stream opens once"
         self.opened = True
         transaction, owned = self.source._streaming_transaction()
         self.transaction, self.owns_transaction = transaction, owned

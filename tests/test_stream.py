@@ -128,6 +128,9 @@ class TestStoppingEarly:
             assert driver.next(rows)[0] == 1
         assert db.stats().in_use == 0
         settled(db, admin_dsn, schema)
+        # Entering it again is harmless: it stays closed.
+        with driver.block(rows) as again, pytest.raises(StopIteration):
+            driver.next(again)
 
     def test_breaking_out_of_the_loop_returns_the_connection(
         self, db: Database, driver: Driver, admin_dsn: str, schema: str
