@@ -36,7 +36,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ._owner import abandon_soon
 from ._pipe import End, Pipe, PipeClosed
-from .errors import CallTimeoutError
+from .errors import CallTimeoutError, LoopBridgeError
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -367,7 +367,8 @@ class _Job:
         if self.pipe is not None:
             self.pipe.close(_CallerFailed(f"{self.label}: the caller's side failed: {error!r}"))
         if isinstance(error, Exception):  # wait, so that the connection is back when the error is seen
-            self.bridge._run(self._cancel, (), None, None, self.label)
+            with contextlib.suppress(LoopBridgeError):  # the bridge closed: that ended the COPY too
+                self.bridge._run(self._cancel, (), None, None, self.label)
         else:  # Ctrl-C: do not make an interrupted caller wait again
             abandon_soon(self.bridge, self, "interrupted")
 
@@ -414,7 +415,8 @@ class _Job:
         if self.pipe is not None:
             self.pipe.close(_CallerFailed(f"{self.label}: the caller's side failed: {error!r}"))
         if isinstance(error, Exception):
-            await self.bridge._arun(self._cancel, (), None, None, self.label)
+            with contextlib.suppress(LoopBridgeError):
+                await self.bridge._arun(self._cancel, (), None, None, self.label)
         else:  # the awaiting task was cancelled: it must not wait again
             abandon_soon(self.bridge, self, "cancelled")
 
@@ -423,6 +425,7 @@ class _Job:
     async def _start(self, work: Work, direction: Direction) -> None:
         self.pipe = Pipe(PIPE_CHUNKS, self.label)
         self.task = asyncio.get_running_loop().create_task(self._copy(work, self.pipe, direction))
+        self.task.add_done_callback(_retrieve)
 
     async def _copy(self, work: Work, pipe: Pipe[Any], direction: Direction) -> str:
         try:
@@ -454,11 +457,16 @@ class _Job:
         if task is not None:
             task.cancel()
             await asyncio.wait((task,))
-            if not task.cancelled():
-                task.exception()  # retrieved: the caller is raising its own error
 
     async def _abandon_on_bridge(self, why: str) -> None:
         await self._cancel()
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    # A caller that stopped waiting (it raises its own error) never collects the COPY's: keep asyncio
+    # from logging it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 class _CallerFailed(Exception):
