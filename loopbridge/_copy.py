@@ -89,6 +89,9 @@ class CopyMethods:
         A list or tuple crosses as it is. Any other iterable (a generator, a cursor of another
         database) is read here, in the calling thread, and sent across in chunks: it is never run on
         the bridge loop, and only a few chunks are in memory at once.
+
+        :raises CallTimeoutError: if *timeout* expired; nothing was copied.
+        :raises: what iterating *records* raised, or asyncpg's error; either way nothing was copied.
         """
         job = _Job(self, "copy_records_to_table", timeout)
         work = functools.partial(_records_in, table_name, columns, schema_name, where)
@@ -138,6 +141,10 @@ class CopyMethods:
         The file is read here, in the calling thread, in chunks of :data:`CHUNK_SIZE` bytes.
         *options* are COPY's (``format='csv'``, ``header=True``, ``delimiter``, ``null``, ``where``,
         ...), as asyncpg's ``copy_to_table`` takes them.
+
+        :raises TypeError: if *source* is none of those (or an async file, which needs the async twin).
+        :raises CallTimeoutError: if *timeout* expired; nothing was copied.
+        :raises: what reading *source* raised, or asyncpg's error; either way nothing was copied.
         """
         job = _Job(self, "copy_to_table", timeout)
         work = functools.partial(_bytes_in, table_name, columns, schema_name, options)
@@ -179,6 +186,10 @@ class CopyMethods:
         The output is written here, in the calling thread, chunk by chunk as the server sends them;
         the server waits while the writing lags. *options* are COPY's (``format='csv'``,
         ``header=True``, ...).
+
+        :raises TypeError: if *output* is none of those, or is a text file for ``format='binary'``.
+        :raises CallTimeoutError: if *timeout* expired (the output holds what arrived before).
+        :raises: what writing to *output* raised, or asyncpg's error.
         """
         job = _Job(self, "copy_from_query", timeout)
         work = functools.partial(_query_out, query, args, options)
