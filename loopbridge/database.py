@@ -19,7 +19,10 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
+from ._loop import Resource
+from ._stream import StreamMethods
 from ._twins import twins
 from .bridge import Bridge, default_bridge
 from .errors import (
@@ -29,6 +32,9 @@ from .errors import (
     DatabaseClosedError,
     PoolTimeoutError,
 )
+from .listen import DEFAULT_QUEUE_SIZE, Subscription
+from .stats import DatabaseStats
+from .transaction import Transaction
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -59,7 +65,7 @@ _POOL_OPTIONS = _pass_through_options()
 _OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout"})
 
 
-class Database:
+class Database(CopyMethods, StreamMethods):
     """A PostgreSQL connection pool on a bridge, for sync and async callers alike.
 
     ::
@@ -69,7 +75,10 @@ class Database:
         rows = await db.afetch("SELECT * FROM users WHERE id = $1", 42)   # async code, any loop
 
     The pool is created on the bridge loop on first use (or by :meth:`open`); results are asyncpg's own
-    ``Record`` objects; asyncpg's exceptions reach the caller unchanged.
+    ``Record`` objects; asyncpg's exceptions reach the caller unchanged. Beyond single statements:
+    :meth:`transaction`, streaming with :meth:`iterate`, COPY (:meth:`copy_records_to_table`,
+    :meth:`copy_to_table`, :meth:`copy_from_query`, :meth:`copy_from_table`), :meth:`listen` and
+    :meth:`stats`.
 
     :param dsn: ``postgresql://user:password@host:port/dbname`` (asyncpg's URL syntax, multi-host and
         query options included). Default: ``$LOOPBRIDGE_DSN``, then ``$DATABASE_URL``.
@@ -113,6 +122,8 @@ class Database:
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
         self._leased = 0  # connections held or being acquired through this Database
         self._pinned: _Pin | None = None  # see _pin(): every call on one connection, for test fixtures
+        # LISTEN subscriptions hold a connection until closed, so closing the Database ends them first.
+        self._subscriptions: set[Resource] = set()
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -199,6 +210,73 @@ class Database:
     run, arun = twins(_run)
     open, aopen = twins(_open)
 
+    # -- beyond single statements: transactions, LISTEN, stats (streams and COPY: the mixins) --------
+
+    def transaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+    ) -> Transaction:
+        """A transaction for a ``with`` block: ``with db.transaction() as tx: tx.execute(...)``.
+
+        It pins one connection on the bridge loop for the block, commits when the block ends normally
+        and rolls back when it raises. See :class:`~loopbridge.Transaction`.
+
+        :param isolation: ``'read_committed'``, ``'repeatable_read'``, ``'serializable'`` (or
+            ``'read_uncommitted'``); None: the server's default.
+        :raises ConfigurationError: for an unknown isolation level.
+        """
+        return Transaction(self, isolation=isolation, readonly=readonly, deferrable=deferrable)
+
+    def atransaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+    ) -> Transaction:
+        """:meth:`transaction`, named for async code: ``async with db.atransaction() as tx:``, on any loop."""
+        return Transaction(self, isolation=isolation, readonly=readonly, deferrable=deferrable)
+
+    def listen(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """LISTEN on *channels*; returns once LISTEN is in effect. See :class:`~loopbridge.Subscription`.
+
+        :param queue_size: notifications held for a consumer that is behind; beyond it they are
+            dropped, and a :class:`~loopbridge.Gap` marks where.
+        :raises ConfigurationError: for no channel, or a bad *queue_size*.
+        :raises ConnectError: if no connection could be made.
+        """
+        subscription = Subscription(self, channels, queue_size)
+        subscription.__enter__()
+        return subscription
+
+    def alisten(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """LISTEN for async code: ``async with db.alisten("jobs") as sub:`` (or ``async for``), on any
+        loop. LISTEN begins when the block is entered (or at the first item asked for)."""
+        return Subscription(self, channels, queue_size)
+
+    def stats(self) -> DatabaseStats:
+        """Pool and call figures, and the bridge loop's lag, now. Never blocks."""
+        pool = self._pool
+        size = pool.get_size() if pool is not None else 0
+        idle = pool.get_idle_size() if pool is not None else 0
+        leased = self._leased
+        waiting = max(0, leased - self._max_size)
+        bridge = self._bridge.stats()
+        return DatabaseStats(
+            max_size=self._max_size,
+            size=size,
+            idle=idle,
+            in_use=leased - waiting,
+            waiting=waiting,
+            calls_submitted=bridge.calls_started,
+            calls_completed=bridge.calls_succeeded + bridge.calls_failed,
+            calls_failed=bridge.calls_failed,
+            calls_in_flight=bridge.calls_in_flight,
+            loop_lag=bridge.loop_lag,
+            max_loop_lag=bridge.max_loop_lag,
+        )
+
+    def _lease(self) -> _Lease:
+        return _Lease(self)
+
+    def _streaming_transaction(self) -> tuple[Transaction, bool]:
+        return Transaction(self), True
+
     # -- closing ------------------------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
@@ -237,6 +315,8 @@ class Database:
         pool, opening = self._pool, self._opening
         self._pool = self._opening = None
         self._bridge._unregister(self)
+        for subscription in list(self._subscriptions):  # they never end on their own
+            await subscription._aclose_on_bridge(timeout)
         if self._pinned is not None:  # give the pinned connection back first, or pool.close() waits for it
             await self._unpin(timeout)
         if pool is None and opening is not None:  # closed while the pool was being created
@@ -254,7 +334,10 @@ class Database:
 
     def _forget_after_fork(self) -> list[object]:
         dropped: list[object] = [obj for obj in (self._pool, self._opening, self._pinned) if obj is not None]
+        for subscription in self._subscriptions:
+            dropped.extend(subscription._forget_after_fork())
         self._pool = self._opening = self._pinned = None
+        self._subscriptions = set()
         self._leased = 0
         return dropped
 

@@ -15,6 +15,7 @@ import pytest
 
 from loopbridge import Bridge, Database
 from loopbridge._servers import NoServerError, Server, find_test_server
+from tests.boundary import Driver
 from tests.pgcluster import PrivateCluster
 from tests.support import CALLER_KINDS, Caller, independent, with_query
 
@@ -92,6 +93,14 @@ def db(dsn: str, bridge: Bridge) -> Iterator[Database]:
 def caller(request: pytest.FixtureRequest) -> Caller:
     """Each test using it runs once per kind of caller (see tests.support.Caller)."""
     return Caller(request.param)
+
+
+@pytest.fixture(params=CALLER_KINDS)
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    """One kind of caller kept alive across several operations (see tests.boundary.Driver)."""
+    worker = Driver(request.param)
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(scope="session")

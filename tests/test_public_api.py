@@ -37,6 +37,8 @@ def test_every_public_class_and_function_is_exported() -> None:
         (errors.PoolTimeoutError, TimeoutError),
         (errors.ConnectError, ConnectionError),
         (errors.ConfigurationError, ValueError),
+        (errors.TransactionClosedError, RuntimeError),
+        (errors.SubscriptionClosedError, RuntimeError),
     ],
 )
 def test_each_error_is_a_loopbridge_error_and_a_builtin(
