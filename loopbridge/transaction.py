@@ -202,15 +202,38 @@ class Transaction(CopyMethods, StreamMethods):
 class _Pin:
     """A pooled connection held on the bridge loop for a transaction and its savepoints."""
 
-    __slots__ = ("con", "lock", "lost", "pool")
+    __slots__ = ("con", "lock", "lost", "pool", "shared_by")
 
-    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
+    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy, shared_by: Database | None) -> None:
         self.pool = pool
         self.con = con
         # One statement at a time: asyncpg refuses concurrent operations on a connection, and a caller
         # may share the transaction between tasks or threads.
         self.lock = asyncio.Lock()
         self.lost = False
+        # Set when the connection is a pinned Database's (a test inside a rolled-back transaction, see
+        # Database._pin): every plain call on that Database shares it.
+        self.shared_by = shared_by
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """The connection to ourselves for one step (a statement, BEGIN, COMMIT)."""
+        db = self.shared_by
+        if db is None:
+            async with self.lock:
+                yield
+            return
+        # A pinned Database's connection takes turns between this transaction and the plain calls on
+        # that Database. Take the turn for each step, not for the whole block: code under test that
+        # calls the plain Database inside the block must not wait for the block to end (it would,
+        # until PoolTimeoutError). Its statements run inside the transaction then, on the same session.
+        pool, con = await db._acquire()
+        try:
+            if con is not self.con:  # the Database was unpinned meanwhile: our connection is gone
+                self.lost = True
+            yield
+        finally:
+            await db._release(pool, con)
 
     def check_lost(self) -> bool:
         """True (and remembered) once the connection is gone. asyncpg hands a connection that closed
@@ -279,7 +302,7 @@ class _Core:
             parent.check_usable()
             pin = parent.pin
             assert pin is not None
-            async with pin.lock:
+            async with pin.turn():
                 parent.check_usable()
                 xact = pin.con.transaction()
                 await xact.start()
@@ -287,6 +310,8 @@ class _Core:
             parent.dependents.append(self)
             return
         pool, con = await self.db._acquire()
+        pinned = self.db._pinned
+        shared_by = self.db if pinned is not None and con is pinned.con else None
         try:
             xact = con.transaction(
                 isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
@@ -295,9 +320,13 @@ class _Core:
             )
             await xact.start()
         except BaseException:
-            await self.db._release(pool, con)
+            if shared_by is None:
+                await self.db._release(pool, con)
             raise
-        self.pin, self.xact, self.state = _Pin(pool, con), xact, "active"
+        finally:
+            if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
+                await self.db._release(pool, con)
+        self.pin, self.xact, self.state = _Pin(pool, con, shared_by), xact, "active"
         if owner is not None:
             self.watch = OwnerWatch(self, owner)
             self.finalizer = guard(handle, self.db.bridge, self, "a transaction")
@@ -320,7 +349,7 @@ class _Core:
         self.check_usable()
         pin = self.pin
         assert pin is not None
-        async with pin.lock:
+        async with pin.turn():
             self.check_usable()  # it may have ended while we waited
             if pin.check_lost():
                 raise self._gone()
@@ -365,7 +394,7 @@ class _Core:
         assert xact is not None
         commit = error is None
         try:
-            async with pin.lock:
+            async with pin.turn():
                 if pin.check_lost():
                     self._ended("lost", "its connection was lost; the server rolled it back")
                     if commit:
@@ -429,6 +458,8 @@ class _Core:
             # Its ROLLBACK failed or was interrupted: the session's state is unknown, so it must not go
             # back into the pool as it is (closing it ends the transaction on the server).
             pin.con.terminate()
+        if pin.shared_by is not None:  # not ours to give back: we hold it only one step at a time
+            return
         try:
             await self.db._release(pin.pool, pin.con)
         except Exception as exc:  # a pool closed meanwhile; asyncpg has discarded the connection

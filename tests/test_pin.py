@@ -16,7 +16,7 @@ import pytest
 from asyncpg.transaction import Transaction
 
 from loopbridge import Database, PoolTimeoutError
-from tests.support import WAIT, Caller, independent, run_loop
+from tests.support import WAIT, Caller, in_thread, independent, run_loop
 
 
 async def _pin_and_begin(db: Database) -> Transaction:
@@ -170,3 +170,59 @@ class TestPinned:
     def test_closing_a_pinned_database_returns_its_connection_first(self, pinned: Database) -> None:
         pinned.close(timeout=5)
         assert pinned._pinned is None
+
+
+class TestTransactionsOnAPinnedDatabase:
+    """A transaction on a pinned Database takes the connection one step at a time, so code inside the
+    block may still call the plain Database (regression: it waited for the block until
+    PoolTimeoutError)."""
+
+    def test_plain_calls_inside_a_transaction_block_do_not_wait(self, dsn: str, bridge: Any) -> None:
+        db = Database(dsn, bridge=bridge, max_size=2, pool_timeout=5)
+        db.execute("CREATE TABLE items (n int PRIMARY KEY)")
+        db.bridge.run(db._pin)
+        try:
+            pid = db.fetchval("SELECT pg_backend_pid()")
+            with db.transaction() as tx:
+                tx.execute("INSERT INTO items VALUES (1)")
+                # The plain call runs on the same session, inside the transaction.
+                assert db.fetchval("SELECT count(*) FROM items", timeout=WAIT) == 1
+                assert db.fetchval("SELECT pg_backend_pid()") == pid
+                tx.execute("INSERT INTO items VALUES (2)")
+            assert db.fetchval("SELECT count(*) FROM items") == 2
+        finally:
+            db.bridge.run(db._unpin)
+            db.close()
+
+    def test_by_caller_kind(self, pinned: Database, caller: Caller) -> None:
+        async def inside_a_transaction() -> int:
+            async with pinned.atransaction() as tx:
+                await tx.aexecute("INSERT INTO items VALUES (7)")
+                return int(await pinned.afetchval("SELECT count(*) FROM items", timeout=WAIT))
+
+        def blocking() -> int:
+            with pinned.transaction() as tx:
+                tx.execute("INSERT INTO items VALUES (7)")
+                return int(pinned.fetchval("SELECT count(*) FROM items", timeout=WAIT))
+
+        if caller.kind == "foreign-loop":
+            assert run_loop(inside_a_transaction) == 1
+        elif caller.kind == "sync-thread":
+            assert in_thread(blocking) == 1
+        else:
+
+            async def blocking_in_a_loop() -> int:
+                return blocking()
+
+            assert run_loop(blocking_in_a_loop) == 1
+
+    def test_a_failed_block_rolls_back_only_its_own_savepoint(self, pinned: Database) -> None:
+        def fails_halfway() -> None:
+            with pinned.transaction() as tx:
+                tx.execute("INSERT INTO items VALUES (2)")
+                raise RuntimeError("undo")
+
+        pinned.execute("INSERT INTO items VALUES (1)")
+        with pytest.raises(RuntimeError, match="undo"):
+            fails_halfway()
+        assert pinned.fetchval("SELECT count(*) FROM items") == 1
