@@ -19,8 +19,11 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
+from ._loop import Resource
 from ._pgbouncer import transaction_pooling_options
+from ._stream import StreamMethods
 from ._twins import twins
 from .bridge import Bridge, default_bridge
 from .errors import (
@@ -33,6 +36,9 @@ from .errors import (
     LoopBridgeError,
     PoolTimeoutError,
 )
+from .listen import DEFAULT_QUEUE_SIZE, Subscription
+from .stats import DatabaseStats
+from .transaction import Transaction
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -76,9 +82,11 @@ def _pass_through_options() -> frozenset[str]:
 
 
 _POOL_OPTIONS = _pass_through_options()
+# Database's own keywords, for "did you mean" when one is misspelled.
+_OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout"})
 
 
-class Database:
+class Database(CopyMethods, StreamMethods):
     """A PostgreSQL connection pool on a bridge, for sync and async callers alike.
 
     ::
@@ -88,7 +96,10 @@ class Database:
         rows = await db.afetch("SELECT * FROM users WHERE id = $1", 42)   # async code, any loop
 
     The pool is created on the bridge loop on first use (or by :meth:`open`); results are asyncpg's own
-    ``Record`` objects; asyncpg's exceptions reach the caller unchanged.
+    ``Record`` objects; asyncpg's exceptions reach the caller unchanged. Beyond single statements:
+    :meth:`transaction`, streaming with :meth:`iterate`, COPY (:meth:`copy_records_to_table`,
+    :meth:`copy_to_table`, :meth:`copy_from_query`, :meth:`copy_from_table`), :meth:`listen` and
+    :meth:`stats`.
 
     :param dsn: ``postgresql://user:password@host:port/dbname`` (asyncpg's URL syntax, multi-host and
         query options included). Default: ``$LOOPBRIDGE_DSN``, then ``$DATABASE_URL``.
@@ -137,6 +148,9 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
         self._leased = 0  # connections held or being acquired through this Database
+        self._pinned: _Pin | None = None  # see _pin(): every call on one connection, for test fixtures
+        # LISTEN subscriptions hold a connection until closed, so closing the Database ends them first.
+        self._subscriptions: set[Resource] = set()
         self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
 
     # -- properties ---------------------------------------------------------------------------------
@@ -256,6 +270,73 @@ class Database:
     run, arun = twins(_run)
     open, aopen = twins(_open)
 
+    # -- beyond single statements: transactions, LISTEN, stats (streams and COPY: the mixins) --------
+
+    def transaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+    ) -> Transaction:
+        """A transaction for a ``with`` block: ``with db.transaction() as tx: tx.execute(...)``.
+
+        It pins one connection on the bridge loop for the block, commits when the block ends normally
+        and rolls back when it raises. See :class:`~loopbridge.Transaction`.
+
+        :param isolation: ``'read_committed'``, ``'repeatable_read'``, ``'serializable'`` (or
+            ``'read_uncommitted'``); None: the server's default.
+        :raises ConfigurationError: for an unknown isolation level.
+        """
+        return Transaction(self, isolation=isolation, readonly=readonly, deferrable=deferrable)
+
+    def atransaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+    ) -> Transaction:
+        """:meth:`transaction`, named for async code: ``async with db.atransaction() as tx:``, on any loop."""
+        return Transaction(self, isolation=isolation, readonly=readonly, deferrable=deferrable)
+
+    def listen(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """LISTEN on *channels*; returns once LISTEN is in effect. See :class:`~loopbridge.Subscription`.
+
+        :param queue_size: notifications held for a consumer that is behind; beyond it they are
+            dropped, and a :class:`~loopbridge.Gap` marks where.
+        :raises ConfigurationError: for no channel, or a bad *queue_size*.
+        :raises ConnectError: if no connection could be made.
+        """
+        subscription = Subscription(self, channels, queue_size)
+        subscription.__enter__()
+        return subscription
+
+    def alisten(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """LISTEN for async code: ``async with db.alisten("jobs") as sub:`` (or ``async for``), on any
+        loop. LISTEN begins when the block is entered (or at the first item asked for)."""
+        return Subscription(self, channels, queue_size)
+
+    def stats(self) -> DatabaseStats:
+        """Pool and call figures, and the bridge loop's lag, now. Never blocks."""
+        pool = self._pool
+        size = pool.get_size() if pool is not None else 0
+        idle = pool.get_idle_size() if pool is not None else 0
+        leased = self._leased
+        waiting = max(0, leased - self._max_size)
+        bridge = self._bridge.stats()
+        return DatabaseStats(
+            max_size=self._max_size,
+            size=size,
+            idle=idle,
+            in_use=leased - waiting,
+            waiting=waiting,
+            calls_submitted=bridge.calls_started,
+            calls_completed=bridge.calls_succeeded + bridge.calls_failed,
+            calls_failed=bridge.calls_failed,
+            calls_in_flight=bridge.calls_in_flight,
+            loop_lag=bridge.loop_lag,
+            max_loop_lag=bridge.max_loop_lag,
+        )
+
+    def _lease(self) -> _Lease:
+        return _Lease(self)
+
+    def _streaming_transaction(self) -> tuple[Transaction, bool]:
+        return Transaction(self), True
+
     # -- closing ------------------------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
@@ -294,6 +375,10 @@ class Database:
         pool, opening = self._pool, self._opening
         self._pool = self._opening = None
         self._bridge._unregister(self)
+        for subscription in list(self._subscriptions):  # they never end on their own
+            await subscription._aclose_on_bridge(timeout)
+        if self._pinned is not None:  # give the pinned connection back first, or pool.close() waits for it
+            await self._unpin(timeout)
         if self._orphans:  # connection attempts still finishing, to be closed as soon as they are made
             await asyncio.wait(set(self._orphans), timeout=timeout)
         if pool is None and opening is not None:  # closed while the pool was being created
@@ -310,8 +395,11 @@ class Database:
             pool.terminate()
 
     def _forget_after_fork(self) -> list[object]:
-        dropped: list[object] = [obj for obj in (self._pool, self._opening) if obj is not None]
-        self._pool = self._opening = None
+        dropped: list[object] = [obj for obj in (self._pool, self._opening, self._pinned) if obj is not None]
+        for subscription in self._subscriptions:
+            dropped.extend(subscription._forget_after_fork())
+        self._pool = self._opening = self._pinned = None
+        self._subscriptions = set()
         self._leased = 0
         return dropped
 
@@ -391,7 +479,7 @@ class Database:
         try:
             return await self._user_connect(*args, **kwargs)
         except Exception as exc:
-            raise ConnectError(self._connect_failure(exc)) from exc
+            raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
 
     def _connection_lost(self, exc: BaseException) -> str:
         detail = redact(str(exc) or type(exc).__name__, *self._secrets)
@@ -402,30 +490,10 @@ class Database:
             "writes)"
         )
 
-    def _connect_failure(self, exc: Exception) -> str:
-        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-            hint = "check the user name and password in the DSN (LOOPBRIDGE_DSN / DATABASE_URL / dsn=)"
-        elif isinstance(exc, asyncpg.InvalidCatalogNameError):
-            hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
-        elif isinstance(exc, asyncpg.CannotConnectNowError):
-            hint = "the server is starting up or shutting down; try again in a moment"
-        elif "unsupported startup parameter" in str(exc):
-            hint = (
-                "PgBouncer refuses this setting at login: drop it from the DSN and server_settings (set "
-                "it per role: ALTER ROLE ... SET), or list it in PgBouncer's ignore_startup_parameters"
-            )
-        elif isinstance(exc, asyncpg.TooManyConnectionsError):
-            hint = "the server has no connection slots left: lower max_size or raise max_connections"
-        elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            hint = "the server did not answer in time: check host, port and network (or raise timeout=)"
-        elif isinstance(exc, OSError):
-            hint = "is PostgreSQL running there and accepting connections? check host and port in the DSN"
-        else:
-            hint = "check the DSN and the server's log"
-        detail = redact(str(exc) or type(exc).__name__, *self._secrets)
-        return f"could not connect to {self._info.describe()}: {type(exc).__name__}: {detail}. {hint}"
-
     async def _acquire(self) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
+        pinned = self._pinned
+        if pinned is not None and await self._enter_pin(pinned):
+            return pinned.pool, pinned.con
         pool = self._pool or await self._get_pool()
         if self._closed:
             raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
@@ -463,6 +531,11 @@ class Database:
         return con
 
     async def _release(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
+        pinned = self._pinned
+        if pinned is not None and con is pinned.con:  # not the pool's to take back: pass the turn on
+            if not pinned.leave():
+                return
+            self._pinned = None  # the last holder of a connection that _unpin gave up returns it
         self._leased -= 1
         # asyncpg shields the release, so cancellation cannot leak the connection; but a release it had
         # to finish alone, once its caller was cancelled, fails unseen ("Task exception was never
@@ -473,6 +546,115 @@ class Database:
         except asyncio.CancelledError:
             release.add_done_callback(_retrieve)
             raise
+
+    # -- pinning: every call on one connection, for test fixtures -----------------------------------
+    #
+    # A test wrapped in a transaction that is rolled back at its end needs the code under test, which
+    # uses the plain Database, to run on the connection holding that transaction. While pinned,
+    # _acquire() hands that one connection to one task at a time, and _release() passes the turn on
+    # instead of returning it to the pool. Everything that acquires through _acquire() follows, later
+    # transactions included: asyncpg makes a transaction begun on a connection already in one a
+    # savepoint. Private: loopbridge.contrib.pytest_plugin is the one user.
+
+    async def _pin(self) -> PoolConnectionProxy:
+        """From now on, until :meth:`_unpin`, every call uses one connection, taken from the pool now.
+
+        Calls take turns on it (an ``asyncio.Lock`` on the bridge loop). The task whose turn it is may
+        acquire again without waiting: ``db.arun(fn)`` whose *fn* awaits ``db.afetch(...)`` runs both on
+        the connection, in one task (``arun`` on the bridge loop is a plain await).
+
+        :raises RuntimeError: if the Database is already pinned.
+        """
+        self._check_not_pinned()
+        pool, con = await self._acquire()
+        try:
+            self._check_not_pinned()  # pinned by another task while we waited for the connection?
+        except RuntimeError:
+            await self._release(pool, con)
+            raise
+        self._pinned = _Pin(pool, con)
+        return con
+
+    def _check_not_pinned(self) -> None:
+        if self._pinned is not None:
+            raise RuntimeError(f"{self!r} is already pinned to a connection; unpin it first")
+
+    async def _unpin(self, timeout: float = 10.0) -> None:
+        """Wait for the call holding the pinned connection, if any, then return it to the pool (which
+        rolls back a transaction left open on it); calls waiting for a turn go to the pool instead.
+
+        After *timeout* seconds the connection is terminated: whatever holds it fails, the server rolls
+        its transaction back, and the holder returns it to the pool when it lets go. Safe to call twice.
+        """
+        pinned = self._pinned
+        if pinned is None or pinned.gone:
+            return
+        pinned.gone = True  # no new turns
+        try:
+            await asyncio.wait_for(pinned.lock.acquire(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning(
+                "%r: the pinned connection is still in use after %g s; terminating it", self, timeout
+            )
+            pinned.orphaned = True
+            pinned.con.terminate()
+            return
+        self._pinned = None
+        pinned.lock.release()  # wakes the callers waiting for a turn: they see `gone`
+        await self._release(pinned.pool, pinned.con)
+
+    async def _enter_pin(self, pinned: _Pin) -> bool:
+        """Take the pinned connection's turn; False if the Database is being unpinned."""
+        task = asyncio.current_task()
+        if task is not None and pinned.owner is task:  # re-entry by the task whose turn it is
+            pinned.depth += 1
+            return True
+        if pinned.gone:
+            return False
+        try:
+            await asyncio.wait_for(pinned.lock.acquire(), self._pool_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise PoolTimeoutError(
+                f"{self!r} is pinned to one connection (a test's rolled-back transaction) and another "
+                f"call held it for pool_timeout={self._pool_timeout:g} s. Calls on a pinned Database take "
+                "turns: do not start concurrent calls from inside one (asyncio.gather inside db.run)"
+            ) from None
+        return pinned.begin(task)
+
+
+class _Pin:
+    """The one connection a pinned Database uses, and whose turn it is (see ``Database._pin``)."""
+
+    __slots__ = ("con", "depth", "gone", "lock", "orphaned", "owner", "pool")
+
+    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
+        self.pool = pool
+        self.con = con
+        self.lock = asyncio.Lock()
+        self.owner: asyncio.Task[Any] | None = None
+        self.depth = 0  # acquisitions by the owner not yet released
+        self.gone = False  # being unpinned: no new turns, callers use the pool
+        self.orphaned = False  # _unpin gave up waiting: the last holder returns the connection
+
+    def begin(self, task: asyncio.Task[Any] | None) -> bool:
+        """With the lock just acquired: start *task*'s turn, or (if being unpinned) give the lock back
+        and return False."""
+        if self.gone:
+            self.lock.release()
+            return False
+        self.owner, self.depth = task, 1
+        return True
+
+    def leave(self) -> bool:
+        """End one acquisition; True if the caller must now return the connection to the pool."""
+        # Not checked against the current task: a lease may end in another call than it began in (a
+        # transaction held across calls), so turns are counted rather than owned.
+        self.depth -= 1
+        if self.depth > 0:
+            return False
+        self.owner = None
+        self.lock.release()
+        return self.orphaned
 
 
 class _Lease:
@@ -543,6 +725,36 @@ def _lost_connection(exc: BaseException, protocol: Any) -> bool:
     return is_connected is not None and not is_connected()
 
 
+def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
+    """What a :class:`ConnectError` says when asyncpg could not connect: where, as whom, why, and what
+    to do. No password: *secrets* are scrubbed from asyncpg's message (the SQLAlchemy engine uses it too).
+    """
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        hint = "check the user name and password in the DSN (LOOPBRIDGE_DSN / DATABASE_URL / dsn=)"
+    elif isinstance(exc, asyncpg.InvalidCatalogNameError):
+        hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
+    elif isinstance(exc, asyncpg.CannotConnectNowError):
+        hint = "the server is starting up or shutting down; try again in a moment"
+    elif "unsupported startup parameter" in str(exc):
+        hint = (
+            "PgBouncer refuses this setting at login: drop it from the DSN and server_settings (set it "
+            "per role: ALTER ROLE ... SET), or list it in PgBouncer's ignore_startup_parameters"
+        )
+    elif isinstance(exc, asyncpg.TooManyConnectionsError):
+        hint = (
+            "the server has no connection slots left: lower max_size (pool_size for an Engine) or raise "
+            "max_connections"
+        )
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        hint = "the server did not answer in time: check host, port and network (or raise timeout=)"
+    elif isinstance(exc, OSError):
+        hint = "is PostgreSQL running there and accepting connections? check host and port in the DSN"
+    else:
+        hint = "check the DSN and the server's log"
+    detail = redact(str(exc) or type(exc).__name__, *secrets)
+    return f"could not connect to {info.describe()}: {type(exc).__name__}: {detail}. {hint}"
+
+
 def _check_callable(fn: object) -> None:
     if not callable(fn):
         if inspect.iscoroutine(fn):
@@ -597,7 +809,7 @@ def _check_options(options: dict[str, Any]) -> None:
                 else f"pass {name!r} as a keyword of Database itself"
             )
         if name not in _POOL_OPTIONS:
-            close = difflib.get_close_matches(name, _POOL_OPTIONS, n=1)
+            close = difflib.get_close_matches(name, _POOL_OPTIONS | _OWN_OPTIONS, n=1)
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigurationError(
                 f"unknown pool option {name!r}: Database passes options to asyncpg.create_pool and "

@@ -28,6 +28,8 @@ __all__ = [
     "DeadlockError",
     "LoopBridgeError",
     "PoolTimeoutError",
+    "SubscriptionClosedError",
+    "TransactionClosedError",
 ]
 
 
@@ -96,3 +98,21 @@ class ConnectionLostError(LoopBridgeError, ConnectionError):
 
 class ConfigurationError(LoopBridgeError, ValueError):
     """A DSN or an option is invalid, or no DSN was given and none is configured."""
+
+
+class TransactionClosedError(LoopBridgeError, RuntimeError):
+    """A statement was sent on a transaction that can no longer take one.
+
+    The message says which case it is: the transaction already ended (committed or rolled back), it was
+    rolled back because its owner went away (the thread that began it ended, the event loop closed, the
+    object was dropped), or its connection was lost (then the server rolled it back). In the last two
+    cases nothing the transaction did was committed: begin a new transaction and do the work again.
+
+    The statement that was running when the connection broke raises asyncpg's own error
+    (``ConnectionDoesNotExistError``), unchanged; every statement after it raises this.
+    """
+
+
+class SubscriptionClosedError(LoopBridgeError, RuntimeError):
+    """:meth:`Subscription.get() <loopbridge.Subscription.get>` was called after the subscription was
+    closed. Iterating a closed subscription simply ends."""

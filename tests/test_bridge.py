@@ -265,6 +265,7 @@ class TestTimeoutsAndCancellation:
         assert (
             db.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+                # Only this test's sessions: the server is shared with other test runs.
                 "AND state = 'active' AND application_name = current_setting('application_name')"
             )
             == 0

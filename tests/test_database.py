@@ -181,7 +181,8 @@ class TestLifecycle:
             lambda: (
                 db.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE 'SELECT pg_sleep(0.3)%'"
+                    "AND query LIKE 'SELECT pg_sleep(0.3)%' "
+                    "AND application_name = current_setting('application_name')"
                 )
                 == 1
             )
@@ -240,6 +241,8 @@ class TestPool:
     def test_unknown_options_are_refused_with_a_suggestion(self, dsn: str) -> None:
         with pytest.raises(ConfigurationError, match="did you mean 'statement_cache_size'"):
             Database(dsn, statment_cache_size=0)
+        with pytest.raises(ConfigurationError, match="did you mean 'max_size'"):
+            Database(dsn, max_szie=3)
         loop = asyncio.new_event_loop()
         try:
             with pytest.raises(ConfigurationError, match="always lives on the bridge loop"):
