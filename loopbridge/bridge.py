@@ -419,6 +419,9 @@ async def _run_here(
     except BaseException as exc:
         if not expired or not _raised_during_cancellation(exc):
             raise
+        uncancel = getattr(task, "uncancel", None)  # 3.11+: our cancellation is spent, as with timeout()
+        if uncancel is not None:
+            uncancel()
         raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from (
             None if isinstance(exc, asyncio.CancelledError) else exc
         )
