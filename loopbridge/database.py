@@ -20,6 +20,14 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ._copy import CopyMethods
+from ._dead import (
+    DEAD_CONNECTION_RETRIES,
+    died_in_acquire,
+    discard,
+    lost_connection,
+    protocol_of,
+    sent_so_far,
+)
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import Resource
 from ._pgbouncer import transaction_pooling_options
@@ -53,23 +61,6 @@ R = TypeVar("R")
 
 #: How much longer than its own timeout a close may take to cross to the bridge and back.
 _CLOSE_MARGIN = 5.0
-
-#: How often a statement that found its pooled connection dead before sending anything is run again.
-#: After a server restart every idle connection of the pool may be dead, and asyncpg notices each one
-#: only when it is used; the call's own timeout bounds the retries as well.
-_DEAD_CONNECTION_RETRIES = 3
-
-#: What asyncpg raises when the connection is gone, depending on when and how it noticed (a socket
-#: error, the server's FATAL, a protocol left mid-exchange by either, a closed connection).
-_CONNECTION_FAILURES = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-)
 
 # Options Database manages itself, and may not be passed through to asyncpg.
 _RESERVED_OPTIONS = {"dsn", "loop", "min_size", "max_size"}
@@ -220,13 +211,13 @@ class Database(CopyMethods, StreamMethods):
                 f"{type(query).__name__}; pass values as arguments: db.{method}('SELECT * FROM t WHERE id = "
                 "$1', 42)"
             )
-        for retry in range(_DEAD_CONNECTION_RETRIES + 1):
+        for retry in range(DEAD_CONNECTION_RETRIES + 1):
             lease = _Lease(self)
             try:
                 async with lease as con:
                     return await getattr(con, method)(query, *args, **options)
             except ConnectionLostError:
-                if not lease.unsent or retry == _DEAD_CONNECTION_RETRIES:
+                if not lease.unsent or retry == DEAD_CONNECTION_RETRIES:
                     raise
                 logger.debug("%r: a pooled connection was dead before use; retrying on another", self)
             except (asyncio.TimeoutError, TimeoutError) as exc:
@@ -497,7 +488,7 @@ class Database(CopyMethods, StreamMethods):
         pool = self._pool or await self._get_pool()
         if self._closed:
             raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
-        for retry in range(_DEAD_CONNECTION_RETRIES + 1):
+        for retry in range(DEAD_CONNECTION_RETRIES + 1):
             self._leased += 1
             try:
                 if self._leased <= self._max_size:  # a connection is free or can be opened: no waiting
@@ -509,9 +500,9 @@ class Database(CopyMethods, StreamMethods):
                 # A connection that died before it was handed out (its backend terminated as it was
                 # being set up: "connection was closed during pool initialization", found by the stress
                 # suite): nothing of the call was sent, so another connection may serve it.
-                if not _died_in_acquire(exc):
+                if not died_in_acquire(exc):
                     raise
-                if retry == _DEAD_CONNECTION_RETRIES:
+                if retry == DEAD_CONNECTION_RETRIES:
                     raise ConnectionLostError(self._connection_lost(exc)) from exc
                 logger.debug("%r: a connection died while being acquired; acquiring another", self)
                 continue
@@ -673,17 +664,28 @@ class _Lease:
 
     async def __aenter__(self) -> PoolConnectionProxy:
         self._pool, self._con = await self._db._acquire()
-        # asyncpg counts the statements it has sent (Bind/Execute or a simple query; never a bare
-        # Parse/Describe, which changes nothing). Read through getattr: it is not public API.
-        self._protocol = getattr(self._con, "_protocol", None)
-        self._sent = getattr(self._protocol, "queries_count", None)
+        # Kept for __aexit__: the proxy is detached from a connection that closed. See loopbridge._dead.
+        self._protocol = protocol_of(self._con)
+        self._sent = sent_so_far(self._con)
         return self._con
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        lost = exc is not None and _lost_connection(exc, self._protocol)
-        sent = getattr(self._protocol, "queries_count", None)
+        lost = exc is not None and lost_connection(exc, self._protocol)
+        sent = sent_so_far(self._protocol)
+        if not lost and _left_in_transaction(self._db, self._con):
+            # The call ended inside a transaction it had begun: its ROLLBACK failed or was cancelled (a
+            # timeout), or it began one by hand and returned. Discard the connection instead of pooling
+            # it: the server rolls back with the session (asyncpg's own reset would log an error).
+            if exc is None:
+                logger.warning(
+                    "%r: a call returned with a transaction still open on its connection; the connection "
+                    "was discarded and the transaction rolled back. Use conn.transaction() (or "
+                    "db.transaction()) so that it ends with the call",
+                    self._db,
+                )
+            discard(self._con)
         try:
             await self._db._release(self._pool, self._con)
         except Exception as error:
@@ -700,29 +702,16 @@ class _Lease:
             raise ConnectionLostError(self._db._connection_lost(exc)) from exc
 
 
-def _died_in_acquire(exc: BaseException) -> bool:
-    """Did the pool fail to hand out a connection because that connection died (not because it could
-    not connect, was closed, or the caller's ``setup`` failed)?"""
-    if isinstance(exc, LoopBridgeError):  # ConnectError, PoolTimeoutError: the caller's to see
+def _left_in_transaction(db: Database, con: PoolConnectionProxy) -> bool:
+    """Is *con* (open, and not a pinned connection, which stays in its transaction on purpose) inside
+    a transaction?"""
+    pinned = db._pinned
+    if pinned is not None and con is pinned.con:
         return False
-    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError))
-
-
-def _lost_connection(exc: BaseException, protocol: Any) -> bool:
-    """Did *exc* end the call because the connection died (rather than the server refusing a query)?
-
-    Only asyncpg's (and the socket's) ways of reporting a broken connection count, and only when the
-    connection is indeed closed, or the server's error was FATAL (it ends the session; asyncpg may not
-    have seen the socket close yet). An error of the caller's own, or an InterfaceError on a connection
-    that is still open ("another operation is in progress"), is left alone.
-    """
-    if not isinstance(exc, _CONNECTION_FAILURES):
+    try:
+        return not con.is_closed() and con.is_in_transaction()
+    except (asyncpg.InterfaceError, AttributeError):  # released or aborted meanwhile
         return False
-    if getattr(exc, "severity", None) in ("FATAL", "PANIC"):
-        return True
-    # Ask the protocol, not the connection proxy: asyncpg detaches the proxy of a connection that closed.
-    is_connected = getattr(protocol, "is_connected", None)
-    return is_connected is not None and not is_connected()
 
 
 def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:

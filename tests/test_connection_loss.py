@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from loopbridge import Bridge, CallTimeoutError, ConnectionLostError, Database
+from loopbridge import Bridge, CallTimeoutError, ConnectionLostError, Database, TransactionClosedError
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, independent
 
@@ -300,3 +300,117 @@ class TestLoopNoise:
         assert any("something else" in message for message in asyncio_errors(caplog)) or any(
             "something else" in str(r.exc_info) for r in caplog.records if r.name == "asyncio"
         )
+
+
+class TestTransactionsLosingTheirConnection:
+    """db.transaction() blocks under the same faults (the stress suite's ``block`` calls)."""
+
+    def _kill_while_the_loop_is_held(
+        self, bridge: Bridge, admin_dsn: str, schema: str, then: Callable[[], Any]
+    ) -> Any:
+        """Terminate this test's backends while the bridge loop is held, queue *then* (in a thread),
+        and let the loop go: *then* runs before asyncpg has seen its socket close."""
+        holding, release = threading.Event(), threading.Event()
+
+        async def hold_the_loop() -> None:
+            holding.set()
+            release.wait(WAIT)
+
+        blocker = bridge.submit(hold_the_loop)
+        assert holding.wait(WAIT)
+        terminate(admin_dsn, schema)
+        wait_until(
+            lambda: (
+                not independent(
+                    admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
+                )
+            )
+        )
+        outcome: list[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(then())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.2)  # let the call be queued behind the held loop
+        release.set()
+        blocker.result(WAIT)
+        caller.join(WAIT)
+        return outcome[0]
+
+    def test_a_transaction_begun_on_a_connection_killed_while_idle_begins_on_another(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str
+    ) -> None:
+        """Stress suite: BEGIN on a pooled connection whose backend was terminated while idle failed with
+        "InternalClientError: cannot switch to state 15". Nothing had run: it begins on a fresh one."""
+        db = Database(dsn, bridge=bridge, min_size=1, max_size=1)
+        db.execute("CREATE TABLE t (k int)")
+
+        def block() -> int:
+            with db.transaction() as tx:
+                tx.execute("INSERT INTO t VALUES (1)")
+            count: int = db.fetchval("SELECT count(*) FROM t")
+            return count
+
+        assert self._kill_while_the_loop_is_held(bridge, admin_dsn, schema, block) == 1
+
+    def test_a_statement_after_the_connection_died_raises_transaction_closed_error(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str
+    ) -> None:
+        """Stress suite: the statement after the connection died between two statements raised
+        "InternalClientError: cannot switch to state 11"; it is a lost transaction, and says so."""
+        db = Database(dsn, bridge=bridge, max_size=1)
+        db.execute("CREATE TABLE t (k int)")
+        tx = db.transaction()
+        tx.__enter__()
+        tx.execute("INSERT INTO t VALUES (1)")
+        error = self._kill_while_the_loop_is_held(
+            bridge, admin_dsn, schema, lambda: tx.execute("INSERT INTO t VALUES (2)")
+        )
+        assert isinstance(error, TransactionClosedError)
+        assert "connection to the server was lost" in str(error)
+        with pytest.raises(TransactionClosedError, match="cannot commit"):
+            tx.__exit__(None, None, None)
+        assert db.fetchval("SELECT count(*) FROM t") == 0
+
+    def test_a_commit_after_the_connection_died_says_nothing_was_committed(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str
+    ) -> None:
+        """Stress suite: COMMIT on a connection that died between statements raised "InternalClientError:
+        cannot switch to state 15". COMMIT never left: nothing was committed, and the error says so."""
+        db = Database(dsn, bridge=bridge, max_size=1)
+        db.execute("CREATE TABLE t (k int)")
+        tx = db.transaction()
+        tx.__enter__()
+        tx.execute("INSERT INTO t VALUES (1)")
+        error = self._kill_while_the_loop_is_held(
+            bridge, admin_dsn, schema, lambda: tx.__exit__(None, None, None)
+        )
+        assert isinstance(error, TransactionClosedError)
+        assert "cannot commit" in str(error)
+        assert db.fetchval("SELECT count(*) FROM t") == 0
+        assert db._leased == 0
+
+
+class TestCallsLeavingATransactionOpen:
+    def test_a_connection_returned_inside_a_transaction_is_discarded_not_pooled(
+        self, dsn: str, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Stress suite: a call whose ROLLBACK was cancelled gave its connection back inside a
+        transaction; asyncpg's reset then logged "Resetting connection with an active transaction"."""
+        caplog.set_level(logging.WARNING)
+        db = Database(dsn, bridge=bridge, max_size=1)
+        first = db.fetchval("SELECT pg_backend_pid()")
+
+        async def begins_and_returns(conn: Any) -> None:
+            await conn.execute("BEGIN")  # by hand, never ended: a bug in the caller
+
+        db.run(begins_and_returns)
+        assert db.fetchval("SELECT pg_backend_pid()") != first  # a fresh connection, not in a transaction
+        assert db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", first) == 0
+        assert any("returned with a transaction still open" in r.getMessage() for r in caplog.records)
+        assert asyncio_errors(caplog) == []
