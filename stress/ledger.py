@@ -19,9 +19,11 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
+import asyncpg
+
 import loopbridge
 
-__all__ = ["EXPECTED", "Attempt", "Ledger", "describe_failure"]
+__all__ = ["EXPECTED", "EXPECTED_IN_BLOCKS", "Attempt", "Ledger", "describe_failure"]
 
 #: The failures a call may legitimately end with under the stress suite's faults, and why. The README's
 #: "Reliability" section lists the same types. A type not covered here is a bug.
@@ -31,20 +33,30 @@ EXPECTED: dict[type[BaseException], str] = {
     loopbridge.ConnectionLostError: "the connection died during the call: backend terminated, restart",
 }
 
+#: Also documented for a ``with db.transaction()`` block (README, "Transactions"): the statement running
+#: when the connection broke raises asyncpg's own error, every later one (and the commit) raises
+#: TransactionClosedError.
+EXPECTED_IN_BLOCKS: dict[type[BaseException], str] = {
+    loopbridge.TransactionClosedError: "the transaction's connection was lost: nothing was committed",
+    asyncpg.PostgresConnectionError: "the statement running when the transaction's connection broke",
+    asyncpg.AdminShutdownError: "the same, when the server's FATAL arrived before the socket closed",
+}
+
 #: Outcomes that are not failures of the library: the caller itself gave up on the call.
 CANCELLED = "cancelled-by-caller"
 OK = "ok"
 
 
-def describe_failure(exc: BaseException, *, cancelled_by_caller: bool) -> tuple[str, bool]:
-    """The outcome name for a failed call, and whether that failure is documented.
+def describe_failure(exc: BaseException, kind: str, *, cancelled_by_caller: bool) -> tuple[str, bool]:
+    """The outcome name for a failed call of *kind*, and whether that failure is documented.
 
     A ``CancelledError`` is documented only where the caller cancelled the call itself.
     """
     if isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
         return (CANCELLED, True) if cancelled_by_caller else (f"{type(exc).__name__}(unrequested)", False)
+    expected = (*EXPECTED, *EXPECTED_IN_BLOCKS) if kind == "block" else tuple(EXPECTED)
     name = type(exc).__name__
-    return name, isinstance(exc, tuple(EXPECTED))
+    return name, isinstance(exc, expected)
 
 
 def _explain(exc: BaseException) -> str:
@@ -82,6 +94,8 @@ class Ledger:
     inflight: dict[int, Attempt] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)
     """The first message seen for each failure type, for the report."""
+    undocumented: set[str] = field(default_factory=set)
+    """Failure types seen where they are not documented."""
     bad_reads: int = 0
     """Reads of an acknowledged key that did not see exactly one row."""
     hung_seen: set[int] = field(default_factory=set)
@@ -100,8 +114,10 @@ class Ledger:
         self._end(attempt, OK, True)
 
     def fail(self, attempt: Attempt, exc: BaseException, *, cancelled_by_caller: bool = False) -> None:
-        name, documented = describe_failure(exc, cancelled_by_caller=cancelled_by_caller)
+        name, documented = describe_failure(exc, attempt.kind, cancelled_by_caller=cancelled_by_caller)
         with self._lock:
+            if not documented:
+                self.undocumented.add(f"{name} ({attempt.kind})")
             if name not in self.examples:
                 self.examples[name] = _explain(exc)
                 if os.environ.get("STRESS_TRACEBACKS"):
@@ -123,6 +139,7 @@ class Ledger:
         """Add what a forked worker process recorded."""
         with self._lock:
             self.attempts.extend(attempts)
+            self.undocumented.update(f"{a.outcome} ({a.kind})" for a in attempts if not a.documented)
             for name, text in examples.items():
                 self.examples.setdefault(name, text)
             self.bad_reads += bad_reads

@@ -6,9 +6,10 @@
 * one thread whose event loop is running calls the *blocking* methods from inside it (the DF-501 case);
 * one forked worker process (see :meth:`Load.fork_worker`) uses the inherited Database itself.
 
-Most calls insert one row; some run a multi-statement transaction inserting two rows (through
-``db.run`` and asyncpg's ``conn.transaction()``); some read back a key they were told was written. Some
-calls get a very short timeout and some are cancelled by their caller, at random.
+Most calls insert one row; some run a multi-statement transaction inserting two rows, either through
+``db.run`` and asyncpg's ``conn.transaction()`` (``tx``) or in a ``with db.transaction()`` /
+``async with db.atransaction()`` block (``block``); some read back a key they were told was written.
+Some calls get a very short timeout and some are cancelled by their caller, at random.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ INSERT = "INSERT INTO writes (key, caller, part) VALUES ($1, $2, $3)"
 COUNT = "SELECT count(*) FROM writes WHERE key = $1"
 
 #: Shares of the operations (the rest are single writes) and of the caller behaviours.
-READ_SHARE, TX_SHARE = 0.15, 0.15
+READ_SHARE, TX_SHARE, BLOCK_SHARE = 0.15, 0.10, 0.10
 SHORT_TIMEOUT_SHARE, CANCEL_SHARE = 0.03, 0.03
 
 
@@ -148,6 +149,8 @@ class Load:
             return _Op("read", key, caller, target, expected)
         if draw < READ_SHARE + TX_SHARE:
             return _Op("tx", key, caller, key, 2)
+        if draw < READ_SHARE + TX_SHARE + BLOCK_SHARE:
+            return _Op("block", key, caller, key, 2)
         return _Op("write", key, caller, key, 1)
 
     def _sync_call(self, rng: random.Random, op: _Op, acked: list[tuple[str, int]]) -> None:
@@ -171,6 +174,11 @@ class Load:
                 result = self.db.execute(INSERT, op.key, op.caller, 0, timeout=timeout)
             elif op.kind == "tx":
                 result = self.db.run(transaction, op.key, op.caller, timeout=timeout)
+            elif op.kind == "block":
+                with self.db.transaction() as tx:
+                    tx.execute(INSERT, op.key, op.caller, 1, timeout=timeout)
+                    tx.fetchval(COUNT, op.key, timeout=timeout)
+                    result = tx.execute(INSERT, op.key, op.caller, 2, timeout=timeout)
             else:
                 result = self.db.fetchval(COUNT, op.target, timeout=timeout)
         except Exception as exc:
@@ -208,6 +216,11 @@ class Load:
             return await db.aexecute(INSERT, op.key, op.caller, 0, timeout=timeout)
         if op.kind == "tx":
             return await db.arun(transaction, op.key, op.caller, timeout=timeout)
+        if op.kind == "block":
+            async with db.atransaction() as tx:
+                await tx.aexecute(INSERT, op.key, op.caller, 1, timeout=timeout)
+                await tx.afetchval(COUNT, op.target, timeout=timeout)
+                return await tx.aexecute(INSERT, op.key, op.caller, 2, timeout=timeout)
         return await db.afetchval(COUNT, op.target, timeout=timeout)
 
     def _succeeded(self, attempt: Attempt, op: _Op, result: Any, acked: list[tuple[str, int]]) -> None:

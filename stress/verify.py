@@ -58,7 +58,7 @@ class Verdict:
     def line(self) -> str:
         """The one summary line."""
         acked = sum(self.acknowledged.values())
-        kinds = ", ".join(f"{kind} {self.acknowledged[kind]}" for kind in ("write", "tx", "read"))
+        kinds = ", ".join(f"{kind} {self.acknowledged[kind]}" for kind in ("write", "tx", "block", "read"))
         failures = ", ".join(f"{name} {count}" for name, count in self.failed.most_common())
         return (
             f"stress: {'PASS' if self.ok else 'FAIL'}: acknowledged {acked} ({kinds}); "
