@@ -20,16 +20,28 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ._copy import CopyMethods
+from ._dead import (
+    DEAD_CONNECTION_RETRIES,
+    died_in_acquire,
+    discard,
+    lost_connection,
+    protocol_of,
+    sent_so_far,
+)
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import Resource
+from ._pgbouncer import transaction_pooling_options
 from ._stream import StreamMethods
 from ._twins import twins
 from .bridge import Bridge, default_bridge
 from .errors import (
     BridgeClosedError,
+    CallTimeoutError,
     ConfigurationError,
     ConnectError,
+    ConnectionLostError,
     DatabaseClosedError,
+    LoopBridgeError,
     PoolTimeoutError,
 )
 from .listen import DEFAULT_QUEUE_SIZE, Subscription
@@ -87,6 +99,9 @@ class Database(CopyMethods, StreamMethods):
     :param max_size: most connections open at once.
     :param pool_timeout: seconds a call may wait for a free connection before
         :class:`~loopbridge.PoolTimeoutError`; None waits forever.
+    :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
+        statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
+        session reset query on release. See ``loopbridge._pgbouncer`` for what stays unsupported there.
     :param pool_options: passed to ``asyncpg.create_pool`` / ``asyncpg.connect`` (``command_timeout``,
         ``statement_cache_size``, ``ssl``, ``server_settings``, ``init``, ``setup``, ``connect``, ...).
     :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or an unknown option.
@@ -100,11 +115,14 @@ class Database(CopyMethods, StreamMethods):
         min_size: int = 1,
         max_size: int = 10,
         pool_timeout: float | None = 30.0,
+        pgbouncer: bool = False,
         **pool_options: Any,
     ) -> None:
         self._info: DsnInfo = parse_dsn(resolve_dsn(dsn))
         _check_sizes(min_size, max_size, pool_timeout)
         _check_options(pool_options)
+        if pgbouncer:
+            pool_options = transaction_pooling_options(pool_options)
         self._bridge = bridge if bridge is not None else default_bridge()
         self._min_size = min_size
         self._max_size = max_size
@@ -124,6 +142,7 @@ class Database(CopyMethods, StreamMethods):
         self._pinned: _Pin | None = None  # see _pin(): every call on one connection, for test fixtures
         # LISTEN subscriptions hold a connection until closed, so closing the Database ends them first.
         self._subscriptions: set[Resource] = set()
+        self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -152,32 +171,64 @@ class Database(CopyMethods, StreamMethods):
 
         :param timeout: seconds for the whole call (waiting for a connection included); on expiry the
             query is cancelled and :class:`~loopbridge.CallTimeoutError` raised.
+        :raises ConnectionLostError: if the connection died during the call.
         """
-        async with _Lease(self) as con:
-            return await con.fetch(query, *args)
+        result: list[asyncpg.Record] = await self._statement("fetch", query, args)
+        return result
 
     async def _fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
         """Run *query* and return its first row, or None if it returned none."""
-        async with _Lease(self) as con:
-            return await con.fetchrow(query, *args)
+        result: asyncpg.Record | None = await self._statement("fetchrow", query, args)
+        return result
 
     async def _fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
         """Run *query* and return the value of *column* in its first row, or None if no row."""
-        async with _Lease(self) as con:
-            return await con.fetchval(query, *args, column=column)
+        return await self._statement("fetchval", query, args, column=column)
 
     async def _execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a command and return its status (``'INSERT 0 1'``). Without *args*, *query* may hold
         several statements separated by semicolons."""
-        async with _Lease(self) as con:
-            return await con.execute(query, *args)
+        result: str = await self._statement("execute", query, args)
+        return result
 
     async def _executemany(
         self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
         """Run *command* once per argument tuple in *args*, atomically (one implicit transaction)."""
-        async with _Lease(self) as con:
-            await con.executemany(command, args)
+        await self._statement("executemany", command, (args,))
+
+    async def _statement(self, method: str, query: str, args: tuple[Any, ...], **options: Any) -> Any:
+        """``con.<method>(query, *args)`` on a pooled connection.
+
+        A pooled connection can be dead before it is used: its backend was terminated while it sat idle
+        and asyncpg has not seen the socket close yet. When the call fails that way before anything that
+        could change data was sent (asyncpg counts what it sends), it is safe to run it again, on a fresh
+        connection; otherwise the failure is the caller's :class:`ConnectionLostError`.
+        """
+        if not isinstance(query, str):
+            raise TypeError(
+                f"Database.{method}() takes the SQL as a str with $1, $2, ... placeholders, not "
+                f"{type(query).__name__}; pass values as arguments: db.{method}('SELECT * FROM t WHERE id = "
+                "$1', 42)"
+            )
+        for retry in range(DEAD_CONNECTION_RETRIES + 1):
+            lease = _Lease(self)
+            try:
+                async with lease as con:
+                    return await getattr(con, method)(query, *args, **options)
+            except ConnectionLostError:
+                if not lease.unsent or retry == DEAD_CONNECTION_RETRIES:
+                    raise
+                logger.debug("%r: a pooled connection was dead before use; retrying on another", self)
+            except (asyncio.TimeoutError, TimeoutError) as exc:
+                if isinstance(exc, LoopBridgeError):
+                    raise
+                # asyncpg's command_timeout: a bare TimeoutError without a word. Say what expired.
+                raise CallTimeoutError(
+                    f"Database.{method}(): the statement did not finish within command_timeout="
+                    f"{self._pool_options.get('command_timeout')!r} s; asyncpg cancelled it on the server"
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run(self, fn: Callable[..., Awaitable[R]], *args: Any, timeout: float | None = None) -> R:
         """Call ``await fn(connection, *args)`` with a pooled asyncpg connection, on the bridge loop.
@@ -319,6 +370,8 @@ class Database(CopyMethods, StreamMethods):
             await subscription._aclose_on_bridge(timeout)
         if self._pinned is not None:  # give the pinned connection back first, or pool.close() waits for it
             await self._unpin(timeout)
+        if self._orphans:  # connection attempts still finishing, to be closed as soon as they are made
+            await asyncio.wait(set(self._orphans), timeout=timeout)
         if pool is None and opening is not None:  # closed while the pool was being created
             try:
                 pool = await asyncio.shield(opening)
@@ -396,11 +449,37 @@ class Database(CopyMethods, StreamMethods):
         return pool
 
     async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
-        """Every new pooled connection: asyncpg's connect, with failures made to say where and who."""
+        """Every new pooled connection: asyncpg's connect, never abandoned halfway.
+
+        Cancelling ``asyncpg.connect()`` while its socket is being set up leaves a future whose error
+        nobody retrieves (asyncio logs "Future exception was never retrieved: unexpected
+        connection_lost() call"; found by the stress suite's short timeouts). So a caller that gives up
+        leaves the attempt to finish on its own, and a connection it still makes is closed at once.
+        """
+        attempt = asyncio.ensure_future(self._connect_now(*args, **kwargs))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            orphan = asyncio.ensure_future(_close_when_made(attempt))
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
+            raise
+
+    async def _connect_now(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """asyncpg's connect, with failures made to say where and who."""
         try:
             return await self._user_connect(*args, **kwargs)
         except Exception as exc:
             raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
+
+    def _connection_lost(self, exc: BaseException) -> str:
+        detail = redact(str(exc) or type(exc).__name__, *self._secrets)
+        return (
+            f"the connection to {self._info.describe()} was lost during the call: {type(exc).__name__}: "
+            f"{detail}. A transaction that had not committed was rolled back; a single statement may "
+            "have committed just before. The pool opens a new connection: retry (with unique keys for "
+            "writes)"
+        )
 
     async def _acquire(self) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
         pinned = self._pinned
@@ -409,16 +488,26 @@ class Database(CopyMethods, StreamMethods):
         pool = self._pool or await self._get_pool()
         if self._closed:
             raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
-        self._leased += 1
-        try:
-            if self._leased <= self._max_size:  # a connection is free or can be opened: no waiting
-                con: PoolConnectionProxy = await pool.acquire()
-            else:
-                con = await self._acquire_waiting(pool)
-        except BaseException:
-            self._leased -= 1
-            raise
-        return pool, con
+        for retry in range(DEAD_CONNECTION_RETRIES + 1):
+            self._leased += 1
+            try:
+                if self._leased <= self._max_size:  # a connection is free or can be opened: no waiting
+                    con: PoolConnectionProxy = await pool.acquire()
+                else:
+                    con = await self._acquire_waiting(pool)
+            except BaseException as exc:
+                self._leased -= 1
+                # A connection that died before it was handed out (its backend terminated as it was
+                # being set up: "connection was closed during pool initialization", found by the stress
+                # suite): nothing of the call was sent, so another connection may serve it.
+                if not died_in_acquire(exc):
+                    raise
+                if retry == DEAD_CONNECTION_RETRIES:
+                    raise ConnectionLostError(self._connection_lost(exc)) from exc
+                logger.debug("%r: a connection died while being acquired; acquiring another", self)
+                continue
+            return pool, con
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire_waiting(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         try:
@@ -439,7 +528,15 @@ class Database(CopyMethods, StreamMethods):
                 return
             self._pinned = None  # the last holder of a connection that _unpin gave up returns it
         self._leased -= 1
-        await pool.release(con)  # asyncpg shields the release: cancellation cannot leak the connection
+        # asyncpg shields the release, so cancellation cannot leak the connection; but a release it had
+        # to finish alone, once its caller was cancelled, fails unseen ("Task exception was never
+        # retrieved") if the connection died meanwhile. Hold the release ourselves and retrieve that.
+        release = asyncio.ensure_future(pool.release(con))
+        try:
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            release.add_done_callback(_retrieve)
+            raise
 
     # -- pinning: every call on one connection, for test fixtures -----------------------------------
     #
@@ -552,19 +649,69 @@ class _Pin:
 
 
 class _Lease:
-    """``async with _Lease(db) as con``: a pooled connection for the length of the block."""
+    """``async with _Lease(db) as con``: a pooled connection for the length of the block.
 
-    __slots__ = ("_con", "_db", "_pool")
+    If the block fails because the connection died, the caller gets :class:`ConnectionLostError`
+    (asyncpg's error as its cause), and :attr:`unsent` says whether nothing that could change data had
+    been sent on it yet.
+    """
+
+    __slots__ = ("_con", "_db", "_pool", "_protocol", "_sent", "unsent")
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.unsent = False
 
     async def __aenter__(self) -> PoolConnectionProxy:
         self._pool, self._con = await self._db._acquire()
+        # Kept for __aexit__: the proxy is detached from a connection that closed. See loopbridge._dead.
+        self._protocol = protocol_of(self._con)
+        self._sent = sent_so_far(self._con)
         return self._con
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._db._release(self._pool, self._con)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lost = exc is not None and lost_connection(exc, self._protocol)
+        sent = sent_so_far(self._protocol)
+        if not lost and _left_in_transaction(self._db, self._con):
+            # The call ended inside a transaction it had begun: its ROLLBACK failed or was cancelled (a
+            # timeout), or it began one by hand and returned. Discard the connection instead of pooling
+            # it: the server rolls back with the session (asyncpg's own reset would log an error).
+            if exc is None:
+                logger.warning(
+                    "%r: a call returned with a transaction still open on its connection; the connection "
+                    "was discarded and the transaction rolled back. Use conn.transaction() (or "
+                    "db.transaction()) so that it ends with the call",
+                    self._db,
+                )
+            discard(self._con)
+        try:
+            await self._db._release(self._pool, self._con)
+        except Exception as error:
+            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
+            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
+            # nothing leaks and the pool opens a new one. The call's own outcome stands, whether a
+            # result already received (a committed write must not be reported as failed) or the error
+            # that ended the call, which says more than the failed reset (found by the stress suite:
+            # "InternalClientError: cannot switch to state 15" replacing a timeout).
+            logger.debug("%r: a connection failed its reset on release and was closed: %r", self._db, error)
+        if lost:
+            assert exc is not None
+            self.unsent = sent is not None and sent == self._sent
+            raise ConnectionLostError(self._db._connection_lost(exc)) from exc
+
+
+def _left_in_transaction(db: Database, con: PoolConnectionProxy) -> bool:
+    """Is *con* (open, and not a pinned connection, which stays in its transaction on purpose) inside
+    a transaction?"""
+    pinned = db._pinned
+    if pinned is not None and con is pinned.con:
+        return False
+    try:
+        return not con.is_closed() and con.is_in_transaction()
+    except (asyncpg.InterfaceError, AttributeError):  # released or aborted meanwhile
+        return False
 
 
 def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
@@ -577,6 +724,11 @@ def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
         hint = "the database does not exist: create it (createdb NAME) or fix the name in the DSN"
     elif isinstance(exc, asyncpg.CannotConnectNowError):
         hint = "the server is starting up or shutting down; try again in a moment"
+    elif "unsupported startup parameter" in str(exc):
+        hint = (
+            "PgBouncer refuses this setting at login: drop it from the DSN and server_settings (set it "
+            "per role: ALTER ROLE ... SET), or list it in PgBouncer's ignore_startup_parameters"
+        )
     elif isinstance(exc, asyncpg.TooManyConnectionsError):
         hint = (
             "the server has no connection slots left: lower max_size (pool_size for an Engine) or raise "
@@ -603,7 +755,19 @@ def _check_callable(fn: object) -> None:
         )
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:
+    """Wait for a connection attempt nobody waits for any more, and close what it made."""
+    try:
+        connection = await attempt
+    except BaseException:  # it failed: the error was its caller's, who has gone
+        return
+    try:
+        await connection.close(timeout=5)
+    except BaseException:  # closing failed or was cancelled: close() has aborted the connection
+        connection.terminate()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
     # Every waiter sees the error; this only keeps asyncio from logging "exception never retrieved"
     # when all of them were cancelled.
     if not task.cancelled():
@@ -617,7 +781,9 @@ def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> No
         raise ConfigurationError(
             f"min_size must be an integer from 0 to max_size={max_size}, not {min_size!r}"
         )
-    if pool_timeout is not None and not pool_timeout > 0:
+    if pool_timeout is not None and (
+        isinstance(pool_timeout, bool) or not isinstance(pool_timeout, (int, float)) or not pool_timeout > 0
+    ):
         raise ConfigurationError(
             f"pool_timeout must be a positive number of seconds or None, not {pool_timeout!r}"
         )

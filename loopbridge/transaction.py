@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -38,6 +39,7 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction as _AsyncpgTransaction
 
 from ._copy import CopyMethods
+from ._dead import DEAD_CONNECTION_RETRIES, died_unsent, discard, protocol_of, sent_so_far
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._stream import StreamMethods
 from ._twins import twin_contexts, twins
@@ -309,23 +311,37 @@ class _Core:
             self.pin, self.xact, self.state = pin, xact, "active"
             parent.dependents.append(self)
             return
-        pool, con = await self.db._acquire()
-        pinned = self.db._pinned
-        shared_by = self.db if pinned is not None and con is pinned.con else None
-        try:
-            xact = con.transaction(
-                isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
-                readonly=self.readonly,
-                deferrable=self.deferrable,
-            )
-            await xact.start()
-        except BaseException:
-            if shared_by is None:
-                await self.db._release(pool, con)
-            raise
-        finally:
-            if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
-                await self.db._release(pool, con)
+        for retry in itertools.count():
+            pool, con = await self.db._acquire()
+            pinned = self.db._pinned
+            shared_by = self.db if pinned is not None and con is pinned.con else None
+            protocol = protocol_of(con)  # before BEGIN: a connection that dies lets go of it
+            sent = sent_so_far(protocol)
+            try:
+                xact = con.transaction(
+                    isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
+                    readonly=self.readonly,
+                    deferrable=self.deferrable,
+                )
+                await xact.start()
+            except BaseException as exc:
+                dead = died_unsent(exc, protocol, sent)
+                if shared_by is None:
+                    if not dead:
+                        # BEGIN failed or was interrupted (a timeout): whether the server began the
+                        # transaction is unknown, and asyncpg still counts it as open. Discard the
+                        # connection rather than pool it (the server rolls back with the session).
+                        discard(con)
+                    await self.db._release(pool, con)
+                # A pooled connection that was dead before BEGIN reached the server (found by the stress
+                # suite): nothing has run yet, so begin on another one.
+                if shared_by is None and dead and retry < DEAD_CONNECTION_RETRIES:
+                    continue
+                raise
+            finally:
+                if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
+                    await self.db._release(pool, con)
+            break
         self.pin, self.xact, self.state = _Pin(pool, con, shared_by), xact, "active"
         if owner is not None:
             self.watch = OwnerWatch(self, owner)
@@ -355,6 +371,14 @@ class _Core:
                 raise self._gone()
             try:
                 yield pin.con
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                # The connection was already gone when the statement began (its backend terminated
+                # while the transaction sat between statements): asyncpg says so in its own terms
+                # ("cannot switch to state 12; another operation (2) is in progress"), found by the
+                # stress suite. The statement never ran; the transaction is lost.
+                if pin.check_lost():
+                    raise self._gone() from exc
+                raise
             except BaseException:
                 pin.check_lost()  # the error itself (asyncpg's) reaches the caller unchanged
                 raise
@@ -400,12 +424,19 @@ class _Core:
                     if commit:
                         raise self._gone(committing=True)
                     return
+                protocol = protocol_of(pin.con)
+                sent = sent_so_far(protocol)
                 try:
                     if commit:
                         await xact.commit()
                     else:
                         await xact.rollback()
-                except BaseException:
+                except BaseException as exc:
+                    if commit and died_unsent(exc, protocol, sent):
+                        # The connection was gone before COMMIT was sent (asyncpg: "cannot switch to
+                        # state 15", found by the stress suite): certainly not committed.
+                        self._ended("lost", "its connection was lost; the server rolled it back")
+                        raise self._gone(committing=True) from exc
                     if pin.check_lost():
                         # The server ends the transaction with the session. A failed COMMIT's outcome
                         # is unknown then: asyncpg's error says so (ConnectionDoesNotExistError).

@@ -107,10 +107,19 @@ def with_query(dsn: str, **params: str) -> str:
     return f"{dsn}{'&' if '?' in dsn else '?'}{extra}"
 
 
+#: The strictest interpreter: asyncio debug mode, ResourceWarnings shown, every warning an error.
+STRICT = ("-X", "dev", "-W", "error")
+
+
 def run_script(
-    code: str, *, timeout: float = 60, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    code: str,
+    *,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    flags: tuple[str, ...] = STRICT,
 ) -> str:
-    """Run *code* (dedented) in a fresh ``python -X dev -W error`` and return its stdout.
+    """Run *code* (dedented) in a fresh ``python -X dev -W error`` (or *flags*) and return its stdout.
 
     Fails the test if it exits non-zero, takes longer than *timeout*, or writes anything to stderr:
     no warning, no "Task was destroyed", no traceback. The one exception is asyncio debug mode's
@@ -119,7 +128,7 @@ def run_script(
     """
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", "-c", textwrap.dedent(code), *args],
+        [sys.executable, *flags, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -36,6 +36,7 @@ def test_every_public_class_and_function_is_exported() -> None:
         (errors.CallTimeoutError, TimeoutError),
         (errors.PoolTimeoutError, TimeoutError),
         (errors.ConnectError, ConnectionError),
+        (errors.ConnectionLostError, ConnectionError),
         (errors.ConfigurationError, ValueError),
         (errors.TransactionClosedError, RuntimeError),
         (errors.SubscriptionClosedError, RuntimeError),
