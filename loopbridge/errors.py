@@ -108,8 +108,8 @@ class TransactionClosedError(LoopBridgeError, RuntimeError):
     object was dropped), or its connection was lost (then the server rolled it back). In the last two
     cases nothing the transaction did was committed: begin a new transaction and do the work again.
 
-    The statement that was running when the connection broke raises asyncpg's own error
-    (``ConnectionDoesNotExistError``), unchanged; every statement after it raises this.
+    The statement that was running when the connection broke raises :class:`ConnectionLostError`;
+    every statement after it raises this.
     """
 
 

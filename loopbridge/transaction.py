@@ -39,11 +39,26 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction as _AsyncpgTransaction
 
 from ._copy import CopyMethods
-from ._dead import DEAD_CONNECTION_RETRIES, died_unsent, discard, protocol_of, sent_so_far
+from ._dead import (
+    CONNECTION_FAILURES,
+    DEAD_CONNECTION_RETRIES,
+    died_unsent,
+    discard,
+    lost_connection,
+    protocol_of,
+    sent_so_far,
+)
+from ._dsn import redact
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._stream import StreamMethods
 from ._twins import twin_contexts, twins
-from .errors import ConfigurationError, DatabaseClosedError, TransactionClosedError
+from .errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseClosedError,
+    LoopBridgeError,
+    TransactionClosedError,
+)
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -326,6 +341,9 @@ class _Core:
                 await xact.start()
             except BaseException as exc:
                 dead = died_unsent(exc, protocol, sent)
+                # BEGIN changes nothing, so a connection that died under it (before or after it was
+                # sent: both found by the stress suite) can simply be replaced.
+                lost = dead or (not isinstance(exc, LoopBridgeError) and lost_connection(exc, protocol))
                 if shared_by is None:
                     if not dead:
                         # BEGIN failed or was interrupted (a timeout): whether the server began the
@@ -333,10 +351,13 @@ class _Core:
                         # connection rather than pool it (the server rolls back with the session).
                         discard(con)
                     await self.db._release(pool, con)
-                # A pooled connection that was dead before BEGIN reached the server (found by the stress
-                # suite): nothing has run yet, so begin on another one.
-                if shared_by is None and dead and retry < DEAD_CONNECTION_RETRIES:
+                if shared_by is None and lost and retry < DEAD_CONNECTION_RETRIES:
                     continue
+                if lost:
+                    raise ConnectionLostError(
+                        f"could not begin the {self.kind}: its connection was lost during BEGIN "
+                        f"({type(exc).__name__}), {retry + 1} time(s). Nothing was done; try again"
+                    ) from exc
                 raise
             finally:
                 if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
@@ -379,8 +400,11 @@ class _Core:
                 if pin.check_lost():
                     raise self._gone() from exc
                 raise
-            except BaseException:
-                pin.check_lost()  # the error itself (asyncpg's) reaches the caller unchanged
+            except BaseException as exc:
+                if _connection_failure(exc, pin):
+                    # The statement was running when the connection broke: asyncpg says so in one of
+                    # its many ways; the caller gets the one loopbridge error for it, as for plain calls.
+                    raise ConnectionLostError(self._lost_during(exc, committing=False)) from exc
                 raise
 
     def _gone(self, *, committing: bool = False) -> Exception:
@@ -392,6 +416,20 @@ class _Core:
                 "the server rolled it back. Nothing it did was committed"
             )
         return TransactionClosedError(_lost_message(self.kind, committing=committing))
+
+    def _lost_during(self, exc: BaseException, *, committing: bool) -> str:
+        detail = redact(str(exc) or type(exc).__name__, *self.db._secrets)
+        if committing:
+            return (
+                f"the connection of this {self.kind} was lost while its COMMIT was on the way "
+                f"({type(exc).__name__}: {detail}): the outcome is unknown, the server may have committed "
+                "just before. Check before doing the work again (unique keys make a retry safe)"
+            )
+        return (
+            f"the connection of this {self.kind} was lost during a statement ({type(exc).__name__}: "
+            f"{detail}): the server rolled the transaction back, nothing it did was committed. Begin a new "
+            "transaction and do the work again"
+        )
 
     def add_dependent(self, dependent: Dependent) -> None:
         self.check_usable()
@@ -437,9 +475,14 @@ class _Core:
                         # state 15", found by the stress suite): certainly not committed.
                         self._ended("lost", "its connection was lost; the server rolled it back")
                         raise self._gone(committing=True) from exc
-                    if pin.check_lost():
-                        # The server ends the transaction with the session. A failed COMMIT's outcome
-                        # is unknown then: asyncpg's error says so (ConnectionDoesNotExistError).
+                    if _connection_failure(exc, pin):
+                        # The server ends the transaction with the session. A COMMIT that was sent has
+                        # an unknown outcome then (the server may have committed just before).
+                        self._ended("lost", "its connection was lost during COMMIT or ROLLBACK")
+                        if commit:
+                            raise ConnectionLostError(self._lost_during(exc, committing=True)) from exc
+                        return
+                    if pin.check_lost():  # lost while interrupted (a timeout, a cancellation)
                         self._ended("lost", "its connection was lost during COMMIT or ROLLBACK")
                         if commit:
                             raise
@@ -495,6 +538,22 @@ class _Core:
             await self.db._release(pin.pool, pin.con)
         except Exception as exc:  # a pool closed meanwhile; asyncpg has discarded the connection
             logger.debug("%r: releasing its connection failed: %r", self, exc)
+
+
+def _connection_failure(exc: BaseException, pin: _Pin) -> bool:
+    """asyncpg's (or the socket's) way of saying the connection broke, as opposed to a SQL error.
+
+    asyncpg may raise before it has seen the socket close (the server's FATAL came first: found by the
+    stress suite), so its connection errors count as such whatever the connection says; its
+    InterfaceError and InternalClientError also mean misuse ("another operation is in progress"), so
+    they count only when the connection is indeed gone.
+    """
+    if isinstance(exc, LoopBridgeError) or not isinstance(exc, CONNECTION_FAILURES):
+        return False
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        return pin.check_lost()
+    pin.lost = True
+    return True
 
 
 class _Abandoned(Exception):

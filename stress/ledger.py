@@ -19,8 +19,6 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
-import asyncpg
-
 import loopbridge
 
 __all__ = ["EXPECTED", "EXPECTED_IN_BLOCKS", "Attempt", "Ledger", "describe_failure"]
@@ -34,12 +32,10 @@ EXPECTED: dict[type[BaseException], str] = {
 }
 
 #: Also documented for a ``with db.transaction()`` block (README, "Transactions"): the statement running
-#: when the connection broke raises asyncpg's own error, every later one (and the commit) raises
+#: when the connection broke raises ConnectionLostError (above), every later one (and the commit) raises
 #: TransactionClosedError.
 EXPECTED_IN_BLOCKS: dict[type[BaseException], str] = {
     loopbridge.TransactionClosedError: "the transaction's connection was lost: nothing was committed",
-    asyncpg.PostgresConnectionError: "the statement running when the transaction's connection broke",
-    asyncpg.AdminShutdownError: "the same, when the server's FATAL arrived before the socket closed",
 }
 
 #: Outcomes that are not failures of the library: the caller itself gave up on the call.
