@@ -23,6 +23,7 @@ bridge loop::
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -130,13 +131,25 @@ def twin_contexts(
     * if entering fails on the caller's side after the bridge side succeeded (the caller was interrupted
       at just that moment), exit runs anyway, without the caller waiting. So *exit* must accept being
       called for something that never opened, or that already ended.
+
+    Enter and exit of one object never overlap on the bridge loop: an exit waits for an enter still
+    unwinding there (the caller was cancelled, and stopped waiting for it after a grace period), so it
+    ends what that enter opened instead of finding nothing to end.
     """
     owner_name, _, enter_name = enter.__qualname__.rpartition(".")
     enter_label = f"{owner_name}.{enter_name.lstrip('_')}()"
     exit_label = f"{owner_name}.{exit.__qualname__.rpartition('.')[2].lstrip('_')}()"
 
+    async def serialized_enter(self: S, owner: Owner) -> E:
+        async with _turn(self):
+            return await enter(self, owner)
+
+    async def serialized_exit(self: S, error: BaseException | None) -> None:
+        async with _turn(self):
+            await exit(self, error)
+
     async def exit_to_completion(self: S, error: BaseException | None) -> None:
-        task = asyncio.get_running_loop().create_task(exit(self, error))
+        task = asyncio.get_running_loop().create_task(serialized_exit(self, error))
         task.add_done_callback(_retrieve)
         await asyncio.shield(task)
 
@@ -148,7 +161,9 @@ def twin_contexts(
 
     def __enter__(self: S) -> E:
         try:
-            result: E = self.bridge._run(enter, (self, Owner.this_thread()), None, None, enter_label)
+            result: E = self.bridge._run(
+                serialized_enter, (self, Owner.this_thread()), None, None, enter_label
+            )
         except BaseException as exc:
             enter_failed(self, exc)
             raise
@@ -161,7 +176,9 @@ def twin_contexts(
 
     async def __aenter__(self: S) -> E:
         try:
-            result: E = await self.bridge._arun(enter, (self, Owner.this_loop()), None, None, enter_label)
+            result: E = await self.bridge._arun(
+                serialized_enter, (self, Owner.this_loop()), None, None, enter_label
+            )
         except BaseException as exc:
             enter_failed(self, exc)
             raise
@@ -173,6 +190,17 @@ def twin_contexts(
         await self.bridge._arun(exit_to_completion, (self, exc), None, None, exit_label)
 
     return __enter__, __exit__, __aenter__, __aexit__
+
+
+# One lock per object entered through twin_contexts, created and used on its bridge loop only.
+_turns: weakref.WeakKeyDictionary[object, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _turn(obj: object) -> asyncio.Lock:
+    lock = _turns.get(obj)
+    if lock is None:
+        lock = _turns[obj] = asyncio.Lock()
+    return lock
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

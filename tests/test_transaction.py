@@ -487,3 +487,42 @@ class TestTwinContexts:
 
             run_loop(main)
             wait_until(lambda: held.log == ["open", "close NoneType"])
+
+    def test_an_exit_waits_for_an_enter_still_unwinding_on_the_bridge(self) -> None:
+        # Regression (found by the stress suite): a caller cancelled while entering stops waiting after a
+        # grace period; the exit that follows ran before the enter had finished, found nothing open, and
+        # what the enter then opened was left for the garbage collector to end.
+        class SlowToUnwind:
+            def __init__(self, bridge: Bridge) -> None:
+                self.bridge = bridge
+                self.log: list[str] = []
+                self.entering = threading.Event()
+
+            async def _open(self, owner: Any) -> str:
+                self.entering.set()
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    await asyncio.sleep(1.5)  # longer than the caller's grace: like a slow BEGIN
+                    self.log.append("opened anyway")
+                    return "held"
+                return "held"
+
+            async def _close(self, error: BaseException | None) -> None:
+                self.log.append("closed" if self.log else "closed before it opened")
+
+            __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_open, _close)
+
+        with Bridge("twin-contexts") as bridge:
+            held = SlowToUnwind(bridge)
+
+            async def main() -> None:
+                task = asyncio.create_task(held.__aenter__())
+                await asyncio.to_thread(held.entering.wait, WAIT)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            run_loop(main)
+            wait_until(lambda: len(held.log) == 2)
+            assert held.log == ["opened anyway", "closed"]
