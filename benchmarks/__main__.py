@@ -1,0 +1,187 @@
+"""``python -m benchmarks``: every case, interleaved, several repetitions, ratios to the same repetition's
+baseline. See benchmarks/README.md (and NOTES.md for what the numbers mean on a shared 2-core machine).
+
+It never fails because something is slow; it fails only when a case crashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loopbridge._servers import find_test_server
+
+from .cases import CASES, Case
+from .harness import Window
+from .report import Measurements, evaluate_targets, render_markdown, summarize, write_chart, write_json
+from .streaming import MEMORY_CASES, iterate_available, measure_memory, stream_loopbridge, stream_native
+
+HERE = Path(__file__).parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run for CI: 2 repetitions, short windows"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default 5; 2 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds measured per case (default 1.5; 0.3 quick)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per case (default 0.3; 0.1 quick)")
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 64], help="caller counts")
+    parser.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], help="only these cases")
+    parser.add_argument("--stream-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--memory-rows", type=int, default=None, help="rows for the peak-memory runs (default 1,000,000)"
+    )
+    parser.add_argument("--prefetch", type=int, default=1000, help="cursor batch size for streaming")
+    parser.add_argument("--dsn", help="PostgreSQL to use (default: the test suite's server)")
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "results", help="directory for results.md/json and chart.png"
+    )
+    parser.add_argument("--seed", type=int, default=6, help="seed of the case order in each repetition")
+    args = parser.parse_args(argv)
+
+    reps = args.reps or (2 if args.quick else 5)
+    window = Window(
+        warmup=args.warmup if args.warmup is not None else (0.1 if args.quick else 0.3),
+        duration=args.duration if args.duration is not None else (0.3 if args.quick else 1.5),
+    )
+    memory_rows = args.memory_rows or 1_000_000
+    cases = [c for c in CASES if args.cases is None or c.key in args.cases or c.key == c.baseline]
+
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        server = find_test_server()
+        dsn = server.dsn
+    try:
+        m = Measurements(meta=_meta(argv, reps, window, args.prefetch), ns=args.n)
+        _run(m, cases, dsn, reps, window, args.seed, args.stream_rows, args.prefetch)
+        _memory(m, dsn, memory_rows, args.prefetch)
+    finally:
+        if server is not None:
+            server.stop()
+    m.meta["load_after"] = _load()
+
+    summary = summarize(m)
+    text = render_markdown(m, summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text)
+    write_json(args.out / "results.json", m, summary)
+    write_chart(args.out / "chart.png", m, summary)
+    print()
+    print(text)
+    print(f"written: {args.out / 'results.md'}, results.json, chart.png")
+    missed = [goal for goal, _, met in evaluate_targets(summary) if met is False]
+    if missed:
+        print(f"{len(missed)} target(s) not met on this run (informational; speed never fails the run)")
+    return 0
+
+
+def _run(
+    m: Measurements,
+    cases: list[Case],
+    dsn: str,
+    reps: int,
+    window: Window,
+    seed: int,
+    stream_rows: int,
+    prefetch: int,
+) -> None:
+    order = random.Random(seed)
+    m.stream_rows = stream_rows
+    available = iterate_available()
+    if not available:
+        m.stream_note = "not available on this build (Database.iterate arrives with issue 3)"
+    for rep in range(reps):
+        for n in m.ns:
+            todo = []
+            for case in cases:
+                if case.max_n is not None and n > case.max_n:
+                    m.skipped[case.key, n] = case.skip_reason
+                else:
+                    todo.append(case)
+            order.shuffle(todo)
+            for case in todo:
+                m.samples[case.key, n, rep] = case.measure(dsn, n, window)
+            _progress(m, rep, reps, n)
+        # Streaming, interleaved in the same repetition: the native cursor, then the bridge.
+        m.streams["native", rep] = stream_native(dsn, stream_rows, prefetch)
+        if available:
+            m.streams["lb-iterate", rep] = stream_loopbridge(dsn, stream_rows, prefetch)
+            ratio = m.streams["native", rep] / m.streams["lb-iterate", rep]
+            print(f"  rep {rep + 1}: streaming {stream_rows:,} rows: {ratio:.2f}× native", flush=True)
+
+
+def _memory(m: Measurements, dsn: str, rows: int, prefetch: int) -> None:
+    m.memory_rows = rows
+    for key in MEMORY_CASES:
+        if key == "lb-iterate" and not iterate_available():
+            continue
+        m.memory[key] = measure_memory(key, dsn, rows, prefetch)
+        print(f"  memory, {rows:,} rows, {key}: peak RSS +{m.memory[key] / 1024:,.1f} MiB", flush=True)
+
+
+def _progress(m: Measurements, rep: int, reps: int, n: int) -> None:
+    parts = []
+    for case in CASES:
+        sample = m.samples.get((case.key, n, rep))
+        base = m.samples.get((case.baseline, n, rep))
+        if sample is None or base is None:
+            continue
+        if case.key == case.baseline:
+            parts.append(f"{case.key} {sample.throughput:,.0f}/s")
+        elif case.group == "hop":
+            parts.append(f"{case.key} {base.throughput / sample.throughput:.2f}×t")
+        else:
+            parts.append(f"{case.key} {sample.throughput / base.throughput:.2f}")
+    print(f"rep {rep + 1}/{reps} N={n}: " + ", ".join(parts), flush=True)
+
+
+def _meta(argv: list[str] | None, reps: int, window: Window, prefetch: int) -> dict[str, object]:
+    versions = {}
+    for dist in ("asyncpg", "psycopg", "psycopg-pool", "anyio", "uvloop"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "versions": versions,
+        "repetitions": reps,
+        "window": {"warmup": window.warmup, "duration": window.duration},
+        "prefetch": prefetch,
+        "load_before": _load(),
+    }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=HERE
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    status = main()
+    print(f"benchmarks: {time.monotonic() - started:.0f} s")
+    sys.exit(status)
