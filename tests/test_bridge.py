@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import gc
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Awaitable, Generator
 from typing import Any
 
@@ -163,6 +166,46 @@ class TestCalls:
         request_id.set("caller")
         bridge.run(write)
         assert request_id.get() == "caller"
+
+
+class TestResultsBackToForeignLoops:
+    """Results for one foreign loop travel back together (one wakeup of that loop per burst)."""
+
+    def test_a_burst_of_results_reaches_every_task_and_skips_a_cancelled_one(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+
+        async def main() -> list[int]:
+            slow = asyncio.ensure_future(bridge.arun(recorder.sleep, 30))
+            burst = asyncio.gather(*(bridge.arun(add, i, i) for i in range(200)))
+            await asyncio.to_thread(recorder.started.wait, WAIT)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            return list(await burst)
+
+        assert run_loop(main) == [2 * i for i in range(200)]
+        assert recorder.cancelled.wait(WAIT)
+
+    def test_tasks_of_several_loops_each_get_their_own_results(self, bridge: Bridge) -> None:
+        def loop_of_tasks(base: int) -> list[int]:
+            async def main() -> list[int]:
+                return list(await asyncio.gather(*(bridge.arun(add, base, i) for i in range(50))))
+
+            return asyncio.run(main())
+
+        results = [in_thread(functools.partial(loop_of_tasks, base)) for base in (0, 1000, 2000)]
+        assert results == [[base + i for i in range(50)] for base in (0, 1000, 2000)]
+
+    def test_the_bridge_keeps_no_finished_caller_loop_alive(self, bridge: Bridge) -> None:
+        loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+        async def main() -> int:
+            loops.append(weakref.ref(asyncio.get_running_loop()))
+            return await bridge.arun(add, 1, 2)
+
+        assert run_loop(main) == 3
+        gc.collect()
+        assert loops[0]() is None
 
 
 class TestErrors:
