@@ -7,6 +7,7 @@ It never fails because something is slow; it fails only when a case crashes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import os
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from loopbridge._servers import find_test_server
 
-from .cases import CASES, Case
-from .harness import Window
+from .cases import CASES, Case, Measure
+from .harness import Sample, Window
 from .report import Measurements, evaluate_targets, render_markdown, summarize, write_chart, write_json
 from .streaming import MEMORY_CASES, iterate_available, measure_memory, stream_loopbridge, stream_native
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 5; 2 with --quick)")
     parser.add_argument("--duration", type=float, help="seconds measured per case (default 1.5; 0.3 quick)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per case (default 0.3; 0.1 quick)")
+    parser.add_argument(
+        "--slices", type=int, help="slices each case and its baseline alternate in (default 4; 2 quick)"
+    )
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 64], help="caller counts")
     parser.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], help="only these cases")
     parser.add_argument("--stream-rows", type=int, default=100_000)
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup if args.warmup is not None else (0.1 if args.quick else 0.3),
         duration=args.duration if args.duration is not None else (0.3 if args.quick else 1.5),
     )
+    slices = args.slices or (2 if args.quick else 4)
     memory_rows = args.memory_rows or 1_000_000
     cases = [c for c in CASES if args.cases is None or c.key in args.cases or c.key == c.baseline]
 
@@ -63,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         server = find_test_server()
         dsn = server.dsn
     try:
-        m = Measurements(meta=_meta(argv, reps, window, args.prefetch), ns=args.n)
-        _run(m, cases, dsn, reps, window, args.seed, args.stream_rows, args.prefetch)
+        m = Measurements(meta=_meta(argv, reps, window, slices, args.prefetch), ns=args.n)
+        _run(m, cases, dsn, reps, window, slices, args.seed, args.stream_rows, args.prefetch)
         _memory(m, dsn, memory_rows, args.prefetch)
     finally:
         if server is not None:
@@ -92,6 +97,7 @@ def _run(
     dsn: str,
     reps: int,
     window: Window,
+    slices: int,
     seed: int,
     stream_rows: int,
     prefetch: int,
@@ -101,17 +107,31 @@ def _run(
     available = iterate_available()
     if not available:
         m.stream_note = "not available on this build (Database.iterate arrives with issue 3)"
+    baselines = {case.key: case for case in cases if case.key == case.baseline}
     for rep in range(reps):
         for n in m.ns:
             todo = []
             for case in cases:
+                if case.key == case.baseline:
+                    continue
                 if case.max_n is not None and n > case.max_n:
                     m.skipped[case.key, n] = case.skip_reason
                 else:
                     todo.append(case)
             order.shuffle(todo)
-            for case in todo:
-                m.samples[case.key, n, rep] = case.measure(dsn, n, window)
+            with contextlib.ExitStack() as stack:
+                # The baselines' sessions stay open for the whole of this N; each case opens its own.
+                base_measures = {
+                    key: stack.enter_context(base.session(dsn))
+                    for key, base in baselines.items()
+                    if any(case.baseline == key for case in todo)
+                }
+                for case in todo:
+                    with case.session(dsn) as measure:
+                        sample, base = _paired(measure, base_measures[case.baseline], n, window, slices)
+                    m.add(case.key, n, rep, sample)
+                    m.add(case.baseline, n, rep, base)
+                    m.ratios[case.key, n, rep] = sample.throughput / base.throughput
             _progress(m, rep, reps, n)
         # Streaming, interleaved in the same repetition: the native cursor, then the bridge.
         m.streams["native", rep] = stream_native(dsn, stream_rows, prefetch)
@@ -119,6 +139,25 @@ def _run(
             m.streams["lb-iterate", rep] = stream_loopbridge(dsn, stream_rows, prefetch)
             ratio = m.streams["native", rep] / m.streams["lb-iterate", rep]
             print(f"  rep {rep + 1}: streaming {stream_rows:,} rows: {ratio:.2f}× native", flush=True)
+
+
+def _paired(case: Measure, base: Measure, n: int, window: Window, slices: int) -> tuple[Sample, Sample]:
+    """Measure *case* and its baseline in alternating slices of the window: A B B A A B ...
+
+    The machine is shared and its speed drifts within seconds; two measurements taken side by side
+    in short alternating slices see the same drift, so their ratio holds where absolute numbers do not.
+    """
+    ours: list[Sample] = []
+    theirs: list[Sample] = []
+    for i in range(slices):
+        part = Window(window.warmup if i == 0 else min(window.warmup, 0.05), window.duration / slices)
+        if i % 2 == 0:
+            theirs.append(base(n, part))
+            ours.append(case(n, part))
+        else:
+            ours.append(case(n, part))
+            theirs.append(base(n, part))
+    return Sample.merge(ours), Sample.merge(theirs)
 
 
 def _memory(m: Measurements, dsn: str, rows: int, prefetch: int) -> None:
@@ -133,20 +172,22 @@ def _memory(m: Measurements, dsn: str, rows: int, prefetch: int) -> None:
 def _progress(m: Measurements, rep: int, reps: int, n: int) -> None:
     parts = []
     for case in CASES:
-        sample = m.samples.get((case.key, n, rep))
-        base = m.samples.get((case.baseline, n, rep))
-        if sample is None or base is None:
-            continue
         if case.key == case.baseline:
-            parts.append(f"{case.key} {sample.throughput:,.0f}/s")
-        elif case.group == "hop":
-            parts.append(f"{case.key} {base.throughput / sample.throughput:.2f}×t")
+            sample = m.samples.get((case.key, n, rep))
+            if sample is not None:
+                parts.append(f"{case.key} {sample.throughput:,.0f}/s")
+            continue
+        ratio = m.ratios.get((case.key, n, rep))
+        if ratio is None:
+            continue
+        if case.group == "hop":
+            parts.append(f"{case.key} {1 / ratio:.2f}×t")
         else:
-            parts.append(f"{case.key} {sample.throughput / base.throughput:.2f}")
+            parts.append(f"{case.key} {ratio:.2f}")
     print(f"rep {rep + 1}/{reps} N={n}: " + ", ".join(parts), flush=True)
 
 
-def _meta(argv: list[str] | None, reps: int, window: Window, prefetch: int) -> dict[str, object]:
+def _meta(argv: list[str] | None, reps: int, window: Window, slices: int, prefetch: int) -> dict[str, object]:
     versions = {}
     for dist in ("asyncpg", "psycopg", "psycopg-pool", "anyio", "uvloop"):
         try:
@@ -161,7 +202,7 @@ def _meta(argv: list[str] | None, reps: int, window: Window, prefetch: int) -> d
         "commit": _commit(),
         "versions": versions,
         "repetitions": reps,
-        "window": {"warmup": window.warmup, "duration": window.duration},
+        "window": {"warmup": window.warmup, "duration": window.duration, "slices": slices},
         "prefetch": prefetch,
         "load_before": _load(),
     }

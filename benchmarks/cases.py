@@ -1,8 +1,9 @@
 """The cases: ``SELECT 1`` through each way of reaching PostgreSQL, and the bare thread hop.
 
-Each case sets up its own pool (16 connections, opened before the window starts), drives N callers for
-one window and closes everything again, so only one case holds connections at a time: the server is
-shared, and a case must not be slowed by another's idle pool either.
+A case is a *session*: a context manager that sets up what the case needs (a pool of 16 connections,
+opened before anything is timed; a bridge; a loop thread) and yields a function that drives N callers
+for one window. The runner opens a case's session next to its baseline's and measures the two in
+alternating slices, so that both see the same machine (see ``benchmarks/__main__.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import _thread
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 
@@ -22,12 +23,17 @@ from loopbridge import Bridge, Database
 
 from .harness import Sample, Window, drive_tasks, drive_threads
 
-__all__ = ["CASES", "POOL_SIZE", "QUERY", "Case"]
+__all__ = ["CASES", "POOL_SIZE", "QUERY", "Case", "Measure"]
+
+T = TypeVar("T")
 
 QUERY = "SELECT 1"
 POOL_SIZE = 16
 #: A new connection per call opens N connections at once; the server is shared (max_connections 100).
 NEW_CONNECTION_MAX_N = 16
+
+#: Drives N callers through one window.
+Measure = Callable[[int, Window], Sample]
 
 
 @dataclass(frozen=True)
@@ -35,21 +41,48 @@ class Case:
     key: str
     label: str
     group: Literal["db", "hop"]
-    baseline: str  # the key of the case this one is compared with, in the same repetition
-    measure: Callable[[str, int, Window], Sample]
+    baseline: str  # the key of the case this one is measured alongside and compared with
+    session: Callable[[str], AbstractContextManager[Measure]]  # takes the DSN
     max_n: int | None = None  # larger N is skipped, and the reason is printed
     skip_reason: str = ""
 
 
-# -- the baseline: native asyncpg on the caller's own loop ------------------------------------------
+@contextmanager
+def _loop_thread(name: str) -> Iterator[asyncio.AbstractEventLoop]:
+    """A daemon thread running a plain asyncio loop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
-def _native(dsn: str, n: int, window: Window) -> Sample:
-    async def main() -> Sample:
-        async with asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE) as pool:
-            return await drive_tasks(n, functools.partial(pool.fetchval, QUERY), window)
+def _on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(120)
 
-    return asyncio.run(main())
+
+async def _create_pool(dsn: str) -> asyncpg.Pool:
+    # Called on the loop that will own the pool: a Pool binds to the loop current at its creation.
+    return await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
+
+
+# -- the baseline: native asyncpg, N tasks on the loop that owns the pool ----------------------------
+
+
+@contextmanager
+def _native(dsn: str) -> Iterator[Measure]:
+    # The loop runs in a thread of its own only so that the session can stay open between slices;
+    # the N tasks run on it, with the pool: the caller's own loop. The runner's thread just waits.
+    with _loop_thread("bench-native") as loop:
+        pool = _on(loop, _create_pool(dsn))
+        try:
+            yield lambda n, window: _on(loop, drive_tasks(n, functools.partial(pool.fetchval, QUERY), window))
+        finally:
+            _on(loop, pool.close())
 
 
 # -- loopbridge -------------------------------------------------------------------------------------
@@ -67,70 +100,61 @@ def _database(dsn: str, uvloop: bool) -> Iterator[Database]:
         bridge.close()
 
 
-def _loopbridge_sync(uvloop: bool) -> Callable[[str, int, Window], Sample]:
-    def measure(dsn: str, n: int, window: Window) -> Sample:
+def _loopbridge_sync(uvloop: bool) -> Callable[[str], AbstractContextManager[Measure]]:
+    @contextmanager
+    def session(dsn: str) -> Iterator[Measure]:
         with _database(dsn, uvloop) as db:
-            return drive_threads(n, functools.partial(db.fetchval, QUERY), window)
+            yield lambda n, window: drive_threads(n, functools.partial(db.fetchval, QUERY), window)
 
-    return measure
+    return session
 
 
-def _loopbridge_async(uvloop: bool) -> Callable[[str, int, Window], Sample]:
-    def measure(dsn: str, n: int, window: Window) -> Sample:
+def _loopbridge_async(uvloop: bool) -> Callable[[str], AbstractContextManager[Measure]]:
+    @contextmanager
+    def session(dsn: str) -> Iterator[Measure]:
         with _database(dsn, uvloop) as db:
-            # asyncio.run makes a loop of this thread's own: a foreign loop for the bridge.
-            return asyncio.run(drive_tasks(n, functools.partial(db.afetchval, QUERY), window))
+            # asyncio.run makes a loop of the runner thread's own: a foreign loop for the bridge.
+            yield lambda n, window: asyncio.run(
+                drive_tasks(n, functools.partial(db.afetchval, QUERY), window)
+            )
 
-    return measure
+    return session
 
 
 # -- the alternatives -------------------------------------------------------------------------------
 
 
 @contextmanager
-def _plain_loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
-    """A daemon thread running a plain asyncio loop: what a hand-written bridge looks like."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="bench-naive-loop", daemon=True)
-    thread.start()
-    try:
-        yield loop
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def _naive_bridge(dsn: str) -> Iterator[Measure]:
+    # What a hand-written bridge looks like: a daemon loop thread and run_coroutine_threadsafe.
+    with _loop_thread("bench-naive") as loop:
+        pool = _on(loop, _create_pool(dsn))
 
+        def call() -> object:
+            return asyncio.run_coroutine_threadsafe(pool.fetchval(QUERY), loop).result()
 
-async def _create_pool(dsn: str) -> asyncpg.Pool:
-    # Called on the loop that will own the pool: a Pool binds to the loop current at its creation.
-    return await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
-
-
-def _naive_bridge(dsn: str, n: int, window: Window) -> Sample:
-    with _plain_loop_thread() as loop:
-        pool = asyncio.run_coroutine_threadsafe(_create_pool(dsn), loop).result(30)
         try:
-
-            def call() -> object:
-                return asyncio.run_coroutine_threadsafe(pool.fetchval(QUERY), loop).result()
-
-            return drive_threads(n, call, window)
+            yield lambda n, window: drive_threads(n, call, window)
         finally:
-            asyncio.run_coroutine_threadsafe(pool.close(), loop).result(30)
+            _on(loop, pool.close())
 
 
-def _anyio_portal(dsn: str, n: int, window: Window) -> Sample:
+@contextmanager
+def _anyio_portal(dsn: str) -> Iterator[Measure]:
     from anyio.from_thread import start_blocking_portal
 
     with start_blocking_portal() as portal:
         pool = portal.call(_create_pool, dsn)
         try:
-            return drive_threads(n, functools.partial(portal.call, pool.fetchval, QUERY), window)
+            yield lambda n, window: drive_threads(
+                n, functools.partial(portal.call, pool.fetchval, QUERY), window
+            )
         finally:
             portal.call(pool.close)
 
 
-def _psycopg_pool(dsn: str, n: int, window: Window) -> Sample:
+@contextmanager
+def _psycopg_pool(dsn: str) -> Iterator[Measure]:
     from psycopg_pool import ConnectionPool
 
     # autocommit: like asyncpg, one statement is one round trip, with no BEGIN/COMMIT around it.
@@ -143,10 +167,12 @@ def _psycopg_pool(dsn: str, n: int, window: Window) -> Sample:
             with pool.connection() as conn:
                 return conn.execute(QUERY).fetchone()
 
-        return drive_threads(n, call, window)
+        yield lambda n, window: drive_threads(n, call, window)
 
 
-def _new_connection(dsn: str, n: int, window: Window) -> Sample:
+@contextmanager
+def _new_connection(dsn: str) -> Iterator[Measure]:
+    # ADR-047's workaround: a fresh connection for every piece of work, on the caller's loop.
     async def call() -> object:
         con = await asyncpg.connect(dsn)
         try:
@@ -154,7 +180,7 @@ def _new_connection(dsn: str, n: int, window: Window) -> Sample:
         finally:
             await con.close()
 
-    return asyncio.run(drive_tasks(n, call, window))
+    yield lambda n, window: asyncio.run(drive_tasks(n, call, window))
 
 
 # -- the hop alone: no database ---------------------------------------------------------------------
@@ -164,9 +190,10 @@ async def _noop() -> None:
     pass
 
 
-def _floor(dsn: str, n: int, window: Window) -> Sample:
+@contextmanager
+def _floor(dsn: str) -> Iterator[Measure]:
     # The least any thread-to-loop crossing can cost: one call_soon_threadsafe there, one lock back.
-    with _plain_loop_thread() as loop:
+    with _loop_thread("bench-floor") as loop:
 
         def call() -> None:
             done = _thread.allocate_lock()
@@ -174,32 +201,32 @@ def _floor(dsn: str, n: int, window: Window) -> Sample:
             loop.call_soon_threadsafe(done.release)
             done.acquire()
 
-        return drive_threads(n, call, window)
+        yield lambda n, window: drive_threads(n, call, window)
 
 
-def _naive_hop(dsn: str, n: int, window: Window) -> Sample:
-    with _plain_loop_thread() as loop:
-        return drive_threads(n, lambda: asyncio.run_coroutine_threadsafe(_noop(), loop).result(), window)
+@contextmanager
+def _naive_hop(dsn: str) -> Iterator[Measure]:
+    with _loop_thread("bench-naive") as loop:
+
+        def call() -> object:
+            return asyncio.run_coroutine_threadsafe(_noop(), loop).result()
+
+        yield lambda n, window: drive_threads(n, call, window)
 
 
-def _loopbridge_hop(uvloop: bool) -> Callable[[str, int, Window], Sample]:
-    def measure(dsn: str, n: int, window: Window) -> Sample:
+def _loopbridge_hop(uvloop: bool) -> Callable[[str], AbstractContextManager[Measure]]:
+    @contextmanager
+    def session(dsn: str) -> Iterator[Measure]:
         with Bridge("bench-hop", uvloop=uvloop) as bridge:
-            return drive_threads(n, functools.partial(bridge.run, _noop), window)
+            yield lambda n, window: drive_threads(n, functools.partial(bridge.run, _noop), window)
 
-    return measure
+    return session
 
 
-def _loopbridge_ahop(dsn: str, n: int, window: Window) -> Sample:
+@contextmanager
+def _loopbridge_ahop(dsn: str) -> Iterator[Measure]:
     with Bridge("bench-hop") as bridge:
-        return asyncio.run(drive_tasks(n, functools.partial(bridge.arun, _noop), window))
-
-
-def _skip_new_connection() -> dict[str, Any]:
-    return {
-        "max_n": NEW_CONNECTION_MAX_N,
-        "skip_reason": f"more than {NEW_CONNECTION_MAX_N} connections opened at once on a shared server",
-    }
+        yield lambda n, window: asyncio.run(drive_tasks(n, functools.partial(bridge.arun, _noop), window))
 
 
 CASES: list[Case] = [
@@ -217,7 +244,8 @@ CASES: list[Case] = [
         "db",
         "limit",
         _new_connection,
-        **_skip_new_connection(),
+        max_n=NEW_CONNECTION_MAX_N,
+        skip_reason=f"more than {NEW_CONNECTION_MAX_N} connections opened at once on a shared server",
     ),
     Case("floor", "floor: call_soon_threadsafe + lock", "hop", "floor", _floor),
     Case("hop", "loopbridge hop, sync threads", "hop", "floor", _loopbridge_hop(uvloop=False)),

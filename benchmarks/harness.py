@@ -9,7 +9,6 @@ window's edges bias no case more than another.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -49,8 +48,14 @@ class Sample:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
-    def median(self) -> float:
-        return statistics.median(self.latencies) if self.latencies else float("nan")
+    @staticmethod
+    def merge(samples: list[Sample]) -> Sample:
+        """One sample of everything *samples* measured."""
+        return Sample(
+            sum(s.calls for s in samples),
+            sum(s.seconds for s in samples),
+            [lat for s in samples for lat in s.latencies],
+        )
 
 
 def drive_threads(n: int, call: Callable[[], object], window: Window) -> Sample:

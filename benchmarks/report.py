@@ -25,12 +25,19 @@ class Measurements:
     meta: dict[str, Any]
     ns: list[int]
     samples: dict[tuple[str, int, int], Sample] = field(default_factory=dict)  # (case, n, rep)
+    # A case's throughput over its baseline's, measured alongside in alternating slices.
+    ratios: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (case, n, rep)
     streams: dict[tuple[str, int], float] = field(default_factory=dict)  # (case, rep) -> seconds
     stream_rows: int = 0
     stream_note: str = ""
     memory: dict[str, int] = field(default_factory=dict)  # case -> peak RSS growth, KiB
     memory_rows: int = 0
     skipped: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def add(self, key: str, n: int, rep: int, sample: Sample) -> None:
+        """Record *sample*; a baseline measured alongside several cases accumulates."""
+        earlier = self.samples.get((key, n, rep))
+        self.samples[key, n, rep] = sample if earlier is None else Sample.merge([earlier, sample])
 
 
 @dataclass(frozen=True)
@@ -81,13 +88,8 @@ def summarize(m: Measurements) -> Summary:
     for (key, n, rep), sample in m.samples.items():
         by_cell[key, n].append((rep, sample))
     for (key, n), samples in by_cell.items():
-        baseline = _CASE[key].baseline
-        ratios = [
-            sample.throughput / m.samples[baseline, n, rep].throughput
-            for rep, sample in samples
-            if (baseline, n, rep) in m.samples
-        ]
-        pooled = Sample(0, 1.0, [lat for _, sample in samples for lat in sample.latencies])
+        ratios = [1.0] if key == _CASE[key].baseline else [m.ratios[key, n, rep] for rep, _ in samples]
+        pooled = Sample.merge([sample for _, sample in samples])
         cells[key, n] = Cell(
             ratios=ratios,
             throughput=statistics.median(sample.throughput for _, sample in samples),
@@ -266,6 +268,7 @@ def write_json(path: Path, m: Measurements, s: Summary) -> None:
                 "calls": sample.calls,
                 "seconds": sample.seconds,
                 "throughput": sample.throughput,
+                "ratio_to_baseline": m.ratios.get((key, n, rep)),
                 "p50_us": sample.percentile(50) * 1e6,
                 "p99_us": sample.percentile(99) * 1e6,
             }
