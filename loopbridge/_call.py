@@ -3,8 +3,8 @@
 The work itself always runs the same way (:meth:`Call.start`, on the bridge loop); only the way back to
 the caller differs, so each kind of caller has a small subclass:
 
-* :class:`BlockingCall` — a sync thread waits on a bare lock (cheaper than a ``concurrent.futures.Future``
-  with its condition variable);
+* :class:`BlockingCall` — a sync thread waits on an eventfd of its own (Linux) or a bare lock, both
+  cheaper than a ``concurrent.futures.Future`` with its condition variable (see ``loopbridge._wakeup``);
 * :class:`AsyncCall` — a coroutine on another event loop awaits a future of its own loop, completed
   on that loop through its :class:`Mailbox` (one ``call_soon_threadsafe`` per burst of results);
 * :class:`FutureCall` — :meth:`Bridge.submit` hands out a ``concurrent.futures.Future``.
@@ -16,18 +16,19 @@ the caller sees.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import contextvars
 import enum
 import inspect
 import sys
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
+from ._wakeup import waiter_for_this_thread
 from .errors import BridgeClosedError, CallTimeoutError
 
 __all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "Ledger", "Mailbox", "describe"]
@@ -213,9 +214,9 @@ class Call(Generic[T]):
 
 
 class BlockingCall(Call[T]):
-    """The caller is a sync thread, waiting on a lock that the bridge loop releases."""
+    """The caller is a sync thread, waiting on its thread's waiter (see ``loopbridge._wakeup``)."""
 
-    __slots__ = ("_done",)
+    __slots__ = ("_waiter",)
 
     def __init__(
         self,
@@ -226,15 +227,24 @@ class BlockingCall(Call[T]):
         label: str,
     ) -> None:
         super().__init__(fn, args, kwargs, timeout, label)
-        self._done = _thread.allocate_lock()
-        self._done.acquire()
+        self._waiter = waiter_for_this_thread()
 
     def _settle(self) -> None:
-        self._done.release()
+        self._waiter.wake()
 
     def wait(self, timeout: float | None) -> bool:
         """Block until settled or *timeout* elapses; True if settled. Interruptible by Ctrl-C."""
-        return self._done.acquire(True, -1 if timeout is None else timeout)
+        if timeout is None:
+            while not self.settled:  # a wakeup may be a stale one, for an earlier call of this thread
+                self._waiter.wait(None)
+            return True
+        deadline = time.monotonic() + timeout
+        while not self.settled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._waiter.wait(left)
+        return True
 
 
 class AsyncCall(Call[T]):

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 import loopbridge
+import loopbridge._wakeup
 from loopbridge import (
     Bridge,
     BridgeClosedError,
@@ -340,6 +341,39 @@ class TestTimeoutsAndCancellation:
         assert "KeyboardInterrupt re-raised" in out
         assert "bridge task cancelled: True" in out
         assert "bridge still serves: yes" in out
+
+
+class TestSyncWaiters:
+    def test_a_late_wakeup_for_an_abandoned_call_does_not_end_the_next_call_early(self) -> None:
+        # A thread reuses one waiter for all its calls: the wakeup of a call it gave up waiting for
+        # (its loop was blocked) arrives during its next call, which must still wait for its own result.
+        async def block_the_loop() -> None:
+            time.sleep(3.5)  # noqa: ASYNC251 - longer than the first caller waits (0.1 s + 2 * GRACE)
+
+        async def later(value: str) -> str:
+            await asyncio.sleep(0.3)
+            return value
+
+        with Bridge("stale-wakeup", block_threshold=None) as bridge:
+
+            def caller() -> str:
+                bridge.submit(block_the_loop)
+                with pytest.raises(CallTimeoutError, match="did not respond"):
+                    bridge.run(add, 1, 2, timeout=0.1)
+                result: str = bridge.run(later, "its own result")
+                return result
+
+            assert in_thread(caller) == "its own result"
+
+    def test_the_lock_waiter_serves_where_there_is_no_eventfd(
+        self, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(loopbridge._wakeup, "_HAVE_EVENTFD", False)
+        recorder = Recorder()
+        assert in_thread(lambda: bridge.run(add, 2, 3)) == 5
+        with pytest.raises(CallTimeoutError):
+            in_thread(lambda: bridge.run(recorder.sleep, 30, timeout=0.2))
+        assert recorder.cancelled.wait(WAIT)
 
 
 class TestDeadlockGuard:
