@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a short run for CI: 2 repetitions, short windows"
     )
     parser.add_argument("--reps", type=int, help="repetitions (default 5; 2 with --quick)")
-    parser.add_argument("--duration", type=float, help="seconds measured per case (default 1.5; 0.3 quick)")
+    parser.add_argument("--duration", type=float, help="seconds measured per case (default 1.0; 0.3 quick)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per case (default 0.3; 0.1 quick)")
     parser.add_argument(
         "--slices", type=int, help="slices each case and its baseline alternate in (default 4; 2 quick)"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     window = Window(
         warmup=args.warmup if args.warmup is not None else (0.1 if args.quick else 0.3),
-        duration=args.duration if args.duration is not None else (0.3 if args.quick else 1.5),
+        duration=args.duration if args.duration is not None else (0.3 if args.quick else 1.0),
     )
     slices = args.slices or (2 if args.quick else 4)
     memory_rows = args.memory_rows or 1_000_000
