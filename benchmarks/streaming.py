@@ -122,7 +122,16 @@ def _memory_fetch_all(dsn: str, rows: int, prefetch: int) -> int:
 
 
 def _peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    """The peak resident set size so far, KiB. On Linux from /proc: ``ru_maxrss`` survives exec, so a
+    process started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
 MEMORY_CASES: dict[str, tuple[str, Callable[[str, int, int], int]]] = {
