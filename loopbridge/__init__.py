@@ -4,6 +4,7 @@ Sync callers block on the result, async callers on any other loop await it; pool
 One :class:`Database` serves sync views, async handlers, CLIs, tests and notebooks at once.
 """
 
+from ._stream import RowStream
 from .bridge import Bridge, default_bridge
 from .database import Database
 from .errors import (
@@ -11,12 +12,17 @@ from .errors import (
     CallTimeoutError,
     ConfigurationError,
     ConnectError,
+    ConnectionLostError,
     DatabaseClosedError,
     DeadlockError,
     LoopBridgeError,
     PoolTimeoutError,
+    SubscriptionClosedError,
+    TransactionClosedError,
 )
-from .stats import BridgeStats
+from .listen import Gap, Notification, Subscription
+from .stats import BridgeStats, DatabaseStats
+from .transaction import Transaction
 
 __version__ = "0.1.0.dev0"
 
@@ -27,11 +33,20 @@ __all__ = [
     "CallTimeoutError",
     "ConfigurationError",
     "ConnectError",
+    "ConnectionLostError",
     "Database",
     "DatabaseClosedError",
+    "DatabaseStats",
     "DeadlockError",
+    "Gap",
     "LoopBridgeError",
+    "Notification",
     "PoolTimeoutError",
+    "RowStream",
+    "Subscription",
+    "SubscriptionClosedError",
+    "Transaction",
+    "TransactionClosedError",
     "__version__",
     "default_bridge",
 ]

@@ -46,6 +46,7 @@ class CancelReason(enum.Enum):
     TIMEOUT = "timeout"
     CALLER = "caller"  # the caller stopped waiting: Ctrl-C, task cancelled, future cancelled
     CLOSE = "close"
+    EXIT = "exit"  # the interpreter exits: cancelled, and the caller (a daemon thread) is not woken
 
 
 class Ledger:
@@ -143,7 +144,7 @@ class Call(Generic[T]):
         except GeneratorExit:  # the task itself is being destroyed: nothing to report to
             raise
         except BaseException as exc:
-            self.error = exc
+            self.error = exc if self.cancel_reason is None else self._unwound_error(exc)
         finally:
             ledger.inflight.discard(self)
             if self.error is None:
@@ -153,7 +154,8 @@ class Call(Generic[T]):
             if self._timer is not None:
                 self._timer.cancel()
             self.settled = True
-            self._settle()
+            if self.cancel_reason is not CancelReason.EXIT:
+                self._settle()
 
     def cancel(self, reason: CancelReason) -> None:
         """Cancel the work (on the bridge loop). The first reason given is the one reported."""
@@ -174,6 +176,11 @@ class Call(Generic[T]):
         self.settled = True
         self._settle()
 
+    def abandon(self) -> None:
+        """Drop a call that will never start, at interpreter exit: its caller is not woken."""
+        self._close_unawaited()
+        self.settled = True
+
     def _close_unawaited(self) -> None:
         if inspect.iscoroutine(self.fn):
             self.fn.close()  # no "coroutine was never awaited" warning for work we never ran
@@ -184,12 +191,25 @@ class Call(Generic[T]):
             return CallTimeoutError(
                 f"{self.label} did not finish within {self.timeout:g} s; it was cancelled on the bridge loop"
             )
-        if reason is CancelReason.CLOSE:
+        if reason is CancelReason.CLOSE or reason is CancelReason.EXIT:
             return BridgeClosedError(
                 f"{self.label} was cancelled because its bridge was closed while the call was in flight; "
                 "close the bridge only after the calls you care about have returned"
             )
         return exc
+
+    def _unwound_error(self, exc: BaseException) -> BaseException:
+        """The error for work that was cancelled but ended with *exc*, raised while it unwound.
+
+        asyncpg's ``Transaction.__aexit__``, for one, raises its own error when the cancellation left the
+        connection closed. What happened is still the timeout (or the close): report that, caused by
+        *exc*. An error that has nothing to do with the cancellation is reported as it is.
+        """
+        if self.cancel_reason is CancelReason.CALLER or not _raised_during_cancellation(exc):
+            return exc
+        error = self._cancelled_error(asyncio.CancelledError())
+        error.__cause__ = exc
+        return error
 
     def _settle(self) -> None:
         """Tell the caller the outcome is ready. Subclasses choose how."""
@@ -355,6 +375,18 @@ class FutureCall(Call[T]):
                 future.set_result(self.result)  # type: ignore[arg-type]
         except InvalidStateError:  # the caller cancelled the future meanwhile
             pass
+
+
+def _raised_during_cancellation(exc: BaseException) -> bool:
+    """True if a CancelledError is in the chain of exceptions *exc* was raised from or during."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, asyncio.CancelledError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def describe(fn: object) -> str:

@@ -12,17 +12,29 @@ The sync twin blocks its thread in ``Bridge._run``, the async twin awaits ``Brid
 crossing, the same errors. The ``timeout`` keyword belongs to the crossing, not to the implementation:
 the twin takes it out and hands it to the bridge, which cancels the work on the bridge loop when it
 expires (so the implementation declares it only for the signature and never sees it).
+
+Objects used in a ``with`` block *and* an ``async with`` block (a transaction, a row stream, a
+subscription) get their four methods the same way, from an enter and an exit coroutine that run on the
+bridge loop::
+
+    __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_begin, _end)
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable, Coroutine
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+from ._owner import Owner
+from .errors import BridgeClosedError
 
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["Bridged", "twins"]
+__all__ = ["Bridged", "twin_contexts", "twins"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,12 +61,23 @@ _ASYNC_NOTE = (
 
 def twins(
     impl: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+    *,
+    owners: tuple[str, str] | None = None,
 ) -> tuple[Callable[Concatenate[S, P], R], Callable[Concatenate[S, P], Coroutine[Any, Any, R]]]:
-    """Derive the blocking method and the ``a``-prefixed async method from *impl*."""
+    """Derive the blocking method and the ``a``-prefixed async method from *impl*.
+
+    :param owners: for a sync facade and an async facade of one thing (``loopbridge.sqlalchemy``'s two
+        sessions): the names of the two classes that take the methods. Both methods then keep *impl*'s
+        name, without the ``a``, as the SQLAlchemy classes those facades imitate do.
+    """
     owner, _, impl_name = impl.__qualname__.rpartition(".")
     name = impl_name.lstrip("_")
-    sync_label = f"{owner}.{name}()"
-    async_label = f"{owner}.a{name}()"
+    if owners is None:
+        sync_owner, async_owner, async_name = owner, owner, f"a{name}"
+    else:
+        (sync_owner, async_owner), async_name = owners, name
+    sync_label = f"{sync_owner}.{name}()"
+    async_label = f"{async_owner}.{async_name}()"
 
     def sync(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]
@@ -67,12 +90,121 @@ def twins(
         return result
 
     doc = (impl.__doc__ or "").rstrip()
-    for twin, twin_name, note in (
-        (sync, name, _SYNC_NOTE.format(async_name=f"a{name}")),
-        (async_, f"a{name}", _ASYNC_NOTE),
+    awaited = async_name if owners is None else f"{async_owner}.{async_name}"
+    for twin, twin_owner, twin_name, note in (
+        (sync, sync_owner, name, _SYNC_NOTE.format(async_name=awaited)),
+        (async_, async_owner, async_name, _ASYNC_NOTE),
     ):
         twin.__name__ = twin_name
-        twin.__qualname__ = f"{owner}.{twin_name}"
+        twin.__qualname__ = f"{twin_owner}.{twin_name}"
         twin.__module__ = impl.__module__
         twin.__doc__ = doc + note
     return sync, async_
+
+
+E = TypeVar("E")
+ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+
+
+def twin_contexts(
+    enter: Callable[[S, Owner], Coroutine[Any, Any, E]],
+    exit: Callable[[S, BaseException | None], Coroutine[Any, Any, None]],
+) -> tuple[
+    Callable[[S], E],
+    Callable[[S, type[BaseException] | None, BaseException | None, TracebackType | None], None],
+    Callable[[S], Coroutine[Any, Any, E]],
+    Callable[
+        [S, type[BaseException] | None, BaseException | None, TracebackType | None], Coroutine[Any, Any, None]
+    ],
+]:
+    """Derive ``__enter__``, ``__exit__``, ``__aenter__`` and ``__aexit__`` from two coroutine functions
+    that run on the bridge loop.
+
+    ``enter(self, owner)`` opens what the block uses and returns what ``as`` binds; *owner* is the
+    calling thread (``with``) or the calling event loop (``async with``). ``exit(self, error)`` ends it;
+    *error* is what the block raised, or None. The block's exception is never suppressed.
+
+    Two promises, so that nothing stays held:
+
+    * exit runs to completion on the bridge loop: Ctrl-C or a cancelled task stop the caller's wait for
+      it, never the exit itself (it runs as a task of its own there);
+    * if entering fails on the caller's side after the bridge side succeeded (the caller was interrupted
+      at just that moment), exit runs anyway, without the caller waiting. So *exit* must accept being
+      called for something that never opened, or that already ended.
+
+    Enter and exit of one object never overlap on the bridge loop: an exit waits for an enter still
+    unwinding there (the caller was cancelled, and stopped waiting for it after a grace period), so it
+    ends what that enter opened instead of finding nothing to end.
+    """
+    owner_name, _, enter_name = enter.__qualname__.rpartition(".")
+    enter_label = f"{owner_name}.{enter_name.lstrip('_')}()"
+    exit_label = f"{owner_name}.{exit.__qualname__.rpartition('.')[2].lstrip('_')}()"
+
+    async def serialized_enter(self: S, owner: Owner) -> E:
+        async with _turn(self):
+            return await enter(self, owner)
+
+    async def serialized_exit(self: S, error: BaseException | None) -> None:
+        async with _turn(self):
+            await exit(self, error)
+
+    async def exit_to_completion(self: S, error: BaseException | None) -> None:
+        task = asyncio.get_running_loop().create_task(serialized_exit(self, error))
+        task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
+    def enter_failed(self: S, error: BaseException) -> None:
+        try:
+            self.bridge.submit(exit_to_completion, self, error)
+        except BridgeClosedError:  # closing the bridge releases everything
+            pass
+
+    def __enter__(self: S) -> E:
+        try:
+            result: E = self.bridge._run(
+                serialized_enter, (self, Owner.this_thread()), None, None, enter_label
+            )
+        except BaseException as exc:
+            enter_failed(self, exc)
+            raise
+        return result
+
+    def __exit__(
+        self: S, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.bridge._run(exit_to_completion, (self, exc), None, None, exit_label)
+
+    async def __aenter__(self: S) -> E:
+        try:
+            result: E = await self.bridge._arun(
+                serialized_enter, (self, Owner.this_loop()), None, None, enter_label
+            )
+        except BaseException as exc:
+            enter_failed(self, exc)
+            raise
+        return result
+
+    async def __aexit__(
+        self: S, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.bridge._arun(exit_to_completion, (self, exc), None, None, exit_label)
+
+    return __enter__, __exit__, __aenter__, __aexit__
+
+
+# One lock per object entered through twin_contexts, created and used on its bridge loop only.
+_turns: weakref.WeakKeyDictionary[object, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _turn(obj: object) -> asyncio.Lock:
+    lock = _turns.get(obj)
+    if lock is None:
+        lock = _turns[obj] = asyncio.Lock()
+    return lock
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # The caller who stopped waiting cannot see the error; this keeps asyncio from logging it as
+    # "never retrieved" (exit implementations log what matters themselves).
+    if not task.cancelled():
+        task.exception()

@@ -21,8 +21,16 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from ._call import AsyncCall, BlockingCall, CancelReason, FutureCall, _not_awaitable, describe
-from ._loop import GRACE, LoopThread, Resource, abandon
+from ._call import (
+    AsyncCall,
+    BlockingCall,
+    CancelReason,
+    FutureCall,
+    _not_awaitable,
+    _raised_during_cancellation,
+    describe,
+)
+from ._loop import GRACE, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -68,12 +76,15 @@ class Bridge:
     ) -> None:
         if loop_factory is not None and uvloop:
             raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
+        _check_seconds("close_timeout", close_timeout, allow_none=False)
+        _check_seconds("block_threshold", block_threshold, allow_none=True)
         self._name = name
         self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
         self._close_timeout = close_timeout
         self._block_threshold = block_threshold
         self._state: _State = "idle"
         self._live: LoopThread | None = None
+        self._stopping: LoopThread | None = None  # the generation close() is stopping right now
         self._lock = threading.Lock()
         _bridges.add(self)
 
@@ -183,6 +194,8 @@ class Bridge:
         """
         label = _label(fn, None, "Bridge.submit")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
         self._generation().submit(call)
         return call.future
@@ -200,6 +213,8 @@ class Bridge:
     ) -> Any:
         label = _label(fn, label, "Bridge.run")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         generation = self._generation()
         if generation.thread_id == threading.get_ident():
             _close_if_coroutine(fn)
@@ -231,6 +246,8 @@ class Bridge:
     ) -> Any:
         label = _label(fn, label, "Bridge.arun")
         _check_fn(fn, args, label)
+        if timeout is not None:
+            _check_timeout(timeout, label)
         generation = self._generation()
         caller_loop = asyncio.get_running_loop()
         if caller_loop is generation.loop:
@@ -286,27 +303,33 @@ class Bridge:
                 live = None
             if live is not None:
                 return live
-            if self._state == "closed":
-                raise BridgeClosedError(
-                    f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
-                    "loopbridge.default_bridge(), which replaces a closed default bridge"
-                )
-            live = LoopThread(self._name, self._loop_factory, self._block_threshold)
-            live.start()
-            self._live = live
-            self._state = "running"
-            return live
+            if self._state != "closed":
+                live = LoopThread(self._name, self._loop_factory, self._block_threshold)
+                live.start()
+                self._live = live
+                self._state = "running"
+                return live
+        if _exiting and threading.current_thread() is not threading.main_thread():
+            park_at_exit()  # a daemon thread calling in while the interpreter exits
+        raise BridgeClosedError(
+            f"the bridge {self._name!r} is closed; create a new Bridge (or Database), or use "
+            "loopbridge.default_bridge(), which replaces a closed default bridge"
+        )
 
     def _register(self, resource: Resource) -> None:
-        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop."""
-        generation = self._generation()
-        if resource not in generation.resources:
+        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop.
+
+        Registers with the generation running this loop, also while close() is stopping it: a pool
+        first opened by a call racing close() is closed with the rest, never left open on a dead loop.
+        """
+        generation = self._live or self._stopping
+        if generation is not None and resource not in generation.resources:
             generation.resources.append(resource)
 
     def _unregister(self, resource: Resource) -> None:
-        live = self._live
-        if live is not None and resource in live.resources:
-            live.resources.remove(resource)
+        for generation in (self._live, self._stopping):
+            if generation is not None and resource in generation.resources:
+                generation.resources.remove(resource)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
@@ -315,6 +338,9 @@ class Bridge:
 
         :raises DeadlockError: if called on the bridge thread (it cannot join itself).
         """
+        self._close(timeout, at_exit=False)
+
+    def _close(self, timeout: float | None, *, at_exit: bool) -> None:
         if self.in_bridge_thread():
             raise DeadlockError(
                 f"Bridge.close() was called on the bridge thread of {self._name!r}, which it would have "
@@ -324,13 +350,18 @@ class Bridge:
             if self._state == "closed":
                 return
             self._state = "closed"
+            # In one step, so that work on the loop always finds the generation it runs on.
             live, self._live = self._live, None
-        if live is None:
-            return
-        if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
-            abandon(live)
-            return
-        live.stop(self._close_timeout if timeout is None else timeout)
+            self._stopping = live
+        try:
+            if live is None:
+                return
+            if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
+                abandon(live)
+                return
+            live.stop(self._close_timeout if timeout is None else timeout, at_exit=at_exit)
+        finally:
+            self._stopping = None
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code: runs the blocking close in a worker thread."""
@@ -355,8 +386,10 @@ class Bridge:
         # next call starts a fresh thread, loop and pools.
         self._lock = threading.Lock()  # another thread may have held it at fork time
         live, self._live = self._live, None
-        if live is not None:
-            abandon(live)
+        stopping, self._stopping = self._stopping, None  # a close() the parent was in the middle of
+        for generation in (live, stopping):
+            if generation is not None:
+                abandon(generation)
         if self._state == "running":
             self._state = "idle"
 
@@ -376,10 +409,30 @@ async def _run_here(
             raise TypeError(_not_awaitable(label, fn, awaitable))
     if timeout is None:
         return await awaitable
+    # The work runs in this very task, cancelled when the timeout expires: unlike wait_for(), no inner
+    # task whose late error (raised while it unwinds the cancellation) nobody would retrieve.
+    task = asyncio.current_task()
+    assert task is not None
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except (asyncio.TimeoutError, TimeoutError):
-        raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from None
+        return await awaitable
+    except BaseException as exc:
+        if not expired or not _raised_during_cancellation(exc):
+            raise
+        uncancel = getattr(task, "uncancel", None)  # 3.11+: our cancellation is spent, as with timeout()
+        if uncancel is not None:
+            uncancel()
+        raise CallTimeoutError(f"{label} did not finish within {timeout:g} s; it was cancelled") from (
+            None if isinstance(exc, asyncio.CancelledError) else exc
+        )
+    finally:
+        timer.cancel()
 
 
 def _wake(call: AsyncCall[Any]) -> None:
@@ -415,6 +468,23 @@ def _check_fn(fn: object, args: tuple[Any, ...], label: str) -> None:
             f"function and its arguments separately: incorrect: {label.split('(')[0]}(fetch_rows(), 42); "
             f"correct: {label.split('(')[0]}(fetch_rows, 42)"
         )
+
+
+def _check_timeout(timeout: object, label: str) -> None:
+    """Refuse a timeout the bridge loop could not use, before the call is queued (a bad one would
+    fail there, far from the caller)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{label}: timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:  # also NaN
+        raise ValueError(f"{label}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        also = " or None" if allow_none else ""
+        raise ConfigurationError(f"{name} must be a positive number of seconds{also}, not {value!r}")
 
 
 def _close_if_coroutine(fn: object) -> None:
@@ -478,12 +548,14 @@ def _close_all_at_exit() -> None:
     _exiting = True
     for bridge in list(_bridges):
         try:
-            bridge.close(min(bridge._close_timeout, EXIT_TIMEOUT))
+            bridge._close(min(bridge._close_timeout, EXIT_TIMEOUT), at_exit=True)
         except Exception:  # pragma: no cover - close() logs its own problems
             logger.exception("error while closing %r at exit", bridge)
 
 
 def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread may have held it at fork time
     for bridge in list(_bridges):
         bridge._after_fork()
 

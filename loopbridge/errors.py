@@ -6,9 +6,11 @@ heard of loopbridge. Errors raised by your own code or by asyncpg (``UniqueViola
 error, ...) are **not** wrapped: they reach the caller unchanged, with a traceback that shows where on
 the bridge they were raised.
 
-The one exception to that rule is establishing a connection: every failure to connect (refused, wrong
+The exceptions to that rule are the connection itself. Every failure to connect (refused, wrong
 password, unknown database, DNS failure, timeout) becomes a :class:`ConnectError` naming host, port,
-database and user, with asyncpg's original error as ``__cause__``.
+database and user; a connection that dies during a call (its backend terminated, the server restarting,
+the network) becomes a :class:`ConnectionLostError`, whichever of asyncpg's many ways of saying so it
+took. asyncpg's original error is the ``__cause__`` of both.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ __all__ = [
     "CallTimeoutError",
     "ConfigurationError",
     "ConnectError",
+    "ConnectionLostError",
     "DatabaseClosedError",
     "DeadlockError",
     "LoopBridgeError",
     "PoolTimeoutError",
+    "SubscriptionClosedError",
+    "TransactionClosedError",
 ]
 
 
@@ -79,5 +84,35 @@ class ConnectError(LoopBridgeError, ConnectionError):
     """
 
 
+class ConnectionLostError(LoopBridgeError, ConnectionError):
+    """The connection died during the call: its backend was terminated, the server restarted or shut
+    down, or the network failed.
+
+    A transaction that had not committed was rolled back by the server. A single statement outside a
+    transaction may have committed just before the connection died: treat its outcome as unknown and
+    make writes you retry idempotent (unique keys). The pool replaces the connection; simply retry.
+    A call that found its pooled connection dead *before* sending anything is retried on a fresh one
+    by loopbridge itself and never raises this.
+    """
+
+
 class ConfigurationError(LoopBridgeError, ValueError):
     """A DSN or an option is invalid, or no DSN was given and none is configured."""
+
+
+class TransactionClosedError(LoopBridgeError, RuntimeError):
+    """A statement was sent on a transaction that can no longer take one.
+
+    The message says which case it is: the transaction already ended (committed or rolled back), it was
+    rolled back because its owner went away (the thread that began it ended, the event loop closed, the
+    object was dropped), or its connection was lost (then the server rolled it back). In the last two
+    cases nothing the transaction did was committed: begin a new transaction and do the work again.
+
+    The statement that was running when the connection broke raises :class:`ConnectionLostError`;
+    every statement after it raises this.
+    """
+
+
+class SubscriptionClosedError(LoopBridgeError, RuntimeError):
+    """:meth:`Subscription.get() <loopbridge.Subscription.get>` was called after the subscription was
+    closed. Iterating a closed subscription simply ends."""

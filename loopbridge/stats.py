@@ -1,10 +1,10 @@
-"""Point-in-time figures about a bridge, for dashboards, health checks and tests."""
+"""Point-in-time figures about a bridge and a database, for dashboards, health checks and tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BridgeStats"]
+__all__ = ["BridgeStats", "DatabaseStats"]
 
 
 @dataclass(frozen=True)
@@ -28,3 +28,34 @@ class BridgeStats:
     """Seconds: the worst lag seen since the thread started."""
     blocked_episodes: int
     """Times the watchdog saw the loop blocked for longer than its threshold."""
+
+
+@dataclass(frozen=True)
+class DatabaseStats:
+    """A snapshot of :meth:`Database.stats() <loopbridge.Database.stats>`.
+
+    Read without crossing to the bridge loop (so it answers even when that loop is stuck): the figures
+    are each current, not necessarily consistent with one another.
+    """
+
+    max_size: int
+    """The pool's size: the most connections it opens."""
+    size: int
+    """Connections open now."""
+    idle: int
+    """Open connections that nobody holds."""
+    in_use: int
+    """Connections held by calls, transactions, streams and subscriptions (or being opened for them)."""
+    waiting: int
+    """Callers waiting for a connection because all ``max_size`` are in use."""
+    calls_submitted: int
+    """Calls that reached the bridge loop. This and the other ``calls_`` figures count every call on the
+    Database's bridge, which other Databases may share."""
+    calls_completed: int
+    """Calls that finished, successfully or not."""
+    calls_failed: int
+    """Calls that ended with an exception (timeouts and cancellations included)."""
+    calls_in_flight: int
+    loop_lag: float
+    """Seconds: how late the bridge loop runs a scheduled callback right now."""
+    max_loop_lag: float

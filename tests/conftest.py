@@ -15,8 +15,12 @@ import pytest
 
 from loopbridge import Bridge, Database
 from loopbridge._servers import NoServerError, Server, find_test_server
+from tests.boundary import Driver
 from tests.pgcluster import PrivateCluster
 from tests.support import CALLER_KINDS, Caller, independent, with_query
+
+# pytester runs the pytest plugin in a project of its own (tests/test_pytest_plugin.py).
+pytest_plugins = ["pytester"]
 
 _server_key = pytest.StashKey[Server]()
 _counter = itertools.count()
@@ -48,6 +52,12 @@ def server(pytestconfig: pytest.Config) -> Server:
 def admin_dsn(server: Server) -> str:
     """The server's DSN, for a role that may create schemas and databases."""
     return server.dsn
+
+
+@pytest.fixture(scope="session")
+def loopbridge_dsn(admin_dsn: str) -> str:
+    """The pytest plugin's fixtures use the server this suite found."""
+    return admin_dsn
 
 
 @pytest.fixture
@@ -83,6 +93,14 @@ def db(dsn: str, bridge: Bridge) -> Iterator[Database]:
 def caller(request: pytest.FixtureRequest) -> Caller:
     """Each test using it runs once per kind of caller (see tests.support.Caller)."""
     return Caller(request.param)
+
+
+@pytest.fixture(params=CALLER_KINDS)
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    """One kind of caller kept alive across several operations (see tests.boundary.Driver)."""
+    worker = Driver(request.param)
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,8 @@ def _run_as() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -67,7 +68,10 @@ def _free_port() -> int:
 class PrivateCluster:
     """A throwaway cluster with scram-sha-256 password authentication on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ssl: bool = False, settings: dict[str, str] | None = None) -> None:
+        """:param ssl: serve TLS too (a self-signed certificate made with ``openssl``).
+        :param settings: extra server settings (``-c name=value``), e.g. ``max_connections``.
+        """
         bindir = _bindir()
         if bindir is None:
             raise RuntimeError(
@@ -81,8 +85,12 @@ class PrivateCluster:
         self.root = Path(tempfile.mkdtemp(prefix="loopbridge-cluster-"))
         self.root.chmod(0o755)
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
+        self.ssl = ssl
+        self.settings = dict(settings or {})
         self._init()
+        if ssl:
+            self._make_certificate()
 
     def _pg(self, tool: str, *args: str, timeout: float = 60) -> None:
         subprocess.run(
@@ -114,6 +122,39 @@ class PrivateCluster:
         )
         pwfile.unlink()
 
+    def _make_certificate(self) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RuntimeError("a private cluster with ssl=True needs the openssl command")
+        key, cert = self.data / "server.key", self.data / "server.crt"
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        key.chmod(0o600)
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            for path in (key, cert):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.settings["ssl"] = "on"
+
     @property
     def host(self) -> str:
         return "127.0.0.1"
@@ -123,6 +164,7 @@ class PrivateCluster:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._pg("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -106,17 +107,28 @@ def with_query(dsn: str, **params: str) -> str:
     return f"{dsn}{'&' if '?' in dsn else '?'}{extra}"
 
 
+#: The strictest interpreter: asyncio debug mode, ResourceWarnings shown, every warning an error.
+STRICT = ("-X", "dev", "-W", "error")
+
+
 def run_script(
-    code: str, *, timeout: float = 60, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    code: str,
+    *,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    flags: tuple[str, ...] = STRICT,
 ) -> str:
-    """Run *code* (dedented) in a fresh ``python -X dev -W error`` and return its stdout.
+    """Run *code* (dedented) in a fresh ``python -X dev -W error`` (or *flags*) and return its stdout.
 
     Fails the test if it exits non-zero, takes longer than *timeout*, or writes anything to stderr:
-    no warning, no "Task was destroyed", no traceback.
+    no warning, no "Task was destroyed", no traceback. The one exception is asyncio debug mode's
+    "Executing <...> took 0.123 seconds" report (``-X dev`` turns debug mode on): on this shared, loaded
+    machine any callback may take 100 ms, and a sync call from a running loop blocks that loop by design.
     """
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", "-c", textwrap.dedent(code), *args],
+        [sys.executable, *flags, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -125,5 +137,9 @@ def run_script(
     )
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"exit {proc.returncode} after {elapsed:.1f} s\n{proc.stdout}\n{proc.stderr}"
-    assert proc.stderr == "", f"unexpected stderr:\n{proc.stderr}"
+    stderr = "\n".join(line for line in proc.stderr.splitlines() if not _SLOW_CALLBACK.match(line))
+    assert stderr == "", f"unexpected stderr:\n{proc.stderr}"
     return proc.stdout
+
+
+_SLOW_CALLBACK = re.compile(r"^Executing <.*> took \d+\.\d+ seconds$")

@@ -338,7 +338,8 @@ class TestTimeoutsAndCancellation:
         assert (
             db.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
-                "AND state = 'active'"
+                # Only this test's sessions: the server is shared with other test runs.
+                "AND state = 'active' AND application_name = current_setting('application_name')"
             )
             == 0
         )

@@ -8,11 +8,12 @@ pending", "Event loop is closed", a ResourceWarning) fails it.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 
 import pytest
 
-from tests.support import independent, run_script
+from tests.support import STRICT, independent, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -203,3 +204,241 @@ class TestExit:
         while backends(admin_dsn, schema) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert backends(admin_dsn, schema) == set()
+
+
+# -- exit with calls in flight, every way a process ends up there -----------------------------------
+
+#: Run by every exit script first: the DSN is the script's first argument; exiting() marks the moment
+#: the script's own code is done, from which the interpreter's exit is timed.
+PRELUDE = """
+import asyncio, os, signal, sys, threading, time
+from loopbridge import Bridge, Database, LoopBridgeError
+DSN = sys.argv[1]
+
+def exiting():
+    print("EXITING", time.time(), flush=True)
+"""
+
+#: Interpreters the exit is tested under: the strictest, warnings as errors alone, and plain python.
+FLAGS = [
+    pytest.param(("-X", "dev", "-W", "error"), id="dev-mode+warnings-as-errors"),
+    pytest.param(("-W", "error"), id="warnings-as-errors"),
+    pytest.param((), id="plain"),
+]
+
+#: The bound the issue sets for an exit with calls in flight.
+EXIT_BOUND = 5.0
+
+
+def exit_in_time(
+    body: str, dsn: str, *, flags: tuple[str, ...] = STRICT, env: dict[str, str] | None = None
+) -> str:
+    """Run PRELUDE + *body* with *dsn*; assert a quiet exit (run_script) within EXIT_BOUND of exiting()."""
+    out = run_script(PRELUDE + textwrap.dedent(body), args=(dsn,), flags=flags, env=env, timeout=60)
+    ended = time.time()
+    marks = [float(line.split()[1]) for line in out.splitlines() if line.startswith("EXITING ")]
+    assert marks, f"the script never reached exiting():\n{out}"
+    took = ended - max(marks)
+    assert took < EXIT_BOUND, f"exit took {took:.1f} s after the script's code was done"
+    return out
+
+
+def connections_closed(admin_dsn: str, application_name: str) -> None:
+    """The server shows no connection of the script left (polled: it may take a moment to notice)."""
+    deadline = time.monotonic() + 10
+    while backends(admin_dsn, application_name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert backends(admin_dsn, application_name) == set()
+
+
+class TestExitVariants:
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_blocked_threads_waiting_tasks_a_running_loop_and_a_future_at_exit(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        out = exit_in_time(
+            """
+            db = Database(DSN, max_size=8)
+            db.execute("SELECT 1")
+            started = threading.Barrier(5, timeout=30)
+
+            def blocked_view():
+                started.wait()
+                db.execute("SELECT pg_sleep(30)")  # no try: exit must not wake it with an error
+
+            def waiting_tasks():
+                async def main():
+                    started.wait()
+                    await asyncio.gather(*(db.aexecute("SELECT pg_sleep(30)") for _ in range(3)))
+                asyncio.run(main())
+
+            def running_loop():
+                async def main():
+                    started.wait()
+                    db.execute("SELECT pg_sleep(30)")  # blocks this running loop
+                asyncio.run(main())
+
+            for target in (blocked_view, blocked_view, waiting_tasks, running_loop):
+                threading.Thread(target=target, daemon=True).start()
+            pending = db.bridge.submit(asyncio.sleep, 30)
+            started.wait()
+            time.sleep(0.3)  # let every call reach the server
+            print("in flight:", db.bridge.stats().calls_in_flight, flush=True)
+            exiting()
+            """,
+            dsn,
+            flags=flags,
+        )
+        assert "in flight: 7" in out
+        connections_closed(admin_dsn, schema)
+
+    def test_non_daemon_threads_finish_their_calls_then_the_process_exits(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        """Python waits for non-daemon threads before exit begins: the bridge keeps serving them until
+        they are done, so none of their writes is cut off, and exit follows promptly."""
+        out = exit_in_time(
+            """
+            db = Database(DSN)
+            db.execute("CREATE TABLE work (who text, n int)")
+
+            def worker(who):
+                for n in range(5):
+                    db.execute("INSERT INTO work SELECT $1, $2 FROM pg_sleep(0.1)", who, n)
+                print(who, "done; rows so far", db.fetchval("SELECT count(*) FROM work"), flush=True)
+                exiting()  # the exit is timed from the last worker's end
+
+            def async_worker(who):
+                async def main():
+                    for n in range(5):
+                        await db.aexecute("INSERT INTO work SELECT $1, $2 FROM pg_sleep(0.1)", who, n)
+                asyncio.run(main())
+                exiting()
+
+            for i in range(3):
+                threading.Thread(target=worker, args=(f"thread-{i}",)).start()  # not daemon
+            threading.Thread(target=async_worker, args=("loop",)).start()
+            print("main thread returns", flush=True)
+            """,
+            dsn,
+        )
+        assert out.index("main thread returns") < out.index("done; rows so far")
+        assert independent(admin_dsn, f"SELECT count(*) FROM {schema}.work")[0][0] == 4 * 5
+        connections_closed(admin_dsn, schema)
+
+    def test_a_foreign_loop_still_running_at_exit(self, dsn: str, admin_dsn: str, schema: str) -> None:
+        out = exit_in_time(
+            """
+            db = Database(DSN)
+            db.execute("SELECT 1")
+            loop = asyncio.new_event_loop()
+            awaiting = threading.Event()
+
+            async def handler():
+                awaiting.set()
+                try:
+                    await db.afetchval("SELECT pg_sleep(30)")
+                except LoopBridgeError as exc:
+                    print("handler got", type(exc).__name__, flush=True)
+
+            def serve_forever():  # a server's loop: never stops on its own
+                asyncio.set_event_loop(loop)
+                for _ in range(4):
+                    loop.create_task(handler())
+                loop.run_forever()
+
+            threading.Thread(target=serve_forever, daemon=True).start()
+            awaiting.wait(30)
+            time.sleep(0.3)
+            exiting()
+            """,
+            dsn,
+        )
+        assert "EXITING" in out
+        connections_closed(admin_dsn, schema)
+
+    def test_asyncio_run_returning_with_tasks_still_awaiting(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        out = exit_in_time(
+            """
+            db = Database(DSN)
+
+            async def main():
+                tasks = [asyncio.ensure_future(db.afetchval("SELECT pg_sleep(30)")) for _ in range(5)]
+                await asyncio.sleep(0.5)
+                print("returning with", sum(not t.done() for t in tasks), "tasks awaiting", flush=True)
+                # asyncio.run() cancels them: each cancels its query on the bridge loop
+
+            asyncio.run(main())
+            running = db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+                "AND state = 'active' AND application_name = current_setting('application_name')")
+            print("queries still running:", running, flush=True)
+            exiting()
+            """,
+            dsn,
+        )
+        assert "returning with 5 tasks awaiting" in out
+        assert "queries still running: 0" in out
+        connections_closed(admin_dsn, schema)
+
+    def test_a_bridge_of_its_own_and_a_pool_still_opening_at_exit(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        exit_in_time(
+            """
+            bridge = Bridge("own")  # not the default bridge, never closed by the script
+            db = Database(DSN, bridge=bridge, min_size=4)
+            for _ in range(8):  # first calls: the pool is being created while the process exits
+                threading.Thread(target=lambda: db.fetchval("SELECT 1"), daemon=True).start()
+            exiting()
+            """,
+            dsn,
+        )
+        connections_closed(admin_dsn, schema)
+
+    def test_sigterm_handled_with_sys_exit_during_a_blocking_call(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        """A container stop: SIGTERM, whose handler calls sys.exit(), while the main thread waits on
+        the database. SystemExit interrupts the wait, the query is cancelled, the exit is quiet."""
+        out = exit_in_time(
+            """
+            db = Database(DSN)
+            db.execute("SELECT 1")
+
+            def on_sigterm(signum, frame):
+                exiting()
+                sys.exit(0)
+
+            signal.signal(signal.SIGTERM, on_sigterm)
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            db.execute("SELECT pg_sleep(30)")
+            print("not reached", flush=True)
+            """,
+            dsn,
+        )
+        assert "not reached" not in out
+        connections_closed(admin_dsn, schema)
+
+    def test_uvloop_bridge_exits_quietly_with_calls_in_flight(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        out = exit_in_time(
+            """
+            import uvloop
+            db = Database(DSN)
+            async def loop_type():
+                return type(asyncio.get_running_loop()) is uvloop.Loop
+            print("bridge loop is uvloop:", db.bridge.run(loop_type), flush=True)
+            for _ in range(3):
+                threading.Thread(target=lambda: db.execute("SELECT pg_sleep(30)"), daemon=True).start()
+            time.sleep(0.5)
+            exiting()
+            """,
+            dsn,
+            env={"LOOPBRIDGE_UVLOOP": "1"},
+        )
+        assert "bridge loop is uvloop: True" in out
+        connections_closed(admin_dsn, schema)

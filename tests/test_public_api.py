@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 import loopbridge
 from loopbridge import errors
+from tests.support import run_script
 
 
 def test_every_name_in_all_exists() -> None:
@@ -34,7 +36,10 @@ def test_every_public_class_and_function_is_exported() -> None:
         (errors.CallTimeoutError, TimeoutError),
         (errors.PoolTimeoutError, TimeoutError),
         (errors.ConnectError, ConnectionError),
+        (errors.ConnectionLostError, ConnectionError),
         (errors.ConfigurationError, ValueError),
+        (errors.TransactionClosedError, RuntimeError),
+        (errors.SubscriptionClosedError, RuntimeError),
     ],
 )
 def test_each_error_is_a_loopbridge_error_and_a_builtin(
@@ -52,3 +57,33 @@ def test_pool_timeout_is_a_call_timeout() -> None:
 
 def test_the_package_is_typed() -> None:
     assert Path(inspect.getfile(loopbridge)).with_name("py.typed").exists()
+
+
+CONTRIB = [
+    "loopbridge.contrib.starlette",
+    "loopbridge.contrib.fastapi",
+    "loopbridge.contrib.django",
+    "loopbridge.contrib.django.apps",
+    "loopbridge.contrib.flask",
+    "loopbridge.contrib.pytest_plugin",
+]
+
+
+@pytest.mark.parametrize("name", CONTRIB)
+def test_every_name_in_each_contrib_module_exists(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__doc__
+    for exported in module.__all__:
+        assert hasattr(module, exported), f"{name}.{exported}"
+
+
+def test_importing_loopbridge_imports_no_framework() -> None:
+    # The integrations are optional: a plain install has none of these, so nothing may need them.
+    out = run_script(
+        """
+        import sys
+        import loopbridge, loopbridge.contrib
+        print(sorted(m for m in ("fastapi", "starlette", "django", "flask") if m in sys.modules))
+        """
+    )
+    assert out.strip() == "[]"

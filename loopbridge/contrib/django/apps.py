@@ -1,0 +1,31 @@
+"""The Django app config: builds ``loopbridge.contrib.django.databases`` when Django starts."""
+
+from __future__ import annotations
+
+import atexit
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from . import _EXAMPLE, databases
+
+__all__ = ["LoopBridgeConfig"]
+
+
+class LoopBridgeConfig(AppConfig):
+    name = "loopbridge.contrib.django"
+    label = "loopbridge"
+    verbose_name = "loopbridge"
+
+    def ready(self) -> None:
+        if not hasattr(settings, "LOOPBRIDGE"):
+            raise ImproperlyConfigured(
+                "'loopbridge.contrib.django' is in INSTALLED_APPS but settings has no LOOPBRIDGE: "
+                f"add {_EXAMPLE}"
+            )
+        databases.configure(settings.LOOPBRIDGE)
+        # Django has no shutdown signal; the process's exit is the end of every request. Registered
+        # after loopbridge's own exit handler, so it runs first: the pools close while the bridge runs.
+        atexit.unregister(databases.close_all)  # once, however often Django is set up
+        atexit.register(databases.close_all)

@@ -1,0 +1,234 @@
+"""The pytest plugin: a Database per test on a fresh schema or database, and tests rolled back.
+
+Registered through the ``pytest11`` entry point, so installing loopbridge makes the fixtures available.
+Nothing connects until a test asks for one of them. Their blocking calls go through the bridge, so the
+same fixtures serve sync tests and async tests on any event loop, whatever loop scope pytest-asyncio
+gives them (the ADR-047 "test fixtures" case: no fresh engine per test).
+
+Fixtures:
+
+``loopbridge_dsn`` (session)
+    The server to test against: ``--loopbridge-dsn``, else the ``loopbridge_dsn`` ini option, else
+    ``$LOOPBRIDGE_TEST_DSN``, ``$LOOPBRIDGE_DSN``, ``$DATABASE_URL``. Its role must be allowed to create
+    schemas (or databases).
+``loopbridge_db`` (function)
+    A Database of the test's own on a fresh schema (its ``search_path``), dropped afterwards with all it
+    holds. With ``loopbridge_isolation = database`` in the ini file, on a fresh database instead.
+``loopbridge_app_db`` (session)
+    The Database that ``loopbridge_rollback_db`` wraps. By default one on a fresh schema of the session;
+    override it to return the Database your application uses::
+
+        @pytest.fixture(scope="session")
+        def loopbridge_app_db():
+            from myapp.db import db
+            return db
+
+``loopbridge_rollback_db`` (function)
+    ``loopbridge_app_db`` with the test inside a transaction that is rolled back at its end. Every call
+    made on that Database during the test, by the test or by the code under test (views, handlers, from
+    any thread or loop), runs on the connection holding the transaction; a transaction begun inside it
+    is a savepoint. Use it for every test of a module with
+    ``pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pytest
+from asyncpg.transaction import Transaction
+
+from loopbridge._dsn import parse_dsn
+from loopbridge.database import Database
+from loopbridge.errors import ConfigurationError
+
+__all__ = [
+    "loopbridge_app_db",
+    "loopbridge_db",
+    "loopbridge_dsn",
+    "loopbridge_rollback_db",
+]
+
+#: Environment variables read, in order, when neither the option nor the ini value is set.
+DSN_ENV_VARS = ("LOOPBRIDGE_TEST_DSN", "LOOPBRIDGE_DSN", "DATABASE_URL")
+
+#: Fresh schemas and databases are named with this prefix and a random suffix.
+PREFIX = "loopbridge_test_"
+
+#: Bounds every blocking call a fixture makes (setting up and tearing down a schema or a transaction).
+TIMEOUT = 60.0
+
+_ISOLATIONS = ("schema", "database")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("loopbridge")
+    group.addoption(
+        "--loopbridge-dsn",
+        dest="loopbridge_dsn",
+        default=None,
+        help="PostgreSQL server for the loopbridge fixtures (default: ini loopbridge_dsn, "
+        "$LOOPBRIDGE_TEST_DSN, $LOOPBRIDGE_DSN, $DATABASE_URL)",
+    )
+    parser.addini("loopbridge_dsn", "PostgreSQL server for the loopbridge fixtures", default=None)
+    parser.addini(
+        "loopbridge_isolation",
+        "what loopbridge_db creates for each test: 'schema' (default) or 'database'",
+        default="schema",
+    )
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def loopbridge_dsn(pytestconfig: pytest.Config) -> str:
+    """The PostgreSQL server the loopbridge fixtures use (see the module docstring for the order)."""
+    dsn = pytestconfig.getoption("loopbridge_dsn") or pytestconfig.getini("loopbridge_dsn")
+    if not dsn:
+        dsn = next((os.environ[name] for name in DSN_ENV_VARS if os.environ.get(name)), None)
+    if not dsn:
+        raise ConfigurationError(
+            "the loopbridge fixtures need a PostgreSQL server: pass "
+            "--loopbridge-dsn=postgresql://user:password@host:5432/dbname, set loopbridge_dsn in the "
+            "pytest configuration, or set LOOPBRIDGE_TEST_DSN (its role must be allowed to create schemas)"
+        )
+    parse_dsn(str(dsn))  # a malformed DSN fails here, with a message that hides its password
+    return str(dsn)
+
+
+@pytest.fixture
+def loopbridge_db(loopbridge_dsn: str, pytestconfig: pytest.Config) -> Iterator[Database]:
+    """A Database of this test's own on a fresh schema (or database), dropped afterwards."""
+    isolation = str(pytestconfig.getini("loopbridge_isolation")).strip().lower()
+    if isolation not in _ISOLATIONS:
+        raise ConfigurationError(
+            f"loopbridge_isolation must be 'schema' or 'database', not {isolation!r} (pytest configuration)"
+        )
+    with _fresh(loopbridge_dsn, isolation) as dsn:
+        db = Database(dsn, min_size=0, max_size=4)
+        try:
+            yield db
+        finally:
+            db.close(timeout=TIMEOUT / 2)
+
+
+@pytest.fixture(scope="session")
+def loopbridge_app_db(loopbridge_dsn: str) -> Iterator[Database]:
+    """The Database that ``loopbridge_rollback_db`` wraps: override it to return your application's."""
+    with _fresh(loopbridge_dsn, "schema") as dsn:
+        db = Database(dsn, min_size=0, max_size=4)
+        try:
+            yield db
+        finally:
+            db.close(timeout=TIMEOUT / 2)
+
+
+@pytest.fixture
+def loopbridge_rollback_db(loopbridge_app_db: Database) -> Iterator[Database]:
+    """``loopbridge_app_db``, with this test inside a transaction rolled back at its end."""
+    db = loopbridge_app_db
+    if not isinstance(db, Database):
+        raise TypeError(
+            "the loopbridge_app_db fixture must return the loopbridge.Database your application uses, "
+            f"not {type(db).__name__}"
+        )
+    transaction = db.bridge.run(_begin, db, timeout=TIMEOUT)
+    try:
+        yield db
+    finally:
+        still_open = db.bridge.run(_roll_back, db, transaction, timeout=TIMEOUT)
+    if not still_open:
+        pytest.fail(
+            "the test's transaction was ended by the code under test (a COMMIT or ROLLBACK statement), "
+            "so what it wrote afterwards was committed and is NOT rolled back. Nest transactions "
+            "instead (conn.transaction() in db.run): inside the test's transaction they are savepoints",
+            pytrace=False,
+        )
+
+
+# -- on the bridge loop -----------------------------------------------------------------------------
+
+
+async def _begin(db: Database) -> Transaction:
+    """Pin *db* to one connection and begin the test's transaction on it."""
+    await db._pin()
+    try:
+        pool, con = await db._acquire()
+        try:
+            # asyncpg's own Transaction, so that asyncpg knows the connection is in one and makes the
+            # transactions begun inside the test savepoints.
+            transaction = con.transaction()
+            await transaction.start()
+        finally:
+            await db._release(pool, con)
+    except BaseException:
+        await db._unpin()
+        raise
+    return transaction
+
+
+async def _roll_back(db: Database, transaction: Transaction) -> bool:
+    """Roll the test's transaction back and unpin *db*; False if the test had already ended it."""
+    try:
+        pool, con = await db._acquire()  # waits for the call holding the connection, if any
+        try:
+            if con.is_closed():  # terminated (a test that killed it, a timeout): the server rolled back
+                return True
+            still_open = con.is_in_transaction()
+            if still_open:
+                await transaction.rollback()
+        finally:
+            await db._release(pool, con)
+    finally:
+        await db._unpin()  # returns the connection to the pool, which resets it (ROLLBACK included)
+    return still_open
+
+
+# -- fresh schemas and databases --------------------------------------------------------------------
+
+
+@contextmanager
+def _fresh(dsn: str, isolation: str) -> Iterator[str]:
+    """``with _fresh(dsn, isolation) as fresh_dsn``: a new schema or database, dropped afterwards."""
+    name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    # A one-connection Database of its own for the DDL: CREATE DATABASE cannot run in a transaction, and
+    # the Database under test may be pinned to one.
+    admin = Database(dsn, min_size=0, max_size=1)
+    try:
+        if isolation == "database":
+            admin.execute(f'CREATE DATABASE "{name}"', timeout=TIMEOUT)
+            try:
+                yield _with(dsn, path=f"/{name}")
+            finally:
+                # FORCE (PostgreSQL 13+) ends sessions the test left open.
+                force = int(admin.fetchval("SHOW server_version_num", timeout=TIMEOUT)) >= 130000
+                option = " WITH (FORCE)" if force else ""
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}"{option}', timeout=TIMEOUT)
+        else:
+            admin.execute(f'CREATE SCHEMA "{name}"', timeout=TIMEOUT)
+            try:
+                yield _with(dsn, search_path=name)
+            finally:
+                admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE', timeout=TIMEOUT)
+    finally:
+        admin.close()
+
+
+def _with(dsn: str, *, path: str | None = None, **query: str) -> str:
+    """*dsn* with another database (*path*) or more query options (asyncpg makes unknown ones server
+    settings, so ``search_path=...`` sets the schema)."""
+    parts = urlsplit(dsn)
+    params: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if path is not None:
+        for key in ("dbname", "database"):  # the path's database would lose to these
+            params.pop(key, None)
+    params.update(query)
+    return urlunsplit(
+        (parts.scheme, parts.netloc, parts.path if path is None else path, urlencode(params), parts.fragment)
+    )

@@ -1,0 +1,419 @@
+"""LISTEN/NOTIFY: notifications from a dedicated connection on the bridge loop, for any caller.
+
+::
+
+    with db.listen("jobs", "alerts") as sub:             # sync: LISTEN is in effect on return
+        for item in sub:                                 # Notification or Gap
+            ...
+        item = sub.get(timeout=5)                        # or None after 5 s
+
+    async with db.alisten("jobs") as sub:                # async, on any loop
+        async for item in sub:
+            ...
+
+One pooled connection per subscription stays on the bridge loop, LISTENing; asyncpg's callbacks put
+each notification in a pipe (a janus queue, see ``loopbridge._pipe``) that the caller reads.
+
+**Nothing is missed silently.** When the connection is lost (the server restarted, the backend was
+terminated), the subscription reconnects in the background, LISTENs again, and then puts a
+:class:`Gap` in the stream: notifications sent while it was away are gone, and the Gap says so, at the
+point where they would have been. A consumer that falls more than ``queue_size`` notifications behind
+gets a Gap too, where the ones it could not hold were dropped. After a Gap, re-read from the database
+whatever you derive from notifications: everything after the Gap is delivered (the Gap arrives once
+LISTEN is in effect again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ._owner import Finalizer, Owner, OwnerWatch, guard
+from ._pipe import End, Pipe
+from ._twins import twin_contexts
+from .errors import (
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    DatabaseClosedError,
+    SubscriptionClosedError,
+)
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+    from .database import Database
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "Gap", "Notification", "Subscription"]
+
+logger = logging.getLogger("loopbridge")
+
+#: Notifications a subscription holds for a consumer that is behind, before it drops (and says so).
+DEFAULT_QUEUE_SIZE = 10_000
+#: Seconds between reconnection attempts: doubling from the first to the last.
+RECONNECT_DELAYS = (0.05, 2.0)
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One ``NOTIFY channel, 'payload'`` (or ``pg_notify(channel, payload)``) received."""
+
+    channel: str
+    payload: str
+    pid: int
+    """The server process that sent it."""
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A marker in a subscription's stream: notifications may be missing at this point.
+
+    ``reason`` is ``"reconnected"`` (the connection was lost, and is LISTENing again as of this marker:
+    what was sent in between was not received) or ``"overflow"`` (the consumer fell more than
+    ``queue_size`` notifications behind, and the ones that did not fit were dropped). Re-read whatever
+    you derive from notifications: nothing after the Gap is missed.
+    """
+
+    reason: Literal["reconnected", "overflow"]
+    detail: str
+
+
+Item = Notification | Gap
+_HandleState = Literal["new", "open", "closed"]
+
+
+class Subscription:
+    """LISTEN on some channels; iterate it (``for``/``async for``) or :meth:`get` items from it.
+
+    Items are :class:`Notification` and :class:`Gap` objects, in the order the server sent them. From
+    :meth:`Database.listen` (sync; LISTEN is in effect when it returns) or :meth:`Database.alisten`
+    (async; LISTEN begins at ``async with``, the first ``async for`` step or :meth:`aget`). Close it
+    (or leave its ``with`` block) to UNLISTEN and return the connection; a subscription that is
+    garbage collected, or whose owner goes away, is closed too.
+
+    :raises DatabaseClosedError: from :meth:`get` or iteration, once the Database was closed (after the
+        notifications already received).
+    :raises BridgeClosedError: likewise, once the bridge was closed.
+    """
+
+    __slots__ = ("__weakref__", "_core", "_state")
+
+    def __init__(self, db: Database, channels: tuple[str, ...], queue_size: int) -> None:
+        if not channels:
+            raise ConfigurationError("listen() needs at least one channel name: db.listen('events')")
+        for channel in channels:
+            if not isinstance(channel, str) or not channel:
+                raise ConfigurationError(f"channel names are non-empty strings, not {channel!r}")
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
+            raise ConfigurationError(f"queue_size must be a positive integer, not {queue_size!r}")
+        self._core = _Core(db, tuple(dict.fromkeys(channels)), queue_size)
+        self._state: _HandleState = "new"
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._core.db.bridge
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self._core.channels
+
+    @property
+    def listening(self) -> bool:
+        """True while LISTEN is in effect (False before it starts, while reconnecting, once closed)."""
+        return self._core.state == "listening"
+
+    def __repr__(self) -> str:
+        return f"<Subscription {', '.join(self._core.channels)} {self._core.state}>"
+
+    # -- sync ---------------------------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Notification | Gap | None:
+        """The next item, waiting up to *timeout* seconds (None: as long as it takes); None if nothing
+        came in time.
+
+        :raises SubscriptionClosedError: if the subscription was closed.
+        """
+        if self._state == "new":
+            self.__enter__()
+        if self._state == "closed":
+            raise SubscriptionClosedError(_closed_message(self))
+        try:
+            item = self._core.pipe.receive(timeout)
+        except CallTimeoutError:
+            return None
+        return self._item(item)
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Notification | Gap:
+        if self._state == "closed":
+            raise StopIteration
+        try:
+            item = self.get()
+        except SubscriptionClosedError:
+            raise StopIteration from None
+        assert item is not None
+        return item
+
+    def close(self) -> None:
+        """UNLISTEN and return the connection. Blocks until done; safe to call twice."""
+        self._state = "closed"
+        if self._core.state != "new":
+            self.bridge._run(self._core.aclose, (), None, None, "Subscription.close()")
+
+    # -- async --------------------------------------------------------------------------------------
+
+    async def aget(self, timeout: float | None = None) -> Notification | Gap | None:
+        """:meth:`get` for async code, from any loop."""
+        if self._state == "new":
+            await self.__aenter__()
+        if self._state == "closed":
+            raise SubscriptionClosedError(_closed_message(self))
+        try:
+            item = await self._core.pipe.areceive(self.bridge, timeout)
+        except CallTimeoutError:
+            return None
+        return self._item(item)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Notification | Gap:
+        if self._state == "closed":
+            raise StopAsyncIteration
+        try:
+            item = await self.aget()
+        except SubscriptionClosedError:
+            raise StopAsyncIteration from None
+        assert item is not None
+        return item
+
+    async def aclose(self) -> None:
+        """:meth:`close` for async code, from any loop."""
+        self._state = "closed"
+        if self._core.state != "new":
+            await self.bridge._arun(self._core.aclose, (), None, None, "Subscription.aclose()")
+
+    # -- both ---------------------------------------------------------------------------------------
+
+    async def _begin(self, owner: Owner) -> Subscription:
+        """LISTEN on a connection of its own (once; later calls return at once)."""
+        if self._core.state == "new":
+            await self._core.start(self, owner)
+        self._state = "open" if self._core.state != "closed" else "closed"
+        return self
+
+    async def _end(self, error: BaseException | None) -> None:
+        """UNLISTEN and return the connection."""
+        self._state = "closed"
+        await self._core.aclose()
+
+    __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_begin, _end)
+
+    def _item(self, item: Item | End) -> Notification | Gap:
+        if isinstance(item, End):
+            self._state = "closed"
+            raise SubscriptionClosedError(_closed_message(self))
+        return item
+
+
+class _Core:
+    """The bridge loop's side of a subscription: its connection, listeners, reconnection and pipe."""
+
+    __slots__ = (
+        "channels",
+        "con",
+        "db",
+        "finalizer",
+        "overflowing",
+        "pipe",
+        "pool",
+        "queue_size",
+        "reconnector",
+        "state",
+        "watch",
+    )
+
+    def __init__(self, db: Database, channels: tuple[str, ...], queue_size: int) -> None:
+        self.db = db
+        self.channels = channels
+        self.queue_size = queue_size
+        self.state: Literal["new", "listening", "reconnecting", "closed"] = "new"
+        self.pipe: Pipe[Item] = Pipe.finished(self.label)  # until start(), on the bridge loop
+        self.pool: asyncpg.Pool | None = None
+        self.con: PoolConnectionProxy | None = None
+        self.overflowing = False
+        self.reconnector: asyncio.Task[None] | None = None
+        self.watch: OwnerWatch | None = None
+        self.finalizer: Finalizer | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subscription {', '.join(self.channels)} {self.state} on {self.db!r}>"
+
+    @property
+    def label(self) -> str:
+        return f"Subscription({', '.join(self.channels)})"
+
+    async def start(self, handle: Subscription, owner: Owner) -> None:
+        # Unbounded: the bound (queue_size, plus one slot for a Gap) is kept by _deliver, which may
+        # not wait (asyncpg calls it from a callback).
+        self.pipe = Pipe(0, self.label)
+        await self._connect()  # the first connection's failure is the caller's to see
+        self.state = "listening"
+        self.db._subscriptions.add(self)
+        self.watch = OwnerWatch(self, owner)
+        self.finalizer = guard(handle, self.db.bridge, self, "a subscription")
+
+    async def _connect(self) -> None:
+        pool, con = await self.db._acquire()
+        try:
+            for channel in self.channels:
+                await con.add_listener(channel, self._on_notification)  # asyncpg quotes the name
+            con.add_termination_listener(self._on_lost)
+            if _gone(con):  # lost during the LISTENs: the termination listener came too late
+                raise ConnectionError("the connection was lost while LISTENing")
+        except BaseException:
+            await self.db._release(pool, con)
+            raise
+        self.pool, self.con = pool, con
+
+    # -- callbacks from asyncpg, on the bridge loop
+
+    def _on_notification(self, con: object, pid: int, channel: str, payload: object) -> None:
+        self._deliver(Notification(channel, str(payload), pid))
+
+    def _on_lost(self, con: object) -> None:
+        if con is not self.con or self.state != "listening":
+            return
+        logger.warning("%r: connection lost; reconnecting (a Gap will mark what was missed)", self)
+        self.state = "reconnecting"
+        self.reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _deliver(self, item: Item) -> None:
+        if self.pipe.qsize() >= self.queue_size:
+            if not self.overflowing:  # once per episode, in the slot kept for it
+                self.overflowing = True
+                self.pipe.put_nowait(
+                    Gap(
+                        "overflow",
+                        f"more than {self.queue_size} notifications were waiting; later ones "
+                        "were dropped until the consumer caught up",
+                    )
+                )
+                logger.warning("%r: the consumer is %d notifications behind; dropping", self, self.queue_size)
+            return
+        self.overflowing = False
+        self.pipe.put_nowait(item)
+
+    async def _reconnect(self) -> None:
+        await self._let_go()
+        delay, longest = RECONNECT_DELAYS
+        failures = 0
+        while self._reconnecting():
+            try:
+                await self._connect()
+            except (DatabaseClosedError, BridgeClosedError) as exc:
+                await self.aclose(exc)
+                return
+            except Exception as exc:
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug
+                log("%r: reconnecting failed (%s); retrying", self, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+                continue
+            if not self._reconnecting():  # closed meanwhile
+                await self._let_go()
+                return
+            self.state = "listening"
+            logger.info("%r: listening again after %d failed attempt(s)", self, failures)
+            self._deliver(
+                Gap(
+                    "reconnected",
+                    "the connection was lost and LISTEN re-established; notifications sent "
+                    "in between were not received",
+                )
+            )
+            return
+
+    def _reconnecting(self) -> bool:
+        return self.state == "reconnecting"
+
+    # -- closing
+
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """UNLISTEN, return the connection and end the pipe (the reader gets *error*, or the end)."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.db._subscriptions.discard(self)
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.finalizer is not None:
+            self.finalizer.detach()
+        reconnector = self.reconnector
+        if reconnector is not None and reconnector is not asyncio.current_task():
+            reconnector.cancel()
+            await asyncio.wait((reconnector,))
+        con = self.con
+        if con is not None:
+            try:
+                con.remove_termination_listener(self._on_lost)
+                for channel in self.channels:
+                    await con.remove_listener(channel, self._on_notification)  # UNLISTEN
+            except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError) as exc:
+                logger.debug("%r: UNLISTEN failed (%r); the pool discards the connection", self, exc)
+        await self._let_go()
+        if error is None:
+            self.pipe.close()
+        else:  # what arrived before is still delivered, then the error
+            self.pipe.finish(error)
+
+    async def _let_go(self) -> None:
+        pool, con = self.pool, self.con
+        self.pool = self.con = None
+        if pool is not None and con is not None:
+            try:
+                await self.db._release(pool, con)
+            except Exception as exc:  # the pool is closing; asyncpg has discarded the connection
+                logger.debug("%r: releasing its connection failed: %r", self, exc)
+
+    async def _abandon_on_bridge(self, why: str) -> None:
+        if self.state != "closed":
+            logger.debug("%r: %s; closing it", self, why)
+            await self.aclose()
+
+    def _forget_after_fork(self) -> list[object]:
+        # In a forked child: the parent's connection and tasks; see loopbridge._loop.abandon.
+        return [self, *(obj for obj in (self.con, self.reconnector) if obj is not None)]
+
+    async def _aclose_on_bridge(self, timeout: float) -> None:
+        """The Database (or its bridge) is closing: end the subscription, telling a reader why."""
+        if self.db.bridge.closed:
+            error: BaseException = BridgeClosedError(
+                f"{self!r} ended because its bridge was closed; notifications received before are delivered"
+            )
+        else:
+            error = DatabaseClosedError(
+                f"{self!r} ended because its Database was closed; notifications received before are delivered"
+            )
+        await self.aclose(error)
+
+
+def _gone(con: PoolConnectionProxy) -> bool:
+    try:
+        return con.is_closed()
+    except asyncpg.InterfaceError:  # asyncpg hands a connection that closed back to its pool at once
+        return True
+
+
+def _closed_message(sub: Subscription) -> str:
+    return (
+        f"{sub!r} is closed: it no longer receives notifications. Open a new one with "
+        "db.listen(...) (or db.alisten(...))"
+    )

@@ -1,0 +1,910 @@
+"""SQLAlchemy on the bridge: one ``AsyncEngine`` for every caller, and one session scope for every context.
+
+An SQLAlchemy ``AsyncEngine`` belongs to the event loop that first used it, which is how ADR-047's team
+ended up with two session patterns (``session_scope()`` on the server's loop, ``session_scope_fresh()``
+with a new engine per request everywhere else). Here the engine lives on the bridge loop: it is created
+there on first use, every connection is made and used there, and it is disposed there. Callers never
+touch it; they only reach it through the bridge:
+
+* ``with engine.session() as session:`` — sync code (views, scripts, notebooks, a running loop's sync
+  call). Each method of the :class:`BridgedSession` blocks the caller while it runs on the bridge loop.
+* ``async with engine.asession() as session:`` — async code on any loop. Each awaitable method of the
+  :class:`AsyncBridgedSession` runs on the bridge loop; the caller's loop only awaits.
+
+Both scopes hold a real ``AsyncSession`` that lives on the bridge loop; both facades take their methods
+from one implementation each (``loopbridge._twins``), so the two cannot drift. Both commit on normal exit
+and roll back on an exception, as ``session.begin()`` does.
+
+ORM objects come back to the caller's thread with their loaded attributes. What they have not loaded (a
+lazy relationship, an expired or deferred column) cannot be loaded there: the session does its I/O only on
+the bridge loop, so such an access raises :class:`LazyLoadError`, saying to load eagerly or to use
+``run_sync``. Sessions default to ``expire_on_commit=False`` for that reason, as SQLAlchemy advises for
+asyncio.
+
+Needs the ``loopbridge[sqlalchemy]`` extra; ``import loopbridge`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import asyncpg
+import sqlalchemy.exc
+from sqlalchemy import URL
+from sqlalchemy.engine import Result, ScalarResult
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import Executable
+
+from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._loop import GRACE
+from ._twins import twins
+from .bridge import Bridge, default_bridge
+from .database import connect_failure
+from .errors import BridgeClosedError, ConfigurationError, ConnectError, DatabaseClosedError, LoopBridgeError
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["AsyncBridgedSession", "BridgedSession", "Engine", "EngineClosedError", "LazyLoadError"]
+
+logger = logging.getLogger("loopbridge")
+
+R = TypeVar("R")
+M = TypeVar("M")  # a mapped class
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from typing_extensions import Unpack
+
+    #: Rows of any shape, as ``AsyncSession.execute`` returns them.
+    AnyResult: TypeAlias = Result[Unpack[tuple[Any, ...]]]
+    #: Statement parameters: one mapping, or a list of them for an executemany.
+    Params: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+#: How much longer than its own timeout a close may take to cross to the bridge and back.
+_CLOSE_MARGIN = 5.0
+
+# Keywords the Engine manages itself: it connects with asyncpg on the bridge loop, from the URL.
+_RESERVED_ENGINE_OPTIONS = {
+    "creator": "the Engine connects with asyncpg on the bridge loop itself; pass asyncpg.connect options "
+    "as connect_args={...}",
+    "async_creator": "the Engine connects with asyncpg on the bridge loop itself; pass asyncpg.connect "
+    "options as connect_args={...}",
+    "module": "the Engine always uses asyncpg",
+}
+# Keywords a session scope manages itself.
+_RESERVED_SESSION_OPTIONS = {"bind", "binds", "sync_session_class"}
+
+
+class EngineClosedError(DatabaseClosedError):
+    """The :class:`Engine` was closed, or closed while a session scope was open (which was then ended
+    without committing); create a new Engine to keep working."""
+
+
+class LazyLoadError(LoopBridgeError, sqlalchemy.exc.MissingGreenlet):
+    """An ORM object tried to load from the database outside the bridge loop: a lazy relationship, or an
+    expired or deferred attribute, touched in the caller's thread.
+
+    The session does its I/O only on the bridge loop. Load what you need inside the scope (eagerly with
+    ``selectinload()``/``joinedload()``, or with ``session.refresh(obj, ["attr"])``), or move the code that
+    walks relationships into ``session.run_sync(fn)``, where lazy loading works. Also a
+    ``sqlalchemy.exc.MissingGreenlet``, which is what SQLAlchemy raises for the same mistake.
+    """
+
+    code = ""  # SQLAlchemy's link would explain greenlets; our message says what to do instead
+
+
+class Engine:
+    """An SQLAlchemy ``AsyncEngine`` (asyncpg dialect) that lives on a bridge loop, for every caller.
+
+    ::
+
+        engine = Engine("postgresql://app@db:5432/app")
+        with engine.session() as session:                  # sync code: each call blocks
+            session.add(User(name="ada"))
+        async with engine.asession() as session:           # async code, on any loop
+            users = (await session.scalars(select(User))).all()
+
+    The ``AsyncEngine`` is created on the bridge loop on first use (or by :meth:`open`), used only there
+    and disposed there by :meth:`close` or when the bridge closes. After ``os.fork()`` the child creates
+    a fresh engine on first use and never touches the connections it inherited.
+
+    :param url: ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://user:password@host:port/db``,
+        with asyncpg's URL syntax (multi-host and query options included: unknown query options become
+        server settings, ``?search_path=app``). A ``sqlalchemy.URL`` works too. Default:
+        ``$LOOPBRIDGE_DSN``, then ``$DATABASE_URL``.
+    :param bridge: the bridge the engine lives on; default :func:`~loopbridge.default_bridge`.
+    :param engine_kwargs: passed to ``create_async_engine`` (``pool_size``, ``max_overflow``,
+        ``pool_timeout``, ``pool_pre_ping``, ``echo``, ``poolclass``, ...). ``connect_args`` go to
+        ``asyncpg.connect``.
+    :raises ConfigurationError: for a malformed URL, a non-asyncpg driver, no URL at all, or an option
+        ``create_async_engine`` refuses.
+    """
+
+    def __init__(
+        self, url: str | URL | None = None, *, bridge: Bridge | None = None, **engine_kwargs: Any
+    ) -> None:
+        if isinstance(url, URL):
+            url = url.render_as_string(hide_password=False)
+        self._info: DsnInfo = _parse_url(resolve_dsn(url))
+        for name, why in _RESERVED_ENGINE_OPTIONS.items():
+            if name in engine_kwargs:
+                raise ConfigurationError(f"Engine does not take {name!r}: {why}")
+        self._connect_args: dict[str, Any] = dict(engine_kwargs.pop("connect_args", None) or {})
+        password = self._connect_args.get("password")
+        self._secrets = (self._info.password, password if isinstance(password, str) else None)
+        # SQLAlchemy's URL only names the dialect and shows where we connect, in its logs: never a
+        # password. The connections themselves come from _connect, with the full DSN.
+        self._url = URL.create(
+            "postgresql+asyncpg",
+            username=self._info.user,
+            host=self._info.hosts[0],
+            port=int(self._info.ports[0]),
+            database=self._info.database,
+        )
+        self._engine_kwargs = engine_kwargs
+        _check_engine_options(self._url, engine_kwargs)
+        self._bridge = bridge if bridge is not None else default_bridge()
+        # Closed is set from any thread and read everywhere; the rest is bridge-loop state.
+        self._closed = False
+        self._engine: AsyncEngine | None = None
+        self._scopes: set[_Scope] = set()
+        self._drained: asyncio.Event | None = None  # set when closing and the last scope ends
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def bridge(self) -> Bridge:
+        """The bridge whose loop owns the engine."""
+        return self._bridge
+
+    @property
+    def url(self) -> str:
+        """The URL with its password replaced by ``***``."""
+        return self._info.redacted
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._engine is not None else "not opened yet"
+        return f"<Engine {self._info.redacted!r} on bridge {self._bridge.name!r}, {state}>"
+
+    # -- session scopes -----------------------------------------------------------------------------
+
+    def session(self, **options: Any) -> BridgedSession:
+        """A session scope for sync code: ``with engine.session() as session:``.
+
+        Commits when the block ends normally, rolls back when it raises. *options* go to
+        ``AsyncSession`` (``autoflush``, ``info``, ``expire_on_commit``, which defaults to False here).
+
+        :raises ConfigurationError: for ``bind``, ``binds`` or ``sync_session_class``.
+        """
+        return BridgedSession(self, _session_options(options))
+
+    def asession(self, **options: Any) -> AsyncBridgedSession:
+        """A session scope for async code on any loop: ``async with engine.asession() as session:``.
+
+        Same options and the same commit/rollback rule as :meth:`session`.
+        """
+        return AsyncBridgedSession(self, _session_options(options))
+
+    # -- calls: each written once, as the coroutine that runs on the bridge loop ---------------------
+
+    async def _run(self, fn: Callable[..., Awaitable[R]], *args: Any, timeout: float | None = None) -> R:
+        """Call ``await fn(async_engine, *args)`` with the ``AsyncEngine``, on the bridge loop.
+
+        The escape hatch for anything SQLAlchemy's asyncio API does (``async with engine.begin()``,
+        streaming, pool inspection). The engine is only valid inside *fn*: do not keep it.
+        """
+        result = fn(self._async_engine(), *args)
+        if not inspect.isawaitable(result):
+            raise TypeError(
+                f"Engine.run() runs async functions, but {_name(fn)} returned {type(result).__name__}; "
+                "define it with 'async def', or use Engine.run_sync() for a sync function"
+            )
+        return await result
+
+    async def _run_sync(
+        self, /, fn: Callable[..., R], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Call ``fn(connection, *args, **kwargs)`` with a sync-style SQLAlchemy ``Connection`` in a
+        transaction, on the bridge loop: committed if *fn* returns, rolled back if it raises.
+
+        Reuses sync Core code as it is: ``engine.run_sync(metadata.create_all)``. The connection is only
+        valid inside *fn*. (``timeout`` is the call's own; pass a *fn* keyword of that name with
+        ``functools.partial``.)
+        """
+        _check_sync_fn(fn, "Engine.run_sync()", "connection")
+        async with self._async_engine().begin() as connection:
+            return await connection.run_sync(fn, *args, **kwargs)
+
+    async def _open(self, *, timeout: float | None = None) -> None:
+        """Create the engine now and make one connection, instead of on first use.
+
+        :raises ConnectError: if the server cannot be reached or refuses the login.
+        """
+        async with self._async_engine().connect():
+            pass
+
+    run, arun = twins(_run)
+    run_sync, arun_sync = twins(_run_sync)
+    open, aopen = twins(_open)
+
+    # -- closing ------------------------------------------------------------------------------------
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Dispose of the engine on the bridge loop. Session scopes still open may end within *timeout*
+        seconds; those that do not are ended without committing (their owners get
+        :class:`EngineClosedError`). Later use raises :class:`EngineClosedError`. Safe to call twice.
+        The bridge keeps running."""
+        if self._mark_closed():
+            try:
+                self._bridge._run(
+                    self._aclose_on_bridge, (timeout,), None, timeout + _CLOSE_MARGIN, "Engine.close()"
+                )
+            except BridgeClosedError:  # the bridge closed meanwhile, and disposed of the engine with it
+                pass
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """:meth:`close` for async code, from any loop."""
+        if self._mark_closed():
+            try:
+                await self._bridge._arun(
+                    self._aclose_on_bridge, (timeout,), None, timeout + _CLOSE_MARGIN, "Engine.aclose()"
+                )
+            except BridgeClosedError:
+                pass
+
+    def _mark_closed(self) -> bool:
+        """Mark closed; True if an engine may exist on a running bridge and must be disposed there."""
+        was_closed, self._closed = self._closed, True
+        return not was_closed and self._engine is not None and self._bridge.running
+
+    async def _aclose_on_bridge(self, timeout: float) -> None:
+        self._closed = True
+        self._bridge._unregister(self)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._scopes:
+            # A graceful close loses nothing: open scopes may still commit within the timeout...
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            # ... and those still open then end without committing.
+            for scope in list(self._scopes):
+                logger.warning(
+                    "%r: a session scope was still open after %g s; ending it without commit", self, timeout
+                )
+                await scope._abandon()
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        try:
+            await asyncio.wait_for(engine.dispose(), max(deadline - loop.time(), GRACE))
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("%r: the pool did not close in time; leaving its connections to the server", self)
+
+    def _forget_after_fork(self) -> list[object]:
+        dropped: list[object] = [*self._scopes]
+        if self._engine is not None:
+            dropped.append(self._engine)
+        self._engine = None
+        self._scopes = set()
+        self._drained = None
+        return dropped
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        await self.aopen()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- the engine, on the bridge loop -------------------------------------------------------------
+
+    def _async_engine(self) -> AsyncEngine:
+        """The AsyncEngine, created on first use. On the bridge loop only."""
+        engine = self._engine
+        if engine is not None:
+            return engine
+        if self._closed:
+            raise EngineClosedError(f"{self!r} is closed; create a new Engine to keep working")
+        # Registered at once, so that bridge close and fork know about it.
+        engine = create_async_engine(self._url, async_creator=self._connect, **self._engine_kwargs)
+        self._engine = engine
+        self._bridge._register(self)
+        logger.debug("%r: engine created", self)
+        return engine
+
+    async def _connect(self) -> asyncpg.Connection:
+        """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where."""
+        try:
+            return await asyncpg.connect(self._info.dsn, **self._connect_args)
+        except Exception as exc:
+            raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
+
+    def _forget_scope(self, scope: _Scope) -> None:
+        self._scopes.discard(scope)
+        if self._drained is not None and not self._scopes:
+            self._drained.set()
+
+
+_State = Literal["new", "open", "ended", "abandoned"]
+
+
+class _Scope:
+    """What the two session facades share: the ``AsyncSession`` that lives on the bridge loop, each of
+    its I/O methods written once (as the coroutine that runs there), and the in-memory methods.
+
+    A scope is for one caller at a time, as a SQLAlchemy session is. Its calls are still serialized on
+    the bridge loop, so a call that is cancelled but still unwinding never overlaps the next one.
+    """
+
+    _facade = "session"
+
+    def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
+        self._engine = engine
+        self._options = options
+        self._pid = os.getpid()
+        self._state: _State = "new"
+        # Bridge-loop state, created by _begin.
+        self._session: AsyncSession | None = None
+        self._lock: asyncio.Lock | None = None
+        self._task: asyncio.Task[Any] | None = None  # the call using the session now
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._engine.bridge
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self._engine!r}, {self._state}>"
+
+    # -- I/O: each written once, as the coroutine that runs on the bridge loop -----------------------
+
+    async def _execute(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> AnyResult:
+        """Execute a Core or ORM statement (``select()``, ``insert()``, ``update()``, ``text()``, ...) in the
+        scope's transaction and return its buffered ``Result``, as ``AsyncSession.execute`` does.
+
+        :param kw: ``execution_options``, ``bind_arguments``.
+        :param timeout: seconds; on expiry the statement is cancelled and
+            :class:`~loopbridge.CallTimeoutError` raised (the scope then rolls back when it ends).
+        """
+        async with self._using() as session:
+            return await session.execute(statement, params, **kw)
+
+    async def _scalar(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Execute *statement* and return the first column of its first row, or None."""
+        async with self._using() as session:
+            return await session.scalar(statement, params, **kw)
+
+    async def _scalars(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> ScalarResult[Any]:
+        """Execute *statement* and return its first column as a buffered ``ScalarResult``
+        (``.all()``, ``.first()``, ``.one()``)."""
+        async with self._using() as session:
+            return await session.scalars(statement, params, **kw)
+
+    async def _get(
+        self, /, entity: type[M], ident: Any, *, timeout: float | None = None, **kw: Any
+    ) -> M | None:
+        """Return the instance of *entity* with primary key *ident*, or None (from the identity map when
+        it is there). *kw*: ``options``, ``populate_existing``, ``with_for_update``, ..."""
+        async with self._using() as session:
+            return await session.get(entity, ident, **kw)
+
+    async def _get_one(self, /, entity: type[M], ident: Any, *, timeout: float | None = None, **kw: Any) -> M:
+        """Like :meth:`get`, but raise ``sqlalchemy.exc.NoResultFound`` when there is no such row."""
+        async with self._using() as session:
+            return await session.get_one(entity, ident, **kw)
+
+    async def _merge(
+        self, /, instance: M, *, load: bool = True, timeout: float | None = None, **kw: Any
+    ) -> M:
+        """Copy the state of *instance* (say, an object from another scope) into this session and
+        return the session's own instance."""
+        async with self._using() as session:
+            return await session.merge(instance, load=load, **kw)
+
+    async def _delete(self, instance: object, *, timeout: float | None = None) -> None:
+        """Mark *instance* deleted; the DELETE is emitted at the next flush (or at commit)."""
+        async with self._using() as session:
+            await session.delete(instance)
+
+    async def _refresh(
+        self,
+        /,
+        instance: object,
+        attribute_names: Iterable[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> None:
+        """Load *instance*'s attributes (or just *attribute_names*, relationships included) now: the way
+        to load what lazy loading would load, before the object leaves the scope."""
+        async with self._using() as session:
+            await session.refresh(instance, attribute_names, **kw)
+
+    async def _flush(self, objects: Sequence[Any] | None = None, *, timeout: float | None = None) -> None:
+        """Write pending changes to the database (in the scope's transaction; nothing is committed)."""
+        async with self._using() as session:
+            await session.flush(objects)
+
+    async def _commit(self, *, timeout: float | None = None) -> None:
+        """Commit now. The scope goes on, in a new transaction, and still commits when it ends."""
+        async with self._using() as session:
+            await session.commit()
+
+    async def _rollback(self, *, timeout: float | None = None) -> None:
+        """Roll back now. The scope goes on, in a new transaction."""
+        async with self._using() as session:
+            await session.rollback()
+
+    async def _run_sync(
+        self, /, fn: Callable[..., R], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Call ``fn(session, *args, **kwargs)`` with the scope's sync-style ``sqlalchemy.orm.Session``, on
+        the bridge loop, and return its result.
+
+        The escape hatch for existing sync ORM code: inside *fn*, lazy loading works and
+        ``session.query()``, ``session.execute()`` and relationship access behave as in any sync
+        SQLAlchemy program. The session is only valid inside *fn*.
+        """
+        _check_sync_fn(fn, f"{type(self).__name__}.run_sync()", "session")
+        async with self._using() as session:
+            return await session.run_sync(fn, *args, **kwargs)
+
+    # -- in memory: no I/O, so the caller's own thread does it --------------------------------------
+
+    def add(self, instance: object) -> None:
+        """Place *instance* in the session; it is inserted at the next flush, query or commit."""
+        self._here().add(instance)
+
+    def add_all(self, instances: Iterable[object]) -> None:
+        """:meth:`add` each of *instances*."""
+        self._here().add_all(instances)
+
+    def expunge(self, instance: object) -> None:
+        """Remove *instance* from the session (its pending changes are forgotten)."""
+        self._here().expunge(instance)
+
+    def expire(self, instance: object, attribute_names: Iterable[str] | None = None) -> None:
+        """Mark *instance*'s attributes as stale. Reading them later needs the database: do it inside
+        :meth:`run_sync`, or :meth:`refresh` the object first (see :class:`LazyLoadError`)."""
+        self._here().expire(instance, attribute_names)
+
+    def in_transaction(self) -> bool:
+        """True if the session has begun a transaction (it does so at the first statement)."""
+        return self._here().in_transaction()
+
+    def __contains__(self, instance: object) -> bool:
+        return instance in self._here()
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        """The session's ``info`` dictionary, for your own use."""
+        return self._here().info
+
+    # -- the scope ------------------------------------------------------------------------------------
+
+    async def _begin(self) -> None:
+        """Open the scope: a fresh ``AsyncSession`` on the bridge loop (its connection comes at the first
+        statement)."""
+        if self._state != "new":
+            raise sqlalchemy.exc.InvalidRequestError(
+                f"{self!r} was already used: a session scope opens once; open a new one with "
+                f"`{self._opening()} as session:`"
+            )
+        engine = self._engine._async_engine()
+        self._session = AsyncSession(engine, sync_session_class=_HomeSession, **self._options)
+        self._lock = asyncio.Lock()
+        self._state = "open"
+        self._engine._scopes.add(self)
+
+    async def _end(self, commit: bool) -> None:
+        """Close the scope: commit (or roll back), then close the session so its connection returns to the
+        pool. Shielded: even if the caller stops waiting (a cancelled task, a timeout, Ctrl-C), the end
+        completes on the bridge loop. A commit interrupted that way has an unknown outcome."""
+        if self._state == "new":  # opening failed: nothing to end
+            return
+        if self._pid != os.getpid():  # the parent's scope: never touch its connection
+            if commit:
+                raise self._unusable()
+            return
+        ending = asyncio.get_running_loop().create_task(self._ending(commit))
+        ending.add_done_callback(_retrieve)
+        await asyncio.shield(ending)
+
+    async def _ending(self, commit: bool) -> None:
+        assert self._lock is not None
+        assert self._session is not None
+        async with self._lock:
+            if self._state != "open":
+                if commit:
+                    raise self._unusable()
+                return  # the engine closed it: nothing left to roll back
+            session = self._session
+            self._state = "ended"
+            try:
+                if commit:
+                    await session.commit()
+            finally:
+                try:
+                    await session.close()  # rolls back whatever was not committed
+                finally:
+                    self._engine._forget_scope(self)
+
+    async def _abandon(self) -> None:
+        """The engine is closing and this scope did not end in time: end it without committing."""
+        assert self._lock is not None
+        if self._state == "open":
+            self._state = "abandoned"
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # its caller gets EngineClosedError (see _using)
+        try:
+            await asyncio.wait_for(self._lock.acquire(), GRACE)
+        except (asyncio.TimeoutError, TimeoutError):
+            locked = False
+        else:
+            locked = True
+        try:
+            # Unless its owner's own end got there first (then it ends as the owner asked).
+            if self._state == "abandoned" and self._session is not None:
+                await self._session.invalidate()  # the server rolls back; the connection is discarded
+        except Exception:
+            logger.exception("%r: error while ending an abandoned session", self._engine)
+        finally:
+            if locked:
+                self._lock.release()
+            self._engine._forget_scope(self)
+
+    @asynccontextmanager
+    async def _using(self) -> AsyncIterator[AsyncSession]:
+        """The session, for one call at a time, on the bridge loop."""
+        self._here()
+        assert self._lock is not None
+        async with self._lock:
+            session = self._here()
+            self._task = asyncio.current_task()
+            try:
+                yield session
+            except asyncio.CancelledError:
+                if self._state == "abandoned":  # cancelled by Engine.close(): say so, not "cancelled"
+                    raise self._unusable() from None
+                raise
+            finally:
+                self._task = None
+
+    def _here(self) -> AsyncSession:
+        """The session, if this scope may use it now; any thread."""
+        if self._state == "open" and self._pid == os.getpid():
+            assert self._session is not None
+            return self._session
+        raise self._unusable()
+
+    def _unusable(self) -> Exception:
+        if self._pid != os.getpid():
+            return sqlalchemy.exc.InvalidRequestError(
+                "this session scope was opened before os.fork(), in the parent process; its connection "
+                "belongs to the parent. Open a new scope in the child"
+            )
+        if self._state == "abandoned":
+            return EngineClosedError(
+                f"{self._engine!r} was closed while this session scope was open; the scope was ended "
+                "without committing"
+            )
+        if self._state == "new":
+            return sqlalchemy.exc.InvalidRequestError(
+                f"the session is not open: use it inside its block, `{self._opening()} as session: ...`"
+            )
+        return sqlalchemy.exc.InvalidRequestError(
+            "this session scope has ended (committed or rolled back, and closed); open a new one. "
+            "Objects from it can join a new scope with session.add(obj) or session.merge(obj)"
+        )
+
+    def _ended_elsewhere(self, exc: BaseException | None) -> bool:
+        """At the end of the block: True if the engine already ended this scope (or it is the parent
+        process's), so there is nothing to cross for. Raises if the block itself succeeded: its work was
+        not committed."""
+        if self._state != "abandoned" and self._pid == os.getpid():
+            return False
+        if exc is None:
+            raise self._unusable()
+        return True
+
+    def _opening(self) -> str:
+        return f"{'async with' if self._facade == 'asession' else 'with'} engine.{self._facade}()"
+
+    def _interrupted_opening(self, exc: BaseException) -> None:
+        # Cancelled (or Ctrl-C) while opening: the opening may have completed on the bridge all the
+        # same, and no __exit__ will come to end it. Queue its end behind it; if it never opened, the
+        # end does nothing. (An Exception means _begin itself refused, and opened nothing.)
+        if isinstance(exc, Exception):
+            return
+        try:
+            self.bridge.submit(_Scope._end, self, False)
+        except BridgeClosedError:  # the bridge closed, and the engine and its scopes with it
+            pass
+
+    def _exit_failed(self, exc: BaseException) -> None:
+        # Ending a scope that is already failing: the scope's own error is what the caller must see,
+        # and nothing was committed either way (a failed rollback still ends the transaction).
+        logger.warning("%r: could not roll back cleanly while handling an error: %s", self, exc)
+
+
+_OWNERS = ("BridgedSession", "AsyncBridgedSession")
+_execute = twins(_Scope._execute, owners=_OWNERS)
+_scalar = twins(_Scope._scalar, owners=_OWNERS)
+_scalars = twins(_Scope._scalars, owners=_OWNERS)
+_get = twins(_Scope._get, owners=_OWNERS)
+_get_one = twins(_Scope._get_one, owners=_OWNERS)
+_merge = twins(_Scope._merge, owners=_OWNERS)
+_delete = twins(_Scope._delete, owners=_OWNERS)
+_refresh = twins(_Scope._refresh, owners=_OWNERS)
+_flush = twins(_Scope._flush, owners=_OWNERS)
+_commit = twins(_Scope._commit, owners=_OWNERS)
+_rollback = twins(_Scope._rollback, owners=_OWNERS)
+_run_sync = twins(_Scope._run_sync, owners=_OWNERS)
+
+
+class BridgedSession(_Scope):
+    """The session of ``with engine.session() as session:``, for sync code.
+
+    It reads like SQLAlchemy's ``Session``: ``execute``, ``scalar``, ``scalars``, ``get``, ``get_one``,
+    ``add``, ``add_all``, ``delete``, ``merge``, ``flush``, ``refresh``, ``expire``, ``expunge``,
+    ``commit``, ``rollback``, and ``run_sync`` for code that needs the real sync ``Session``. Each call
+    that needs the database blocks the calling thread while it runs on the bridge loop. Ending the block
+    commits; an exception rolls back.
+
+    :raises EngineClosedError: if the engine is (or gets) closed.
+    :raises LazyLoadError: if an object of the session loads from the database outside the bridge loop.
+    :raises sqlalchemy.exc.InvalidRequestError: if used outside its block.
+    """
+
+    _facade = "session"
+
+    execute = _execute[0]
+    scalar = _scalar[0]
+    scalars = _scalars[0]
+    get = _get[0]
+    get_one = _get_one[0]
+    merge = _merge[0]
+    delete = _delete[0]
+    refresh = _refresh[0]
+    flush = _flush[0]
+    commit = _commit[0]
+    rollback = _rollback[0]
+    run_sync = _run_sync[0]
+
+    def __enter__(self) -> Self:
+        try:
+            self.bridge._run(_Scope._begin, (self,), None, None, "engine.session()")
+        except BaseException as exc:
+            self._interrupted_opening(exc)
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._ended_elsewhere(exc):
+            return
+        if exc is None:
+            self.bridge._run(_Scope._end, (self, True), None, None, "BridgedSession commit")
+            return
+        try:
+            self.bridge._run(_Scope._end, (self, False), None, None, "BridgedSession rollback")
+        except Exception as failure:
+            self._exit_failed(failure)
+
+
+class AsyncBridgedSession(_Scope):
+    """The session of ``async with engine.asession() as session:``, for async code on any loop.
+
+    It reads like SQLAlchemy's ``AsyncSession``: ``await session.execute(...)``, ``scalar``, ``scalars``,
+    ``get``, ``get_one``, ``delete``, ``merge``, ``flush``, ``refresh``, ``commit``, ``rollback`` and
+    ``run_sync`` are awaited and run on the bridge loop (cancelling the awaiting task cancels the work
+    there); ``add``, ``add_all``, ``expire`` and ``expunge`` are plain calls. Ending the block commits;
+    an exception (cancellation included) rolls back.
+
+    :raises EngineClosedError: if the engine is (or gets) closed.
+    :raises LazyLoadError: if an object of the session loads from the database outside the bridge loop.
+    :raises sqlalchemy.exc.InvalidRequestError: if used outside its block.
+    """
+
+    _facade = "asession"
+
+    execute = _execute[1]
+    scalar = _scalar[1]
+    scalars = _scalars[1]
+    get = _get[1]
+    get_one = _get_one[1]
+    merge = _merge[1]
+    delete = _delete[1]
+    refresh = _refresh[1]
+    flush = _flush[1]
+    commit = _commit[1]
+    rollback = _rollback[1]
+    run_sync = _run_sync[1]
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.bridge._arun(_Scope._begin, (self,), None, None, "engine.asession()")
+        except BaseException as exc:
+            self._interrupted_opening(exc)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._ended_elsewhere(exc):
+            return
+        if exc is None:
+            await self.bridge._arun(_Scope._end, (self, True), None, None, "AsyncBridgedSession commit")
+            return
+        try:
+            await self.bridge._arun(_Scope._end, (self, False), None, None, "AsyncBridgedSession rollback")
+        except Exception as failure:
+            self._exit_failed(failure)
+
+
+class _HomeSession(Session):
+    """The sync ``Session`` inside each scope's ``AsyncSession``: it refuses to touch the database from any
+    thread but the one it was made on (the bridge thread).
+
+    An ORM object in the caller's thread that reads an attribute it has not loaded calls
+    :meth:`execute` here (lazy loads, expired and deferred attributes all do), before any autoflush: the
+    check stops it while nothing has happened yet, with a message that says what to do instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._home = threading.get_ident()
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != self._home:
+            raise LazyLoadError(_lazy_load_message(args[0] if args else kwargs.get("statement")))
+        return super().execute(*args, **kwargs)
+
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        if threading.get_ident() != self._home:
+            raise LazyLoadError(_lazy_load_message(None))
+        super().flush(objects)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _parse_url(url: str) -> DsnInfo:
+    scheme = url.partition("://")[0].lower()
+    dialect, plus, driver = scheme.partition("+")
+    if plus and dialect in ("postgresql", "postgres") and driver != "asyncpg":
+        raise ConfigurationError(
+            f"Engine runs SQLAlchemy's asyncpg dialect on the bridge loop, not {driver!r}: write the URL as "
+            "'postgresql+asyncpg://user:password@host:5432/dbname' (or 'postgresql://...')"
+        )
+    return parse_dsn(f"postgresql{url[len(scheme) :]}" if scheme == "postgres+asyncpg" else url)
+
+
+def _check_engine_options(url: URL, options: dict[str, Any]) -> None:
+    """Let SQLAlchemy judge the options now, in the caller's thread, rather than at first use on the
+    bridge: creating an engine makes no connection and binds to no loop, and this one is dropped."""
+    try:
+        create_async_engine(url, async_creator=_never_connect, **options)
+    except (TypeError, sqlalchemy.exc.ArgumentError) as exc:
+        raise ConfigurationError(
+            f"invalid engine option: {exc} (Engine passes its keyword arguments to SQLAlchemy's "
+            "create_async_engine; asyncpg.connect options go in connect_args={...})"
+        ) from None
+
+
+async def _never_connect() -> asyncpg.Connection:  # pragma: no cover - the dry-run engine never connects
+    raise AssertionError("the engine built to check options must not connect")
+
+
+def _session_options(options: dict[str, Any]) -> dict[str, Any]:
+    for name in options:
+        if name in _RESERVED_SESSION_OPTIONS:
+            raise ConfigurationError(
+                f"a session scope does not take {name!r}: it is always bound to its Engine, on the "
+                "bridge loop"
+            )
+    # Objects leave the scope with their attributes: expiring them at commit would make every later
+    # read a lazy load, which cannot work outside the bridge loop (SQLAlchemy advises the same for
+    # asyncio).
+    return {"expire_on_commit": False, **options}
+
+
+def _check_sync_fn(fn: object, label: str, first: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{label} needs a function that takes the {first} first, not {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{label} runs plain (sync) functions, with a sync {first}, but {_name(fn)} is 'async def'. "
+            f"incorrect: {label.replace('()', f'({_name(fn)})')}; correct: define it with 'def', "
+            "or await the async API directly"
+        )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # The caller that stopped waiting no longer sees the outcome; this keeps asyncio from logging
+    # "exception never retrieved" for it (a failure is logged where it matters: _exit_failed).
+    if not task.cancelled():
+        task.exception()
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
+
+
+def _lazy_load_message(statement: object) -> str:
+    what = "an ORM object"
+    descriptions = getattr(statement, "column_descriptions", None)
+    if descriptions:
+        entity = descriptions[0].get("entity")
+        if isinstance(entity, type):
+            what = f"an ORM object (loading {entity.__name__})"
+    return (
+        f"{what} tried to load from the database in thread {threading.current_thread().name!r}, "
+        "outside the bridge loop: an attribute that was not loaded (a lazy relationship, or an expired "
+        "or deferred column) was read there. Its session does I/O only on the bridge loop, so lazy "
+        "loading cannot work here. Load what you need inside the session scope: eagerly, with "
+        "select(...).options(selectinload(Parent.children)), or with session.refresh(obj, ['children']); "
+        "or move the code that walks relationships into session.run_sync(fn), where lazy loading works"
+    )

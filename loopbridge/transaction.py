@@ -1,0 +1,568 @@
+"""Transactions: one connection pinned on the bridge loop for the length of a ``with`` block.
+
+::
+
+    with db.transaction() as tx:                       # sync code
+        tx.execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2", 10, 1)
+        check_limits()                                  # your code, between statements
+        tx.execute("UPDATE accounts SET balance = balance + $1 WHERE id = $2", 10, 2)
+
+    async with db.atransaction() as tx:                # async code, on any loop
+        await tx.aexecute(...)
+
+The connection never leaves the bridge loop: every statement crosses to it like any other call, and
+runs on the same pinned connection. The block commits when it ends normally and rolls back when it
+raises, whatever raised (a statement, your own code, Ctrl-C, a cancelled task, a timeout). Nested
+``tx.transaction()`` blocks are savepoints.
+
+Nothing stays held when the block is abandoned instead: see :mod:`loopbridge._owner`. A transaction
+whose owner (the thread that began it, or the event loop for ``async with``) goes away, or whose handle
+is garbage collected, while it is still open is rolled back and its connection returned.
+
+The two halves: :class:`Transaction` is the caller's handle; :class:`_Core` is the bridge loop's state
+(the finalizer and the owner watch hold the core, never the handle, so that the handle can be
+collected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction as _AsyncpgTransaction
+
+from ._copy import CopyMethods
+from ._dead import (
+    CONNECTION_FAILURES,
+    DEAD_CONNECTION_RETRIES,
+    died_unsent,
+    discard,
+    lost_connection,
+    protocol_of,
+    sent_so_far,
+)
+from ._dsn import redact
+from ._owner import Finalizer, Owner, OwnerWatch, guard
+from ._stream import StreamMethods
+from ._twins import twin_contexts, twins
+from .errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseClosedError,
+    LoopBridgeError,
+    TransactionClosedError,
+)
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+    from .database import Database
+
+__all__ = ["Transaction"]
+
+logger = logging.getLogger("loopbridge")
+
+R = TypeVar("R")
+
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
+
+_State = Literal["new", "active", "committed", "rolled back", "lost"]
+
+
+class Dependent(Protocol):
+    """Something that lives inside a transaction (a savepoint, a stream) and ends before it does."""
+
+    async def _abandon_on_bridge(self, why: str) -> None: ...
+
+
+class Transaction(CopyMethods, StreamMethods):
+    """A transaction (or, nested, a savepoint) on one connection pinned on the bridge loop.
+
+    Get one from :meth:`Database.transaction` / :meth:`Database.atransaction` (or, for a savepoint,
+    :meth:`transaction` on an open one) and use it in a ``with`` or ``async with`` block; the block
+    binds the transaction itself. A Transaction is entered once.
+
+    Statements (``fetch``, ``fetchrow``, ``fetchval``, ``execute``, ``executemany``, ``run``, their
+    ``a``-twins, streaming with ``iterate`` and COPY) run on the pinned connection, one at a time.
+
+    :raises TransactionClosedError: from a statement once the transaction has ended or its connection
+        was lost (the statement that was running when the connection broke raises asyncpg's error).
+    """
+
+    __slots__ = ("__weakref__", "_core")
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        isolation: str | None = None,
+        readonly: bool = False,
+        deferrable: bool = False,
+        parent: Transaction | None = None,
+    ) -> None:
+        if isolation is not None and isolation not in ISOLATION_LEVELS:
+            raise ConfigurationError(
+                f"isolation must be one of {', '.join(map(repr, ISOLATION_LEVELS))} or None (the "
+                f"server's default), not {isolation!r}"
+            )
+        self._core: _Core = _Core(
+            db, parent._core if parent is not None else None, isolation, readonly, deferrable
+        )
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._core.db.bridge
+
+    @property
+    def state(self) -> str:
+        """``'new'``, ``'active'``, ``'committed'``, ``'rolled back'`` or ``'lost'`` (the connection
+        broke; the server rolled the transaction back)."""
+        return self._core.state
+
+    @property
+    def is_savepoint(self) -> bool:
+        return self._core.parent is not None
+
+    def __repr__(self) -> str:
+        kind = "savepoint" if self._core.parent is not None else "Transaction"
+        return f"<{kind} {self._core.state} on {self._core.db!r}>"
+
+    # -- entering and leaving -----------------------------------------------------------------------
+
+    async def _begin(self, owner: Owner) -> Transaction:
+        """Pin a connection (or take the enclosing transaction's) and BEGIN (or SAVEPOINT)."""
+        await self._core.begin(self, owner)
+        return self
+
+    async def _end(self, error: BaseException | None) -> None:
+        """COMMIT when *error* is None (RELEASE for a savepoint), else ROLLBACK; return the connection."""
+        await self._core.end(error)
+
+    __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_begin, _end)
+
+    def transaction(self) -> Transaction:
+        """A savepoint inside this transaction: use it in a ``with`` (or ``async with``) block. It
+        releases when its block ends normally and rolls back to the savepoint when it raises, leaving
+        the enclosing transaction usable."""
+        return Transaction(self._core.db, parent=self)
+
+    def atransaction(self) -> Transaction:
+        """:meth:`transaction`, named for ``async with tx.atransaction() as sp:``; the same object."""
+        return Transaction(self._core.db, parent=self)
+
+    # -- statements: each written once, as the coroutine that runs on the bridge loop ---------------
+
+    async def _fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:
+        """Run *query* in the transaction and return every row."""
+        async with self._core.statement() as con:
+            return await con.fetch(query, *args)
+
+    async def _fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
+        """Run *query* in the transaction and return its first row, or None."""
+        async with self._core.statement() as con:
+            return await con.fetchrow(query, *args)
+
+    async def _fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        """Run *query* in the transaction and return the value of *column* in its first row, or None."""
+        async with self._core.statement() as con:
+            return await con.fetchval(query, *args, column=column)
+
+    async def _execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        """Run a command in the transaction and return its status (``'UPDATE 3'``)."""
+        async with self._core.statement() as con:
+            return await con.execute(query, *args)
+
+    async def _executemany(
+        self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """Run *command* once per argument tuple, in the transaction."""
+        async with self._core.statement() as con:
+            await con.executemany(command, args)
+
+    async def _run(self, fn: Callable[..., Awaitable[R]], *args: Any, timeout: float | None = None) -> R:
+        """Call ``await fn(connection, *args)`` with the transaction's connection, on the bridge loop.
+
+        The connection is only valid inside *fn*; do not commit or roll back there (the block does).
+        """
+        async with self._core.statement() as con:
+            result = fn(con, *args)
+            if not inspect.isawaitable(result):
+                raise TypeError(
+                    f"Transaction.run() runs async functions, but {getattr(fn, '__qualname__', fn)!r} "
+                    f"returned {type(result).__name__}; define it with 'async def'"
+                )
+            return await result
+
+    fetch, afetch = twins(_fetch)
+    fetchrow, afetchrow = twins(_fetchrow)
+    fetchval, afetchval = twins(_fetchval)
+    execute, aexecute = twins(_execute)
+    executemany, aexecutemany = twins(_executemany)
+    run, arun = twins(_run)
+
+    # -- for streams and COPY (see CopyMethods, StreamMethods) ---------------------------------------
+
+    def _lease(self) -> contextlib.AbstractAsyncContextManager[PoolConnectionProxy]:
+        return self._core.statement()
+
+    def _streaming_transaction(self) -> tuple[Transaction, bool]:
+        # A stream inside a transaction declares its cursor in it: no transaction of its own.
+        return self, False
+
+
+class _Pin:
+    """A pooled connection held on the bridge loop for a transaction and its savepoints."""
+
+    __slots__ = ("con", "lock", "lost", "pool", "shared_by")
+
+    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy, shared_by: Database | None) -> None:
+        self.pool = pool
+        self.con = con
+        # One statement at a time: asyncpg refuses concurrent operations on a connection, and a caller
+        # may share the transaction between tasks or threads.
+        self.lock = asyncio.Lock()
+        self.lost = False
+        # Set when the connection is a pinned Database's (a test inside a rolled-back transaction, see
+        # Database._pin): every plain call on that Database shares it.
+        self.shared_by = shared_by
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """The connection to ourselves for one step (a statement, BEGIN, COMMIT)."""
+        db = self.shared_by
+        if db is None:
+            async with self.lock:
+                yield
+            return
+        # A pinned Database's connection takes turns between this transaction and the plain calls on
+        # that Database. Take the turn for each step, not for the whole block: code under test that
+        # calls the plain Database inside the block must not wait for the block to end (it would,
+        # until PoolTimeoutError). Its statements run inside the transaction then, on the same session.
+        pool, con = await db._acquire()
+        try:
+            if con is not self.con:  # the Database was unpinned meanwhile: our connection is gone
+                self.lost = True
+            yield
+        finally:
+            await db._release(pool, con)
+
+    def check_lost(self) -> bool:
+        """True (and remembered) once the connection is gone. asyncpg hands a connection that closed
+        back to its pool at once, so the proxy refuses even ``is_closed()`` then."""
+        if not self.lost:
+            try:
+                self.lost = self.con.is_closed()
+            except asyncpg.InterfaceError:
+                self.lost = True
+        return self.lost
+
+
+class _Core:
+    """The bridge loop's side of a transaction or a savepoint. Touched only on the bridge loop."""
+
+    __slots__ = (
+        "db",
+        "deferrable",
+        "dependents",
+        "finalizer",
+        "isolation",
+        "parent",
+        "pin",
+        "readonly",
+        "state",
+        "watch",
+        "why",
+        "xact",
+    )
+
+    def __init__(
+        self, db: Database, parent: _Core | None, isolation: str | None, readonly: bool, deferrable: bool
+    ) -> None:
+        self.db = db
+        self.parent = parent
+        self.isolation = isolation
+        self.readonly = readonly
+        self.deferrable = deferrable
+        self.state: _State = "new"
+        self.why = ""  # how it ended, for TransactionClosedError
+        self.pin: _Pin | None = None
+        self.xact: _AsyncpgTransaction | None = None
+        self.dependents: list[Dependent] = []
+        self.watch: OwnerWatch | None = None
+        self.finalizer: Finalizer | None = None
+
+    @property
+    def kind(self) -> str:
+        return "savepoint" if self.parent is not None else "transaction"
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.state} on {self.db!r}>"
+
+    async def begin(self, handle: Transaction, owner: Owner | None) -> None:
+        """BEGIN on a newly pinned connection, or SAVEPOINT on the enclosing transaction's.
+
+        *owner* None: the caller watches the owner itself (a stream's own transaction).
+        """
+        if self.state != "new":
+            raise TransactionClosedError(
+                f"this {self.kind} was already entered once ({self.state}); a Transaction is used for one "
+                "block: call db.transaction() (or tx.transaction()) again for a new one"
+            )
+        parent = self.parent
+        if parent is not None:
+            parent.check_usable()
+            pin = parent.pin
+            assert pin is not None
+            async with pin.turn():
+                parent.check_usable()
+                xact = pin.con.transaction()
+                await xact.start()
+            self.pin, self.xact, self.state = pin, xact, "active"
+            parent.dependents.append(self)
+            return
+        for retry in itertools.count():
+            pool, con = await self.db._acquire()
+            pinned = self.db._pinned
+            shared_by = self.db if pinned is not None and con is pinned.con else None
+            protocol = protocol_of(con)  # before BEGIN: a connection that dies lets go of it
+            sent = sent_so_far(protocol)
+            try:
+                xact = con.transaction(
+                    isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
+                    readonly=self.readonly,
+                    deferrable=self.deferrable,
+                )
+                await xact.start()
+            except BaseException as exc:
+                dead = died_unsent(exc, protocol, sent)
+                # BEGIN changes nothing, so a connection that died under it (before or after it was
+                # sent: both found by the stress suite) can simply be replaced.
+                lost = dead or (not isinstance(exc, LoopBridgeError) and lost_connection(exc, protocol))
+                if shared_by is None:
+                    if not dead:
+                        # BEGIN failed or was interrupted (a timeout): whether the server began the
+                        # transaction is unknown, and asyncpg still counts it as open. Discard the
+                        # connection rather than pool it (the server rolls back with the session).
+                        discard(con)
+                    await self.db._release(pool, con)
+                if shared_by is None and lost and retry < DEAD_CONNECTION_RETRIES:
+                    continue
+                if lost:
+                    raise ConnectionLostError(
+                        f"could not begin the {self.kind}: its connection was lost during BEGIN "
+                        f"({type(exc).__name__}), {retry + 1} time(s). Nothing was done; try again"
+                    ) from exc
+                raise
+            finally:
+                if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
+                    await self.db._release(pool, con)
+            break
+        self.pin, self.xact, self.state = _Pin(pool, con, shared_by), xact, "active"
+        if owner is not None:
+            self.watch = OwnerWatch(self, owner)
+            self.finalizer = guard(handle, self.db.bridge, self, "a transaction")
+
+    def check_usable(self) -> None:
+        """:raises TransactionClosedError: unless statements may run now."""
+        if self.state != "active":
+            if self.state == "new":
+                raise TransactionClosedError(
+                    f"this {self.kind} has not begun: use it in a block, "
+                    "'with db.transaction() as tx:' (or 'async with db.atransaction() as tx:')"
+                )
+            raise TransactionClosedError(f"this {self.kind} has ended: {self.why}")
+        if self.pin is not None and self.pin.lost:
+            raise self._gone()
+
+    @contextlib.asynccontextmanager
+    async def statement(self) -> AsyncIterator[PoolConnectionProxy]:
+        """The pinned connection for one statement, once the statements before it are done."""
+        self.check_usable()
+        pin = self.pin
+        assert pin is not None
+        async with pin.turn():
+            self.check_usable()  # it may have ended while we waited
+            if pin.check_lost():
+                raise self._gone()
+            try:
+                yield pin.con
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                # The connection was already gone when the statement began (its backend terminated
+                # while the transaction sat between statements): asyncpg says so in its own terms
+                # ("cannot switch to state 12; another operation (2) is in progress"), found by the
+                # stress suite. The statement never ran; the transaction is lost.
+                if pin.check_lost():
+                    raise self._gone() from exc
+                raise
+            except BaseException as exc:
+                if _connection_failure(exc, pin):
+                    # The statement was running when the connection broke: asyncpg says so in one of
+                    # its many ways; the caller gets the one loopbridge error for it, as for plain calls.
+                    raise ConnectionLostError(self._lost_during(exc, committing=False)) from exc
+                raise
+
+    def _gone(self, *, committing: bool = False) -> Exception:
+        """The error for a transaction whose connection is gone: closing the Database ends connections
+        still in use after its timeout, and then that is the reason to give."""
+        if self.db.closed:
+            return DatabaseClosedError(
+                f"this {self.kind} was open when its Database was closed, and its connection was ended: "
+                "the server rolled it back. Nothing it did was committed"
+            )
+        return TransactionClosedError(_lost_message(self.kind, committing=committing))
+
+    def _lost_during(self, exc: BaseException, *, committing: bool) -> str:
+        detail = redact(str(exc) or type(exc).__name__, *self.db._secrets)
+        if committing:
+            return (
+                f"the connection of this {self.kind} was lost while its COMMIT was on the way "
+                f"({type(exc).__name__}: {detail}): the outcome is unknown, the server may have committed "
+                "just before. Check before doing the work again (unique keys make a retry safe)"
+            )
+        return (
+            f"the connection of this {self.kind} was lost during a statement ({type(exc).__name__}: "
+            f"{detail}): the server rolled the transaction back, nothing it did was committed. Begin a new "
+            "transaction and do the work again"
+        )
+
+    def add_dependent(self, dependent: Dependent) -> None:
+        self.check_usable()
+        self.dependents.append(dependent)
+
+    def remove_dependent(self, dependent: Dependent) -> None:
+        with contextlib.suppress(ValueError):
+            self.dependents.remove(dependent)
+
+    async def end(self, error: BaseException | None) -> None:
+        """Commit (error None) or roll back; give the connection back. Idempotent.
+
+        :raises TransactionClosedError: when committing a transaction whose connection was lost.
+        :raises: asyncpg's error when COMMIT fails (a serialization failure, a deferred constraint):
+            the server rolled the transaction back.
+        """
+        if self.state != "active":
+            return
+        # What lives inside ends first: a savepoint or a stream left open (the innermost first).
+        for dependent in reversed(list(self.dependents)):
+            await dependent._abandon_on_bridge(f"its enclosing {self.kind} ended")
+        pin, xact = self.pin, self.xact
+        assert pin is not None
+        assert xact is not None
+        commit = error is None
+        try:
+            async with pin.turn():
+                if pin.check_lost():
+                    self._ended("lost", "its connection was lost; the server rolled it back")
+                    if commit:
+                        raise self._gone(committing=True)
+                    return
+                protocol = protocol_of(pin.con)
+                sent = sent_so_far(protocol)
+                try:
+                    if commit:
+                        await xact.commit()
+                    else:
+                        await xact.rollback()
+                except BaseException as exc:
+                    if commit and died_unsent(exc, protocol, sent):
+                        # The connection was gone before COMMIT was sent (asyncpg: "cannot switch to
+                        # state 15", found by the stress suite): certainly not committed.
+                        self._ended("lost", "its connection was lost; the server rolled it back")
+                        raise self._gone(committing=True) from exc
+                    if _connection_failure(exc, pin):
+                        # The server ends the transaction with the session. A COMMIT that was sent has
+                        # an unknown outcome then (the server may have committed just before).
+                        self._ended("lost", "its connection was lost during COMMIT or ROLLBACK")
+                        if commit:
+                            raise ConnectionLostError(self._lost_during(exc, committing=True)) from exc
+                        return
+                    if pin.check_lost():  # lost while interrupted (a timeout, a cancellation)
+                        self._ended("lost", "its connection was lost during COMMIT or ROLLBACK")
+                        if commit:
+                            raise
+                        return
+                    if commit:
+                        self._ended("rolled back", "its COMMIT failed, and the server rolled it back")
+                    else:
+                        self._ended("lost", "its ROLLBACK failed; the connection is discarded")
+                    raise
+                if commit:
+                    self._ended("committed", "it was committed")
+                else:
+                    self._ended("rolled back", f"it was rolled back after {type(error).__name__}")
+        finally:
+            await self._let_go()
+
+    async def _abandon_on_bridge(self, why: str) -> None:
+        """Roll back a transaction its owner left open (see loopbridge._owner)."""
+        if self.state != "active":
+            return
+        logger.warning("%r: %s; rolling it back and returning its connection", self, why)
+        self.why = f"it was rolled back because {why}"
+        try:
+            await self.end(_Abandoned(why))
+        except Exception:
+            logger.exception("%r: error while rolling back an abandoned %s", self, self.kind)
+
+    def _ended(self, state: _State, why: str) -> None:
+        self.state = state
+        if not self.why:
+            self.why = why
+
+    async def _let_go(self) -> None:
+        if self.state == "active":  # ending failed halfway (cancelled): never reuse it
+            self._ended("lost", "it was interrupted while ending")
+        parent = self.parent
+        if parent is not None:
+            parent.remove_dependent(self)
+            return
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.finalizer is not None:
+            self.finalizer.detach()
+        pin = self.pin
+        assert pin is not None
+        if self.state == "lost" and not pin.check_lost():
+            # Its ROLLBACK failed or was interrupted: the session's state is unknown, so it must not go
+            # back into the pool as it is (closing it ends the transaction on the server).
+            pin.con.terminate()
+        if pin.shared_by is not None:  # not ours to give back: we hold it only one step at a time
+            return
+        try:
+            await self.db._release(pin.pool, pin.con)
+        except Exception as exc:  # a pool closed meanwhile; asyncpg has discarded the connection
+            logger.debug("%r: releasing its connection failed: %r", self, exc)
+
+
+def _connection_failure(exc: BaseException, pin: _Pin) -> bool:
+    """asyncpg's (or the socket's) way of saying the connection broke, as opposed to a SQL error.
+
+    asyncpg may raise before it has seen the socket close (the server's FATAL came first: found by the
+    stress suite), so its connection errors count as such whatever the connection says; its
+    InterfaceError and InternalClientError also mean misuse ("another operation is in progress"), so
+    they count only when the connection is indeed gone.
+    """
+    if isinstance(exc, LoopBridgeError) or not isinstance(exc, CONNECTION_FAILURES):
+        return False
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        return pin.check_lost()
+    pin.lost = True
+    return True
+
+
+class _Abandoned(Exception):
+    """The reason handed to end() when a transaction is rolled back for an owner that went away."""
+
+
+def _lost_message(kind: str, *, committing: bool = False) -> str:
+    action = "cannot commit" if committing else "cannot run statements any more"
+    return (
+        f"this {kind} {action}: its connection to the server was lost, and the server rolled the "
+        "transaction back. Nothing it did was committed: begin a new transaction and do the work again"
+    )

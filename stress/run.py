@@ -1,0 +1,313 @@
+"""``python -m stress``: set up a server, run the load with its faults, verify, print one summary line.
+
+By default the runner starts a private PostgreSQL cluster of its own (``tests/pgcluster.py``: a temporary
+directory, a free loopback port, password authentication), so that it may terminate every backend and
+restart the server without disturbing anyone. ``--pgbouncer`` puts a PgBouncer in transaction mode in
+front of it. ``--dsn`` runs against an existing server instead: no restart, and only the backends this
+run opened are terminated (selected by their ``application_name``).
+
+Exit status: 0 if nothing was lost, duplicated, torn, hung or leaked, every failure was of a documented
+type and the bridge is alive; 1 otherwise; 2 if the run could not be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from loopbridge import Bridge, Database
+from stress.faults import Faults, Target
+from stress.ledger import Ledger
+from stress.load import SCHEMA, Load, Plan
+from stress.verify import Verdict, check_bridge, check_leaks, check_rows
+
+__all__ = ["main", "run"]
+
+logger = logging.getLogger("stress")
+
+
+@dataclass
+class Setup:
+    """Where the Database connects, how the faults reach the server, and what to tear down."""
+
+    dsn: str
+    admin_dsn: str
+    target: Target
+    restart: Callable[[], None] | None
+    clients: Callable[[], int] | None
+    pgbouncer: bool
+    server_settings: dict[str, str]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    parser.add_argument("--pgbouncer", action="store_true", help="through a PgBouncer in transaction mode")
+    parser.add_argument("--dsn", help="an existing server instead of a private cluster (no restart)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    parser.add_argument("--sync-threads", type=int, default=64)
+    parser.add_argument("--loops", type=int, default=4)
+    parser.add_argument("--tasks-per-loop", type=int, default=32)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between terminations")
+    parser.add_argument("--no-restart", action="store_true", help="do not restart the server")
+    parser.add_argument("--no-fork", action="store_true", help="do not fork a worker process")
+    args = parser.parse_args(argv)
+    if args.dsn and args.pgbouncer:
+        parser.error("--pgbouncer starts its own PgBouncer in front of a private cluster; drop --dsn")
+    if args.duration <= 0:
+        parser.error("--duration must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="stress: %(levelname)s %(name)s: %(message)s")
+    # Forking a process with threads is one of the faults; Python 3.12+ warns about exactly that.
+    warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    plan = Plan(
+        duration=args.duration,
+        sync_threads=args.sync_threads,
+        loops=args.loops,
+        tasks_per_loop=args.tasks_per_loop,
+        seed=seed,
+    )
+    try:
+        with environment(args) as setup:
+            verdict = run(setup, plan, args)
+    except SetupError as exc:
+        print(f"stress: could not set up: {exc}", file=sys.stderr)
+        return 2
+    print(verdict.line(), flush=True)
+    return 0 if verdict.ok else 1
+
+
+class SetupError(RuntimeError):
+    """The run could not start: no server, no PostgreSQL binaries, no pgbouncer."""
+
+
+@contextmanager
+def environment(args: argparse.Namespace) -> Iterator[Setup]:
+    """The server (and PgBouncer) for one run, with the ``writes`` table; torn down afterwards."""
+    if args.dsn:
+        yield from _existing_server(args.dsn)
+        return
+    # The private cluster and PgBouncer helpers are shared with the test suite.
+    from tests.pgcluster import PrivateCluster
+
+    try:
+        cluster = PrivateCluster(settings={"max_connections": "200"})
+        cluster.start()
+    except Exception as exc:
+        raise SetupError(f"private cluster: {exc}") from exc
+    bouncer = None
+    try:
+        admin = cluster.dsn()
+        asyncio.run(_prepare(admin, "stress"))
+        dsn = cluster.dsn(database="stress")
+        clients = None
+        if args.pgbouncer:
+            from tests.pgbouncer import PgBouncer
+
+            try:
+                bouncer = PgBouncer(cluster, pool_size=8)
+                bouncer.start()
+            except Exception as exc:
+                raise SetupError(f"pgbouncer: {exc}") from exc
+            dsn = bouncer.dsn(database="stress")
+            clients = _pgbouncer_clients(bouncer, "stress")
+        yield Setup(
+            dsn=dsn,
+            admin_dsn=admin,
+            target=Target("datname", "stress"),
+            restart=None if args.no_restart else cluster.restart,
+            clients=clients,
+            pgbouncer=args.pgbouncer,
+            server_settings={"application_name": "loopbridge-stress"},
+        )
+    finally:
+        if bouncer is not None:
+            bouncer.destroy()
+        cluster.destroy()
+
+
+def _existing_server(dsn: str) -> Iterator[Setup]:
+    schema = f"stress_{uuid.uuid4().hex[:10]}"
+    name = f"loopbridge-{schema}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.execute(f"CREATE SCHEMA {schema}; SET search_path = {schema}; {SCHEMA}")
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(create())
+    except Exception as exc:
+        raise SetupError(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        yield Setup(
+            dsn=dsn,
+            admin_dsn=dsn,
+            target=Target("application_name", name),
+            restart=None,
+            clients=None,
+            pgbouncer=False,
+            server_settings={"application_name": name, "search_path": schema},
+        )
+    finally:
+        asyncio.run(drop())
+
+
+async def _prepare(admin_dsn: str, database: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await conn.execute(f"CREATE DATABASE {database}")
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + f"/{database}", timeout=10)
+    try:
+        await conn.execute(SCHEMA)
+    finally:
+        await conn.close()
+
+
+def _pgbouncer_clients(bouncer: object, database: str) -> Callable[[], int]:
+    from tests.pgbouncer import PgBouncer
+
+    assert isinstance(bouncer, PgBouncer)
+
+    def clients() -> int:
+        return sum(1 for row in bouncer.show("CLIENTS") if row.get("database") == database)
+
+    return clients
+
+
+def run(setup: Setup, plan: Plan, args: argparse.Namespace) -> Verdict:
+    """The load, the faults and the verification, printing a header, progress and details."""
+    bridge = Bridge("stress", block_threshold=2.0)
+    db = Database(
+        setup.dsn,
+        bridge=bridge,
+        min_size=4,
+        max_size=16,
+        pool_timeout=10,
+        pgbouncer=setup.pgbouncer,
+        server_settings=setup.server_settings,
+    )
+    print(
+        f"stress: {plan.duration:g} s; {plan.sync_threads} sync threads, {plan.loops} loops x "
+        f"{plan.tasks_per_loop} tasks, 1 running-loop thread, 1 forked worker; one Database "
+        f"{db.dsn}{' through PgBouncer (transaction mode)' if setup.pgbouncer else ''}; seed {plan.seed}",
+        flush=True,
+    )
+    ledger = Ledger()
+    try:
+        db.open()
+        load = Load(db, ledger, plan)
+        started = time.monotonic()
+        faults = Faults(
+            admin_dsn=setup.admin_dsn,
+            target=setup.target,
+            deadline=load.deadline,
+            interval=args.interval,
+            restart=setup.restart,
+            restart_at=started + plan.duration * 0.5,
+            fork=None if args.no_fork else load.fork_worker,
+            fork_at=started + plan.duration * 0.3,
+        )
+        threads = load.start()
+        faults.start()
+        _watch(ledger, load.deadline, started)
+        join_deadline = time.monotonic() + plan.hang_bound + 10
+        for thread in threads:
+            thread.join(max(0.0, join_deadline - time.monotonic()))
+        stuck = [thread.name for thread in threads if thread.is_alive()]
+        faults_done = faults.join(max(1.0, join_deadline - time.monotonic()))
+        elapsed = time.monotonic() - started
+
+        verdict = Verdict()
+        verdict.acknowledged, verdict.failed, verdict.undocumented = ledger.counts()
+        verdict.hung = ledger.hung()
+        verdict.unseen_reads = ledger.bad_reads
+        rows = asyncio.run(_rows(setup.admin_dsn if not args.dsn else setup.dsn, setup))
+        check_rows(verdict, ledger, rows)
+        check_bridge(verdict, db)
+        stats = db.bridge.stats()
+        check_leaks(verdict, db, setup.admin_dsn, setup.target, setup.clients)
+        calls = sum(verdict.acknowledged.values()) + sum(verdict.failed.values())
+        print(
+            f"stress: {calls} calls in {elapsed:.1f} s ({calls / elapsed:.0f}/s); faults: "
+            f"{faults.terminated} backends terminated in {faults.rounds} rounds, {faults.restarts} restart "
+            f"({faults.restart_seconds:.1f} s), fork: {faults.fork_outcome}; bridge: max loop lag "
+            f"{stats.max_loop_lag:.2f} s, {stats.blocked_episodes} blocked episodes",
+            flush=True,
+        )
+        print(f"stress: leak check: {verdict.leak_detail}", flush=True)
+        if stuck or not faults_done:
+            verdict.notes.append(f"threads still running: {stuck or ['stress-faults']}")
+        for name, example in sorted(ledger.examples.items()):
+            print(f"stress: failure {name}: e.g. {example}", flush=True)
+        if ledger.undocumented:
+            print(f"stress: UNDOCUMENTED failures: {', '.join(sorted(ledger.undocumented))}", flush=True)
+        for note in verdict.notes:
+            print(f"stress: note: {note}", flush=True)
+        return verdict
+    finally:
+        bridge.close(timeout=5)
+
+
+def _watch(ledger: Ledger, deadline: float, started: float) -> None:
+    """Until the deadline: note hung calls as they happen, and print progress every 10 s."""
+    next_report = started + 10
+    while (now := time.monotonic()) < deadline:
+        for attempt in ledger.overdue():
+            logger.warning(
+                "call %s (%s) running for over %.0f s: hung", attempt.key, attempt.kind, attempt.bound
+            )
+        if now >= next_report:
+            acknowledged, failed, _ = ledger.counts()
+            print(
+                f"stress: {now - started:.0f} s: {sum(acknowledged.values())} acknowledged, "
+                f"{sum(failed.values())} failed, {len(ledger.inflight)} in flight, "
+                f"{threading.active_count()} threads",
+                flush=True,
+            )
+            next_report += 10
+        time.sleep(min(0.5, max(0.0, deadline - now)))
+
+
+async def _rows(dsn: str, setup: Setup) -> list[asyncpg.Record]:
+    # Straight to the server (not through PgBouncer or the Database under test): what it really has.
+    if setup.target.column == "datname":
+        dsn = dsn.rsplit("/", 1)[0] + f"/{setup.target.value}"
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings=_search_path(setup))
+    try:
+        return list(await conn.fetch("SELECT key, part, count(*) FROM writes GROUP BY key, part"))
+    finally:
+        await conn.close()
+
+
+def _search_path(setup: Setup) -> dict[str, str]:
+    path = setup.server_settings.get("search_path")
+    return {"search_path": path} if path else {}

@@ -1,0 +1,167 @@
+"""Verification at the end of a run: the table against the ledger, the server's sessions against the pool.
+
+* **lost**: an acknowledged write or transaction whose row(s) are not in the table;
+* **duplicated**: any key whose row appears more than once (the table has no unique constraint, so a
+  retried write would show here instead of being refused);
+* **torn**: a transaction with one of its two rows only; **phantom**: a row whose key no call wrote;
+* **unseen reads**: a read of an acknowledged key that did not see it;
+* **hung**: a call still running past its bound, or a forked worker that never reported;
+* **leaked**: once the load stops, every server session of the Database must be one of the pool's idle
+  connections and none ``idle in transaction``; every connection back in the pool; and after
+  ``close()``, no session left at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from loopbridge import Database
+from stress.faults import Target
+from stress.ledger import OK, Ledger
+
+__all__ = ["Verdict", "check_bridge", "check_leaks", "check_rows"]
+
+#: How long the server and the pool get to settle after the load stops (or after close).
+SETTLE = 15.0
+
+
+@dataclass
+class Verdict:
+    acknowledged: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    undocumented: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    torn: int = 0
+    phantom: int = 0
+    unseen_reads: int = 0
+    hung: int = 0
+    leaked: int = 0
+    leak_detail: str = ""
+    bridge_alive: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.lost == self.duplicated == self.torn == self.phantom == 0
+            and self.unseen_reads == self.hung == self.leaked == self.undocumented == 0
+            and self.bridge_alive
+        )
+
+    def line(self) -> str:
+        """The one summary line."""
+        acked = sum(self.acknowledged.values())
+        kinds = ", ".join(f"{kind} {self.acknowledged[kind]}" for kind in ("write", "tx", "block", "read"))
+        failures = ", ".join(f"{name} {count}" for name, count in self.failed.most_common())
+        return (
+            f"stress: {'PASS' if self.ok else 'FAIL'}: acknowledged {acked} ({kinds}); "
+            f"failed {sum(self.failed.values())} ({failures or 'none'}); "
+            f"lost {self.lost}; duplicated {self.duplicated}; hung {self.hung}; leaked {self.leaked}; "
+            f"torn {self.torn}; phantom {self.phantom}; unseen reads {self.unseen_reads}; "
+            f"undocumented {self.undocumented}; bridge {'alive' if self.bridge_alive else 'DEAD'}"
+        )
+
+
+def check_rows(verdict: Verdict, ledger: Ledger, rows: list[asyncpg.Record]) -> None:
+    """Compare the table's ``(key, part, count)`` rows with the ledger."""
+    present: dict[str, dict[int, int]] = {}
+    for key, part, count in rows:
+        present.setdefault(key, {})[part] = count
+    attempted: set[str] = set()
+    for attempt in ledger.attempts:
+        if attempt.kind == "read":
+            continue
+        attempted.add(attempt.key)
+        parts = present.get(attempt.key, {})
+        expected = (0,) if attempt.kind == "write" else (1, 2)
+        counts = [parts.get(part, 0) for part in expected]
+        verdict.duplicated += sum(count > 1 for count in counts)
+        if attempt.outcome == OK:
+            verdict.lost += any(count == 0 for count in counts)
+        elif len({min(count, 1) for count in counts}) > 1:
+            verdict.torn += 1
+    verdict.phantom = sum(1 for key in present if key not in attempted)
+
+
+def check_bridge(verdict: Verdict, db: Database) -> None:
+    """The bridge thread is alive and still serves a call."""
+    thread = db.bridge.thread
+    try:
+        served = db.fetchval("SELECT 1", timeout=10) == 1
+    except Exception as exc:
+        verdict.notes.append(f"final call failed: {type(exc).__name__}: {exc}")
+        served = False
+    verdict.bridge_alive = thread is not None and thread.is_alive() and db.bridge.stats().running and served
+
+
+async def _pool_sizes(db: Database) -> tuple[int, int]:
+    # On the bridge loop: the pool's own figures (open connections, idle connections).
+    pool = db._pool
+    if pool is None:
+        return 0, 0
+    return pool.get_size(), pool.get_idle_size()
+
+
+async def _sessions(admin_dsn: str, target: Target) -> Counter[str]:
+    query = (
+        "SELECT coalesce(state, '?'), count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        f"AND pid <> pg_backend_pid() AND {target.column} = $1 GROUP BY 1"
+    )
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        return Counter({row[0]: row[1] for row in await conn.fetch(query, target.value)})
+    finally:
+        await conn.close()
+
+
+def check_leaks(
+    verdict: Verdict,
+    db: Database,
+    admin_dsn: str,
+    target: Target,
+    clients: Callable[[], int] | None = None,
+) -> None:
+    """Sessions against the pool, then close and check that nothing is left.
+
+    :param clients: behind PgBouncer, counts the Database's client connections at PgBouncer (the
+        server's sessions are PgBouncer's own, so they are only checked for ``idle in transaction``).
+    """
+    detail = ""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        size, idle = db.bridge.run(_pool_sizes, db, timeout=10)
+        sessions = asyncio.run(_sessions(admin_dsn, target))
+        in_transaction = sessions["idle in transaction"] + sessions["idle in transaction (aborted)"]
+        busy = sum(count for state, count in sessions.items() if state != "idle")
+        if clients is None:
+            connected = sum(sessions.values())
+        else:
+            connected = clients()
+            busy = in_transaction
+        leased = db._leased
+        settled = connected == idle and size == idle and busy == 0 and leased == 0
+        detail = (
+            f"pool: {size} open, {idle} idle; {'PgBouncer clients' if clients else 'server sessions'} "
+            f"{connected}; server states {dict(sessions)}; leased {leased}"
+        )
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if not settled:
+        verdict.leaked += abs(connected - idle) + (size - idle) + busy + leased
+    db.close(timeout=10)
+    deadline = time.monotonic() + SETTLE
+    while True:
+        left = clients() if clients is not None else sum(asyncio.run(_sessions(admin_dsn, target)).values())
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    verdict.leaked += left
+    verdict.leak_detail = f"{detail}; after close: {left}"

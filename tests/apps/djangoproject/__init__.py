@@ -1,0 +1,1 @@
+"""A minimal Django project using ``loopbridge.contrib.django``: sync and async views, WSGI and ASGI."""

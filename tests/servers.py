@@ -1,0 +1,115 @@
+"""Real servers for the framework tests: started in a subprocess on a free loopback port, always stopped.
+
+:func:`serve` starts a server (uvicorn, gunicorn) in a session of its own, waits (bounded) until it
+answers, and stops the whole process group on the way out, even when the test failed: SIGTERM, then
+SIGKILL if it has not exited in time. Its output goes to a file that failing assertions show.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: How long a server may take to answer its first request, and to stop.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    """A running server: its base URL, its process (the group leader) and its output."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Stop it gracefully (SIGTERM to the group), or kill it after *timeout*; its exit code."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc, signal.SIGKILL)
+                self.proc.wait(5)
+                pytest.fail(f"the server did not stop within {timeout} s of SIGTERM\n{self.output()}")
+        # Workers of a pre-fork server are in the same group: none may outlive the test.
+        _signal_group(self.proc, signal.SIGKILL)
+        return self.proc.returncode
+
+
+@contextmanager
+def serve(
+    argv: list[str], *, port: int, env: dict[str, str], ready: str = "/health", timeout: float = START_TIMEOUT
+) -> Iterator[Served]:
+    """Run *argv* (a server listening on 127.0.0.1:*port*) until the block ends."""
+    log = Path(tempfile.mkstemp(prefix="loopbridge-server-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped whole, workers included
+        )
+    served = Served(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        _wait_ready(served, ready, timeout)
+        yield served
+    finally:
+        served.stop()
+        log.unlink(missing_ok=True)
+
+
+def python(*args: str) -> list[str]:
+    """A command running this interpreter (the venv's), so that the servers see the same packages."""
+    return [sys.executable, *args]
+
+
+def _wait_ready(served: Served, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served.proc.poll() is not None:
+            pytest.fail(
+                f"the server exited with {served.proc.returncode} before answering\n{served.output()}"
+            )
+        try:
+            if httpx.get(served.url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"the server did not answer {path} within {timeout} s\n{served.output()}")
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,164 @@
+"""Flask: ``loopbridge.contrib.flask`` with sync and async views, and under ``gunicorn --preload``.
+
+The gunicorn test is the fork case made real: the app module (``tests/apps/flask_app.py``) uses the
+Database in the master, gunicorn forks two sync workers from it, every worker serves queries on a pool
+of its own, and the master's connections survive it all, workers restarted and stopped included. The
+server's ``pg_stat_activity`` is the witness.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+import pytest
+from flask import Flask
+
+from loopbridge import ConfigurationError, Database
+from loopbridge.contrib.flask import LoopBridge, get_database
+from tests.servers import Served, free_port, python, serve
+from tests.support import WAIT, independent
+
+
+def backends(admin_dsn: str, application_name: str) -> set[int]:
+    rows = independent(
+        admin_dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name
+    )
+    return {row[0] for row in rows}
+
+
+def make_app(dsn: str, **config: Any) -> tuple[Flask, LoopBridge]:
+    app = Flask("lbtest")
+    app.config.update({"LOOPBRIDGE_DSN": dsn, "LOOPBRIDGE_OPTIONS": {"max_size": 2}, **config})
+    lb = LoopBridge(app)
+
+    @app.get("/sync")
+    def sync_view() -> dict[str, Any]:
+        return {"n": lb.database.fetchval("SELECT 41 + 1"), "same": lb.database is get_database()}
+
+    @app.get("/async")
+    async def async_view() -> dict[str, Any]:
+        return {"n": await lb.database.afetchval("SELECT 43"), "same": lb.database is get_database()}
+
+    return app, lb
+
+
+class TestExtension:
+    def test_sync_and_async_views_share_one_database(self, dsn: str) -> None:
+        app, lb = make_app(dsn)
+        db = lb.database
+        try:
+            client = app.test_client()
+            for _ in range(3):  # the async view gets a new loop per request
+                assert client.get("/sync").json == {"n": 42, "same": True}
+                assert client.get("/async").json == {"n": 43, "same": True}
+            assert lb.database is db  # one per process, not per request
+        finally:
+            db.close()
+
+    def test_options_reach_the_database(self, dsn: str) -> None:
+        _, lb = make_app(dsn, LOOPBRIDGE_OPTIONS={"max_size": 3, "pool_timeout": 5})
+        assert lb.database._max_size == 3
+        lb.database.close()
+
+    def test_the_application_factory_pattern(self, dsn: str) -> None:
+        lb = LoopBridge()
+        app = Flask("factory")
+        app.config["LOOPBRIDGE_DSN"] = dsn
+        lb.init_app(app)
+        with app.app_context():
+            assert lb.database.fetchval("SELECT 1") == 1
+            lb.database.close()
+        with pytest.raises(RuntimeError, match="outside an application context"):
+            lb.database  # noqa: B018
+
+    def test_a_given_database_is_used_as_is(self, db: Database) -> None:
+        app = Flask("given")
+        assert LoopBridge(app, database=db).database is db
+
+    def test_a_bad_dsn_names_the_config_key_without_the_password(self) -> None:
+        app = Flask("bad")
+        app.config["LOOPBRIDGE_DSN"] = "mysql://u:hunter2secret@h/db"
+        with pytest.raises(ConfigurationError, match="LOOPBRIDGE_DSN") as caught:
+            LoopBridge(app)
+        assert "hunter2secret" not in str(caught.value)
+
+    def test_options_that_are_not_a_dict_are_refused(self, dsn: str) -> None:
+        app = Flask("bad")
+        app.config.update(LOOPBRIDGE_DSN=dsn, LOOPBRIDGE_OPTIONS=[("max_size", 2)])
+        with pytest.raises(ConfigurationError, match=r"LOOPBRIDGE_OPTIONS'\] must be a dict"):
+            LoopBridge(app)
+
+    def test_an_app_without_the_extension_says_what_to_do(self) -> None:
+        with Flask("bare").app_context(), pytest.raises(RuntimeError, match=r"call LoopBridge\(app\)"):
+            get_database()
+
+    def test_setting_up_an_app_twice_is_refused(self, dsn: str) -> None:
+        app, lb = make_app(dsn)
+        with pytest.raises(RuntimeError, match="already set up"):
+            LoopBridge(app)
+        lb.database.close()
+
+
+def post(served: Served, path: str) -> dict[str, Any]:
+    response = httpx.post(served.url + path, timeout=WAIT)
+    assert response.status_code == 200, served.output()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def serve_until(served: Served, want: int, excluded: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """Post (8 at a time) until *want* distinct workers not in *excluded* have answered; bounded."""
+    answers: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while len({a["worker"] for a in answers} - excluded) < want:
+            assert time.monotonic() < deadline, f"only workers {answers} answered\n{served.output()}"
+            batch = [pool.submit(post, served, "/sync" if n % 2 else "/async") for n in range(8)]
+            answers += [future.result(timeout=WAIT) for future in batch]
+    return answers
+
+
+@pytest.mark.slow
+class TestGunicornPreload:
+    def test_workers_serve_and_the_masters_connections_survive(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        port = free_port()
+        argv = python(
+            "-m", "gunicorn", "tests.apps.flask_app:app", "--preload", "--workers", "2",
+            "--worker-class", "sync", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+        )  # fmt: skip
+        with serve(argv, port=port, env={"LOOPBRIDGE_DSN": dsn}) as served:
+            # Before any query, the only sessions are the master's: the pool it opened at import.
+            master_backends = backends(admin_dsn, schema)
+            master = httpx.get(f"{served.url}/master", timeout=WAIT).json()
+            assert master["pid"] == served.proc.pid
+            assert master["backend"] in master_backends
+            assert len(master_backends) == 2  # min_size
+
+            answers = serve_until(served, want=2)
+            workers = {a["worker"] for a in answers}
+            assert master["pid"] not in workers
+            worker_backends = {a["backend"] for a in answers}
+            assert not worker_backends & master_backends  # each worker has a pool of its own
+            assert master_backends <= backends(admin_dsn, schema)  # and the master's are alive
+
+            # A worker that exits (gunicorn replaces it) must not take the master's sessions along.
+            os.kill(next(iter(workers)), signal.SIGTERM)
+            serve_until(served, want=1, excluded=frozenset(workers))
+            assert master_backends <= backends(admin_dsn, schema)
+
+            assert served.stop() == 0
+            assert "Traceback" not in served.output()
+
+        # Every answer was a row; the rows of the requests after the restart come on top.
+        assert independent(dsn, "SELECT count(*) FROM hits")[0][0] >= len(answers)
+        deadline = time.monotonic() + 10
+        while backends(admin_dsn, schema) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backends(admin_dsn, schema) == set()  # everyone closed their pools at exit

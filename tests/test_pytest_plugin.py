@@ -1,0 +1,275 @@
+"""The pytest plugin: ``loopbridge_db`` (a fresh schema or database) and ``loopbridge_rollback_db``.
+
+Used here in this very session (conftest points ``loopbridge_dsn`` at the suite's server), and in
+projects of their own run by pytester in a subprocess, where the plugin is found through its
+``pytest11`` entry point as a user's project would find it. The rollback tests run in a row: each
+writes one row and sees only its own, so every earlier test's row was rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from loopbridge import Database
+from loopbridge.contrib.pytest_plugin import PREFIX
+from tests.support import WAIT, in_thread, independent
+
+
+@pytest.fixture(scope="module")
+def rolled(loopbridge_app_db: Database) -> str:
+    """A table that exists for real (committed before any test's transaction)."""
+    loopbridge_app_db.execute("CREATE TABLE IF NOT EXISTS rolled (n int NOT NULL, who text)")
+    return "rolled"
+
+
+def app_code_records(db: Database, who: str) -> None:
+    """Code under test: uses the plain Database, knows nothing of tests."""
+    db.execute("INSERT INTO rolled VALUES (1, $1)", who)
+
+
+async def app_code_arecords(db: Database, who: str) -> None:
+    await db.aexecute("INSERT INTO rolled VALUES (1, $1)", who)
+
+
+class TestFreshDatabase:
+    def test_loopbridge_db_is_on_a_fresh_empty_schema(self, loopbridge_db: Database) -> None:
+        schema = loopbridge_db.fetchval("SELECT current_schema()")
+        assert schema.startswith(PREFIX)
+        assert loopbridge_db.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = $1", schema) == 0
+        loopbridge_db.execute("CREATE TABLE mine (x int)")
+
+    @pytest.mark.asyncio
+    async def test_loopbridge_db_from_an_async_test(self, loopbridge_db: Database) -> None:
+        assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
+        assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None  # not the last test's
+
+
+@pytest.mark.usefixtures("rolled")
+class TestRollbackInARow:
+    def test_sync(self, loopbridge_rollback_db: Database) -> None:
+        app_code_records(loopbridge_rollback_db, "sync")
+        assert loopbridge_rollback_db.fetchval("SELECT count(*) FROM rolled") == 1
+
+    def test_sync_from_other_threads_and_loops(self, loopbridge_rollback_db: Database) -> None:
+        # A view in a server thread, a handler on another loop: the same transaction.
+        in_thread(lambda: app_code_records(loopbridge_rollback_db, "thread"))
+        in_thread(lambda: asyncio.run(app_code_arecords(loopbridge_rollback_db, "loop")))
+        assert loopbridge_rollback_db.fetchval("SELECT count(*) FROM rolled") == 2
+        assert loopbridge_rollback_db.fetchval("SELECT count(*) FROM rolled WHERE who = 'sync'") == 0
+
+    @pytest.mark.asyncio(loop_scope="function")
+    async def test_async_function_loop(self, loopbridge_rollback_db: Database) -> None:
+        await app_code_arecords(loopbridge_rollback_db, "function")
+        assert await loopbridge_rollback_db.afetchval("SELECT count(*) FROM rolled") == 1
+
+    @pytest.mark.asyncio(loop_scope="module")
+    async def test_async_module_loop(self, loopbridge_rollback_db: Database) -> None:
+        await app_code_arecords(loopbridge_rollback_db, "module")
+        assert await loopbridge_rollback_db.afetchval("SELECT count(*) FROM rolled") == 1
+
+    @pytest.mark.asyncio(loop_scope="session")
+    async def test_async_session_loop(self, loopbridge_rollback_db: Database) -> None:
+        await app_code_arecords(loopbridge_rollback_db, "session")
+        # Blocking calls from inside the test's running loop work too.
+        assert loopbridge_rollback_db.fetchval("SELECT count(*) FROM rolled") == 1
+
+    def test_nothing_is_committed_while_the_test_runs(
+        self, loopbridge_rollback_db: Database, loopbridge_app_db: Database
+    ) -> None:
+        app_code_records(loopbridge_rollback_db, "invisible")
+        dsn = loopbridge_app_db._info.dsn
+        assert independent(dsn, "SELECT count(*) FROM rolled")[0][0] == 0
+
+    def test_transactions_inside_the_test_are_savepoints(self, loopbridge_rollback_db: Database) -> None:
+        db = loopbridge_rollback_db
+
+        async def fails_halfway(con: Any) -> None:
+            await db.aexecute("INSERT INTO rolled VALUES (1, 'kept')")  # re-enters: same connection
+            async with con.transaction():
+                await con.execute("INSERT INTO rolled VALUES (1, 'undone')")
+                raise LookupError
+
+        with pytest.raises(LookupError):
+            db.run(fails_halfway, timeout=WAIT)
+        assert [row[0] for row in db.fetch("SELECT who FROM rolled")] == ["kept"]
+
+    def test_after_the_row_all_rows_were_rolled_back(self, loopbridge_app_db: Database) -> None:
+        assert loopbridge_app_db.fetchval("SELECT count(*) FROM rolled") == 0
+        assert loopbridge_app_db._pinned is None
+
+
+# -- a project of its own, finding the plugin through its entry point -------------------------------
+
+APP = """
+from loopbridge import Database
+
+db = Database(max_size=2)  # $LOOPBRIDGE_DSN, as an application would
+
+
+def record(who):
+    db.execute("INSERT INTO visits VALUES ($1)", who)
+
+
+async def arecord(who):
+    await db.aexecute("INSERT INTO visits VALUES ($1)", who)
+"""
+
+CONFTEST = """
+import pytest
+
+import app
+
+
+@pytest.fixture(scope="session")
+def loopbridge_app_db():
+    return app.db
+"""
+
+TESTS = """
+import asyncio
+import threading
+
+import pytest
+
+import app
+
+pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")
+
+
+def test_sync():
+    app.record("sync")
+    assert app.db.fetchval("SELECT count(*) FROM visits") == 1
+
+
+def test_from_a_thread():
+    thread = threading.Thread(target=app.record, args=("thread",))
+    thread.start()
+    thread.join(30)
+    assert app.db.fetchval("SELECT count(*) FROM visits") == 1
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_function_loop():
+    await app.arecord("function")
+    assert await app.db.afetchval("SELECT count(*) FROM visits") == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_module_loop():
+    await app.arecord("module")
+    assert await app.db.afetchval("SELECT count(*) FROM visits") == 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_session_loop():
+    await asyncio.gather(app.arecord("a"), app.arecord("b"))
+    assert await app.db.afetchval("SELECT count(*) FROM visits") == 2
+
+
+def test_fresh_schema(loopbridge_db):
+    print("SCHEMA", loopbridge_db.fetchval("SELECT current_schema()"))
+    loopbridge_db.execute("CREATE TABLE t (x int)")
+"""
+
+INI = """
+[pytest]
+asyncio_default_fixture_loop_scope = function
+filterwarnings = error
+timeout = 60
+"""
+
+
+def printed(label: str, result: pytest.RunResult) -> str:
+    """The name an inner test printed after *label* (with -s, in the middle of the progress line)."""
+    found = re.search(rf"{label} (\S+)", result.stdout.str())
+    assert found is not None, result.stdout.str()
+    return found[1]
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    independent(dsn, "CREATE TABLE visits (who text NOT NULL)")
+    monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+    pytester.makeini(INI)
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_app=TESTS)
+    return pytester
+
+
+@pytest.mark.slow
+class TestInAProjectOfItsOwn:
+    def test_the_application_database_is_rolled_back_after_every_test(
+        self, project: pytest.Pytester, dsn: str, admin_dsn: str
+    ) -> None:
+        result = project.runpytest_subprocess(f"--loopbridge-dsn={admin_dsn}", "-s", timeout=120)
+        result.assert_outcomes(passed=6)
+        assert independent(dsn, "SELECT count(*) FROM visits")[0][0] == 0
+        name = printed("SCHEMA", result)
+        assert name.startswith(PREFIX)
+        gone = independent(admin_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = $1", name)
+        assert gone[0][0] == 0  # dropped, with its table
+
+    def test_a_fresh_database_per_test(self, pytester: pytest.Pytester, admin_dsn: str) -> None:
+        pytester.makeini(INI)
+        pytester.makepyfile(
+            test_fresh="""
+            import pytest
+
+            def test_one(loopbridge_db):
+                name = loopbridge_db.fetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
+                print("DATABASE", name)
+
+            @pytest.mark.asyncio
+            async def test_two(loopbridge_db):
+                name = await loopbridge_db.afetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
+            """
+        )
+        result = pytester.runpytest_subprocess(
+            f"--loopbridge-dsn={admin_dsn}", "-o", "loopbridge_isolation=database", "-s", timeout=120
+        )
+        result.assert_outcomes(passed=2)
+        name = printed("DATABASE", result)
+        assert independent(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name)[0][0] == 0
+
+    def test_a_commit_in_the_code_under_test_fails_the_test(self, project: pytest.Pytester, dsn: str) -> None:
+        project.makepyfile(
+            test_commit="""
+            import pytest, app
+
+            pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")
+
+            def test_commits():
+                app.db.execute("COMMIT")
+                app.record("escaped")
+            """
+        )
+        result = project.runpytest_subprocess("test_commit.py", timeout=120)
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(["*transaction was ended by the code under test*NOT rolled back*"])
+        independent(dsn, "DELETE FROM visits")
+
+    def test_without_a_server_the_error_says_what_to_set(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in ("LOOPBRIDGE_TEST_DSN", "LOOPBRIDGE_DSN", "DATABASE_URL"):
+            monkeypatch.delenv(name, raising=False)
+        pytester.makeini(INI)
+        pytester.makepyfile(test_none="def test_needs_it(loopbridge_db):\n    pass\n")
+        result = pytester.runpytest_subprocess(timeout=120)
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*--loopbridge-dsn=postgresql://*LOOPBRIDGE_TEST_DSN*"])
+
+    def test_a_project_not_using_the_fixtures_needs_no_server(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in ("LOOPBRIDGE_TEST_DSN", "LOOPBRIDGE_DSN", "DATABASE_URL"):
+            monkeypatch.delenv(name, raising=False)
+        pytester.makeini(INI)
+        pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
+        result = pytester.runpytest_subprocess("--loopbridge-dsn=postgresql://h:1/x", timeout=120)
+        result.assert_outcomes(passed=1)

@@ -1,0 +1,989 @@
+"""loopbridge.sqlalchemy: the Engine on the bridge, one session scope from every context, lazy loading,
+cancellation, close, fork, and the DF-501 / ADR-047 scenarios in SQLAlchemy terms.
+
+Session tests run once per kind of caller (see tests.support.Caller): the sync kinds use
+``with engine.session()``, the foreign loop ``async with engine.asession()``. The test bodies are
+written once, against the async session's interface; for the sync kinds, :func:`in_session` hands them
+the sync session behind an adapter whose coroutines never suspend (each call just blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pytest
+import sqlalchemy.exc
+from sqlalchemy import Connection, ForeignKey, Table, column, insert, make_url, select, table, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+from sqlalchemy.pool import QueuePool
+
+from loopbridge import (
+    Bridge,
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    ConnectError,
+    DatabaseClosedError,
+    LoopBridgeError,
+)
+from loopbridge.sqlalchemy import (
+    AsyncBridgedSession,
+    BridgedSession,
+    Engine,
+    EngineClosedError,
+    LazyLoadError,
+)
+from tests.pgcluster import PASSWORD, PrivateCluster
+from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
+
+T = TypeVar("T")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+    addresses: Mapped[list[Address]] = relationship(back_populates="user", order_by="Address.id")
+
+
+class Address(Base):
+    __tablename__ = "addresses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str]
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    user: Mapped[User] = relationship(back_populates="addresses")
+
+
+users_table = cast(Table, User.__table__)
+
+
+@pytest.fixture
+def engine(dsn: str, bridge: Bridge) -> Iterator[Engine]:
+    # A small pool: the server is shared with other test runs.
+    engine = Engine(dsn, bridge=bridge, pool_size=2, max_overflow=2)
+    yield engine
+    engine.close(timeout=5)
+
+
+@pytest.fixture
+def tables(engine: Engine) -> None:
+    engine.run_sync(Base.metadata.create_all)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def in_session(
+    caller: Caller, engine: Engine, work: Callable[[AsyncBridgedSession], Coroutine[Any, Any, T]]
+) -> T:
+    """Run ``await work(session)`` inside one session scope, as this kind of caller."""
+    if caller.kind == "foreign-loop":
+
+        async def scoped() -> T:
+            async with engine.asession() as session:
+                return await work(session)
+
+        return run_loop(scoped)
+
+    def blocking() -> T:
+        with engine.session() as session:
+            return _drive(work(cast(AsyncBridgedSession, _Blocking(session))))
+
+    if caller.kind == "sync-thread":
+        return in_thread(blocking)
+
+    async def inside_a_running_loop() -> T:
+        return blocking()  # blocks the running loop on purpose: the DF-501 lifespan case
+
+    return run_loop(inside_a_running_loop)
+
+
+# What AsyncBridgedSession awaits; everything else is a plain call on both sessions.
+_AWAITED = {
+    "execute", "scalar", "scalars", "get", "get_one", "merge", "delete", "refresh", "flush", "commit",
+    "rollback", "run_sync",
+}  # fmt: skip
+
+
+class _Blocking:
+    """A BridgedSession seen through AsyncBridgedSession's interface: each blocking call wrapped in a
+    coroutine that never suspends."""
+
+    def __init__(self, session: BridgedSession) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._session, name)
+        if name not in _AWAITED:
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return method(*args, **kwargs)
+
+        return call
+
+    def __contains__(self, instance: object) -> bool:
+        return instance in self._session
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends, without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise AssertionError("the test body awaited something that is not a session call")
+
+
+async def checked_out(async_engine: AsyncEngine) -> int:
+    """Connections the engine's pool has handed out (run on the bridge with engine.run)."""
+    pool = async_engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
+
+
+async def engine_identity(async_engine: AsyncEngine) -> int:
+    return id(async_engine)
+
+
+def backend_states(admin_dsn: str, application_name: str) -> list[str]:
+    """The state of every server backend opened with this application_name (the test's schema)."""
+    rows = independent(
+        admin_dsn,
+        "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = $1",
+        application_name,
+    )
+    return [row[0] for row in rows]
+
+
+def names_in_db(dsn: str) -> list[str]:
+    return [row[0] for row in independent(dsn, "SELECT name FROM users ORDER BY name")]
+
+
+def tables_in(dsn: str, schema: str) -> set[str]:
+    rows = independent(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    return {row[0] for row in rows}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.05)
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+class TestEngine:
+    def test_the_engine_is_created_on_the_bridge_loop_at_first_use(self, dsn: str, bridge: Bridge) -> None:
+        engine = Engine(dsn, bridge=bridge, pool_size=1)
+        assert "not opened yet" in repr(engine)
+        assert bridge.thread is None  # nothing started at construction
+
+        async def where(async_engine: AsyncEngine) -> tuple[str, str]:
+            return threading.current_thread().name, async_engine.dialect.driver
+
+        assert engine.run(where) == (f"loopbridge-{bridge.name}", "asyncpg")
+        assert "open" in repr(engine)
+        engine.close()
+        assert "closed" in repr(engine)
+
+    @pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+asyncpg"])
+    def test_postgresql_postgres_and_asyncpg_urls_are_accepted(
+        self, dsn: str, bridge: Bridge, scheme: str
+    ) -> None:
+        url = scheme + dsn[dsn.index("://") :]
+        with Engine(url, bridge=bridge, pool_size=1) as engine, engine.session() as session:
+            assert (
+                session.scalar(text("SELECT current_setting('search_path')"))
+                == make_url(dsn).query["search_path"]
+            )
+
+    def test_the_url_defaults_to_loopbridge_dsn(
+        self, dsn: str, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+        with Engine(bridge=bridge, pool_size=1) as engine, engine.session() as session:
+            assert session.scalar(text("SELECT 1")) == 1
+
+    def test_a_sqlalchemy_url_object_is_accepted(self, dsn: str, bridge: Bridge) -> None:
+        with Engine(make_url(dsn), bridge=bridge, pool_size=1) as engine, engine.session() as session:
+            assert session.scalar(text("SELECT 1")) == 1
+
+    def test_another_driver_is_refused_with_what_to_write(self) -> None:
+        with pytest.raises(ConfigurationError, match=r"write the URL as 'postgresql\+asyncpg://") as info:
+            Engine("postgresql+psycopg2://app:s3cret@localhost/app")
+        assert "s3cret" not in str(info.value)
+
+    def test_invalid_engine_options_are_refused_at_once(self, dsn: str) -> None:
+        with pytest.raises(ConfigurationError, match="pool_sise"):
+            Engine(dsn, pool_sise=3)
+        with pytest.raises(ConfigurationError, match="connect_args"):
+            Engine(dsn, creator=lambda: None)
+
+    def test_reserved_session_options_are_refused(self, engine: Engine) -> None:
+        with pytest.raises(ConfigurationError, match="always bound to its Engine"):
+            engine.session(bind=None)
+
+    def test_the_public_names_exist_and_the_errors_are_documented(self) -> None:
+        import loopbridge.sqlalchemy as module
+
+        for name in module.__all__:
+            assert getattr(module, name).__doc__, name
+        assert issubclass(EngineClosedError, DatabaseClosedError)
+        assert issubclass(EngineClosedError, RuntimeError)
+        assert issubclass(LazyLoadError, LoopBridgeError)
+        assert issubclass(LazyLoadError, sqlalchemy.exc.MissingGreenlet)
+
+    def test_import_loopbridge_does_not_import_sqlalchemy(self) -> None:
+        out = run_script(
+            """
+            import sys
+            import loopbridge
+            print("sqlalchemy" in sys.modules, "loopbridge.sqlalchemy" in sys.modules)
+            """
+        )
+        assert out.split() == ["False", "False"]
+
+    def test_run_hands_fn_the_async_engine_on_the_bridge_loop(
+        self, engine: Engine, bridge: Bridge, caller: Caller
+    ) -> None:
+        async def work(async_engine: AsyncEngine, n: int) -> tuple[str, int]:
+            async with async_engine.connect() as connection:
+                value = (await connection.execute(text("SELECT :n * 2"), {"n": n})).scalar_one()
+            return threading.current_thread().name, value
+
+        assert caller.call(engine, "run", work, 21) == (f"loopbridge-{bridge.name}", 42)
+
+    def test_run_refuses_a_sync_function(self, engine: Engine) -> None:
+        with pytest.raises(TypeError, match="define it with 'async def'"):
+            engine.run(lambda async_engine: 1)  # type: ignore[arg-type,return-value]
+
+    def test_run_sync_commits_when_fn_returns_and_rolls_back_when_it_raises(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        def add(connection: Connection, name: str) -> int:
+            assert isinstance(connection, Connection)
+            connection.execute(insert(users_table).values(name=name))
+            return int(connection.execute(text("SELECT count(*) FROM users")).scalar_one())
+
+        def add_then_fail(connection: Connection) -> None:
+            connection.execute(insert(users_table).values(name="never"))
+            raise ValueError("changed my mind")
+
+        assert caller.call(engine, "run_sync", add, "ada") == 1
+        with pytest.raises(ValueError, match="changed my mind"):
+            caller.call(engine, "run_sync", add_then_fail)
+        assert names_in_db(dsn) == ["ada"]
+
+    def test_run_sync_refuses_an_async_function_and_says_what_to_do(self, engine: Engine) -> None:
+        async def create(connection: Connection) -> None:
+            pass
+
+        with pytest.raises(TypeError, match=r"is 'async def'.*correct: define it with 'def'"):
+            _ = engine.run_sync(create)
+
+
+class TestConnectErrors:
+    def test_a_refused_connection_names_the_place_but_never_the_password(
+        self, bridge: Bridge, caller: Caller
+    ) -> None:
+        engine = Engine("postgresql://alice:hunter2@127.0.0.1:1/inventory", bridge=bridge)
+        with pytest.raises(ConnectError) as info:
+            caller.call(engine, "open")
+        message = str(info.value)
+        assert "database 'inventory' on 127.0.0.1:1 as user 'alice'" in message
+        assert "is PostgreSQL running there" in message
+        for text_ in (message, repr(engine), engine.url):
+            assert "hunter2" not in text_
+        engine.close()
+
+    def test_a_wrong_password_never_shows_in_errors_reprs_or_logs(
+        self, cluster: PrivateCluster, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        wrong = "not-the-" + PASSWORD
+        engine = Engine(cluster.dsn(password=wrong), bridge=bridge, echo="debug", pool_size=1)
+        with (
+            pytest.raises(ConnectError, match="check the user name and password") as info,
+            engine.session() as s,
+        ):
+            s.execute(text("SELECT 1"))
+        for text_ in (str(info.value), repr(engine), engine.url, caplog.text):
+            assert wrong not in text_
+            assert PASSWORD not in text_
+        engine.close()
+        good = Engine(cluster.dsn(), bridge=bridge, echo="debug", pool_size=1)
+        with good.session() as s:
+            assert s.scalar(text("SELECT 1")) == 1
+        good.close()
+        assert PASSWORD not in caplog.text
+
+
+# -- the session scopes ----------------------------------------------------------------------------
+
+
+class TestSessionScopes:
+    def test_a_scope_commits_when_it_ends_normally(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> None:
+            session.add(User(name="ada", addresses=[Address(email="ada@example.com")]))
+            session.add_all([User(name="bob"), User(name="cy")])
+
+        in_session(caller, engine, work)
+        assert names_in_db(dsn) == ["ada", "bob", "cy"]
+        assert independent(dsn, "SELECT email FROM addresses")[0][0] == "ada@example.com"
+
+    def test_a_scope_rolls_back_when_it_raises(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> None:
+            session.add(User(name="ada"))
+            await session.flush()  # the INSERT reached the server...
+            assert await session.scalar(select(User.name)) == "ada"
+            raise ValueError("... but the request failed")
+
+        with pytest.raises(ValueError, match="the request failed"):
+            in_session(caller, engine, work)
+        assert names_in_db(dsn) == []
+        assert engine.run(checked_out) == 0
+        assert "idle in transaction" not in backend_states(admin_dsn, schema)
+
+    def test_core_statements_and_text_run_through_the_scope(
+        self, engine: Engine, tables: None, caller: Caller
+    ) -> None:
+        users = table("users", column("id"), column("name"))
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            await session.execute(insert(users), [{"name": "ada"}, {"name": "bob"}])
+            await session.execute(text("INSERT INTO users (name) VALUES (:name)"), {"name": "cy"})
+            rows = (await session.execute(select(users.c.name).order_by(users.c.name))).all()
+            count = await session.scalar(text("SELECT count(*) FROM users"))
+            names = (
+                await session.scalars(text("SELECT name FROM users WHERE name > :n ORDER BY 1"), {"n": "b"})
+            ).all()
+            return [[row.name for row in rows], count, names]
+
+        assert in_session(caller, engine, work) == [["ada", "bob", "cy"], 3, ["bob", "cy"]]
+
+    def test_orm_get_merge_delete_and_refresh(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        with engine.session() as session:
+            session.add_all([User(id=1, name="ada"), User(id=2, name="bob")])
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            ada = await session.get_one(User, 1)
+            ada.name = "ada lovelace"
+            bob = await session.get(User, 2)
+            assert bob is not None
+            await session.delete(bob)
+            await session.flush()
+            merged = await session.merge(User(id=3, name="cy"))
+            await session.flush()
+            await session.execute(text("UPDATE users SET name = 'cy young' WHERE id = 3"))
+            await session.refresh(merged)
+            with pytest.raises(sqlalchemy.exc.NoResultFound):
+                await session.get_one(User, 99)
+            return [ada in session, merged.name, await session.get(User, 2)]
+
+        assert in_session(caller, engine, work) == [True, "cy young", None]
+        assert names_in_db(dsn) == ["ada lovelace", "cy young"]
+
+    def test_commit_inside_a_scope_keeps_what_came_before_a_later_failure(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> None:
+            session.add(User(name="ada"))
+            await session.commit()
+            assert not session.in_transaction()
+            session.add(User(name="bob"))
+            await session.flush()
+            raise ValueError("bob fails")
+
+        with pytest.raises(ValueError, match="bob fails"):
+            in_session(caller, engine, work)
+        assert names_in_db(dsn) == ["ada"]
+
+    def test_a_commit_that_fails_raises_and_commits_nothing(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        with engine.session() as session:
+            session.add(User(name="ada"))
+
+        async def work(session: AsyncBridgedSession) -> None:
+            session.add(User(name="bob"))
+            session.add(User(name="ada"))  # unique violation, found only at the commit's flush
+
+        with pytest.raises(sqlalchemy.exc.IntegrityError, match="unique"):
+            in_session(caller, engine, work)
+        assert names_in_db(dsn) == ["ada"]
+        assert engine.run(checked_out) == 0
+
+    def test_run_sync_hands_fn_the_real_sync_session_on_the_bridge(
+        self, engine: Engine, tables: None, bridge: Bridge, caller: Caller
+    ) -> None:
+        def legacy_report(session: Session, prefix: str) -> list[str]:
+            # Existing sync ORM code, unchanged: lazy loading works here.
+            assert isinstance(session, Session)
+            session.add(User(name="ada", addresses=[Address(email="a@1"), Address(email="a@2")]))
+            session.flush()
+            user = session.execute(select(User)).scalar_one()
+            return [threading.current_thread().name, *(prefix + a.email for a in user.addresses)]
+
+        async def work(session: AsyncBridgedSession) -> list[str]:
+            return await session.run_sync(legacy_report, "mail:")
+
+        assert in_session(caller, engine, work) == [f"loopbridge-{bridge.name}", "mail:a@1", "mail:a@2"]
+
+    def test_a_timeout_cancels_the_statement_and_the_scope_rolls_back(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> None:
+            session.add(User(name="ada"))
+            await session.flush()
+            await session.execute(text("SELECT pg_sleep(30)"), timeout=0.3)
+
+        with pytest.raises(CallTimeoutError):
+            in_session(caller, engine, work)
+        assert names_in_db(dsn) == []
+        assert engine.run(checked_out) == 0
+        wait_until(lambda: not {"active", "idle in transaction"} & set(backend_states(admin_dsn, schema)))
+
+    def test_a_session_used_outside_its_block_says_how_to_use_it(self, engine: Engine, tables: None) -> None:
+        session = engine.session()
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match=r"`with engine.session\(\) as session"):
+            session.execute(text("SELECT 1"))
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="not open"):
+            session.add(User(name="ada"))
+        with session:
+            session.add(User(name="ada"))
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="has ended"):
+            session.scalar(text("SELECT 1"))
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="already used"), session:
+            pass
+
+        async def reuse() -> None:
+            asession = engine.asession()
+            with pytest.raises(sqlalchemy.exc.InvalidRequestError, match=r"`async with engine.asession\(\)"):
+                await asession.scalar(text("SELECT 1"))
+
+        run_loop(reuse)
+
+    def test_both_sessions_take_each_method_from_one_implementation(self) -> None:
+        for name in sorted(_AWAITED):
+            sync, async_ = getattr(BridgedSession, name), getattr(AsyncBridgedSession, name)
+            assert sync.__qualname__ == f"BridgedSession.{name}"
+            assert async_.__qualname__ == f"AsyncBridgedSession.{name}"
+            assert asyncio.iscoroutinefunction(async_)
+            assert not asyncio.iscoroutinefunction(sync)
+            assert sync.__doc__.split("\n\n")[0] == async_.__doc__.split("\n\n")[0]
+            assert f"awaits ``AsyncBridgedSession.{name}``" in sync.__doc__
+
+
+# -- lazy loading ----------------------------------------------------------------------------------
+
+
+class TestLazyLoading:
+    @pytest.fixture
+    def ada(self, engine: Engine, tables: None) -> None:
+        with engine.session() as session:
+            session.add(User(name="ada", addresses=[Address(email="a@1"), Address(email="a@2")]))
+
+    def test_a_lazy_load_outside_the_bridge_raises_a_clear_error(
+        self, engine: Engine, ada: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> None:
+            user = (await session.scalars(select(User))).one()
+            user.name = "ada lovelace"  # a pending change: no autoflush may run in the caller's thread
+            with pytest.raises(LazyLoadError) as info:
+                _ = user.addresses
+            message = str(info.value)
+            assert "loading Address" in message
+            assert "selectinload" in message
+            assert "session.run_sync(fn)" in message
+            assert isinstance(info.value, sqlalchemy.exc.MissingGreenlet)
+            # Nothing broke: the session goes on and commits the change.
+            assert [a.email for a in await session.run_sync(lambda s: s.get(User, user.id).addresses)] == [
+                "a@1",
+                "a@2",
+            ]
+
+        in_session(caller, engine, work)
+        assert names_in_db(dsn) == ["ada lovelace"]
+
+    def test_an_expired_attribute_cannot_be_loaded_outside_the_bridge(
+        self, engine: Engine, ada: None, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> str:
+            user: User = (await session.scalars(select(User))).one()
+            session.expire(user)
+            with pytest.raises(LazyLoadError, match="loading User"):
+                _ = user.name
+            await session.refresh(user)
+            return user.name
+
+        assert in_session(caller, engine, work) == "ada"
+
+    def test_eager_loading_and_refresh_load_what_the_caller_reads(
+        self, engine: Engine, ada: None, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> list[list[str]]:
+            eager = (await session.scalars(select(User).options(selectinload(User.addresses)))).one()
+            session.expunge(eager)
+            refreshed = (await session.scalars(select(User))).one()
+            await session.refresh(refreshed, ["addresses"])
+            return [[a.email for a in eager.addresses], [a.email for a in refreshed.addresses]]
+
+        assert in_session(caller, engine, work) == [["a@1", "a@2"], ["a@1", "a@2"]]
+
+    def test_objects_keep_their_attributes_after_the_scope_commits(
+        self, engine: Engine, tables: None
+    ) -> None:
+        # expire_on_commit=False: an object returned from a scope is readable afterwards.
+        with engine.session() as session:
+            user = User(name="ada")
+            session.add(user)
+        assert (user.id, user.name) == (1, "ada")
+
+
+# -- cancellation and close ------------------------------------------------------------------------
+
+
+class TestCancellationAndClose:
+    def test_cancelling_an_awaiting_caller_releases_the_connection(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        started = threading.Event()
+
+        async def handler() -> None:
+            async with engine.asession() as session:
+                session.add(User(name="ada"))
+                await session.flush()
+                started.set()
+                await session.execute(text("SELECT pg_sleep(30)"))
+
+        async def main() -> None:
+            task = asyncio.ensure_future(handler())
+            await asyncio.to_thread(started.wait, WAIT)
+            await asyncio.sleep(0.2)  # let the pg_sleep reach the server
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run_loop(main)
+        assert engine.run(checked_out) == 0
+        wait_until(lambda: not {"active", "idle in transaction"} & set(backend_states(admin_dsn, schema)))
+        assert names_in_db(dsn) == []
+        with engine.session() as session:  # and the engine serves on
+            assert session.scalar(text("SELECT 1")) == 1
+
+    def test_a_caller_cancelled_while_opening_leaves_no_scope_open(
+        self, engine: Engine, tables: None
+    ) -> None:
+        async def main() -> AsyncBridgedSession:
+            session = engine.asession()
+            opening = asyncio.ensure_future(session.__aenter__())
+            await asyncio.sleep(0)  # the opening is submitted; the task awaits the bridge
+            # Block this loop while the opening completes on the bridge, then cancel: the caller never
+            # gets its session, and no __aexit__ will come.
+            time.sleep(0.3)  # noqa: ASYNC251
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            return session
+
+        session = run_loop(main)
+        wait_until(lambda: session._state == "ended")
+        assert engine._scopes == set()
+
+    def test_a_call_in_flight_when_the_engine_closes_gets_engine_closed_error(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        inside = threading.Event()
+        errors: list[BaseException] = []
+
+        def view() -> None:
+            try:
+                with engine.session() as session:
+                    session.add(User(name="ada"))
+                    session.flush()
+                    inside.set()
+                    session.execute(text("SELECT pg_sleep(10)"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        time.sleep(0.2)
+        engine.close(timeout=0.2)
+        thread.join(WAIT)
+        assert [type(error) for error in errors] == [EngineClosedError]
+        assert names_in_db(dsn) == []
+        wait_until(lambda: backend_states(admin_dsn, schema) == [])
+
+    def test_close_disposes_of_the_connections_and_later_use_says_so(
+        self, dsn: str, bridge: Bridge, schema: str, admin_dsn: str, caller: Caller
+    ) -> None:
+        engine = Engine(dsn, bridge=bridge, pool_size=2)
+        engine.open()
+        assert backend_states(admin_dsn, schema) == ["idle"]
+        engine.close()
+        engine.close()
+        assert backend_states(admin_dsn, schema) == []
+        with pytest.raises(EngineClosedError, match="create a new Engine") as info:
+            caller.call(engine, "run_sync", lambda connection: None)
+        assert isinstance(info.value, DatabaseClosedError)
+        with pytest.raises(EngineClosedError), engine.session():
+            pass
+
+    def test_closing_the_bridge_disposes_of_the_engine(self, dsn: str, schema: str, admin_dsn: str) -> None:
+        with Bridge("sa-close") as bridge:
+            engine = Engine(dsn, bridge=bridge, pool_size=1)
+            engine.open()
+            assert backend_states(admin_dsn, schema) == ["idle"]
+        assert backend_states(admin_dsn, schema) == []
+
+    def test_closing_the_bridge_under_an_open_scope_commits_nothing_and_says_so(
+        self, dsn: str, schema: str, admin_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        inside, go_on = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+        bridge = Bridge("sa-open-scope")
+        engine = Engine(dsn, bridge=bridge, pool_size=1)
+        engine.run_sync(Base.metadata.create_all)
+
+        def view() -> None:
+            try:
+                with engine.session() as session:
+                    session.add(User(name="ada"))
+                    session.flush()
+                    inside.set()
+                    go_on.wait(WAIT)
+                    session.add(User(name="bob"))
+                    session.flush()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        bridge.close(timeout=0.2)
+        go_on.set()
+        thread.join(WAIT)
+        # The scope's next call says the engine ended it (the bridge took the engine with it).
+        assert [type(error) for error in errors] == [EngineClosedError]
+        assert "ended without committing" in str(errors[0])
+        assert names_in_db(dsn) == []
+        assert backend_states(admin_dsn, schema) == []
+        assert "ending it without commit" in caplog.text
+        with pytest.raises(BridgeClosedError), engine.session():
+            pass
+
+    def test_close_lets_open_scopes_commit_within_the_timeout(
+        self, engine: Engine, tables: None, dsn: str
+    ) -> None:
+        inside = threading.Event()
+
+        def view() -> None:
+            with engine.session() as session:
+                session.add(User(name="ada"))
+                session.flush()
+                inside.set()
+                time.sleep(0.3)
+                session.add(User(name="bob"))
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        engine.close(timeout=10)
+        thread.join(WAIT)
+        assert names_in_db(dsn) == ["ada", "bob"]
+
+    def test_scopes_still_open_after_the_close_timeout_end_without_committing(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        inside, go_on = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+
+        def view() -> None:
+            try:
+                with engine.session() as session:
+                    session.add(User(name="ada"))
+                    session.flush()
+                    inside.set()
+                    go_on.wait(WAIT)
+                    session.add(User(name="bob"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=view)
+        thread.start()
+        assert inside.wait(WAIT)
+        engine.close(timeout=0.2)
+        go_on.set()
+        thread.join(WAIT)
+        assert len(errors) == 1
+        assert isinstance(errors[0], EngineClosedError)
+        assert "ended without committing" in str(errors[0])
+        assert names_in_db(dsn) == []
+        wait_until(lambda: backend_states(admin_dsn, schema) == [])
+
+
+# -- DF-501 and ADR-047 ----------------------------------------------------------------------------
+
+
+class TestDF501:
+    """DF-501: tables created from a lifespan, a CLI and a script, verified from outside."""
+
+    def test_create_all_from_a_fastapi_style_lifespan(self, engine: Engine, dsn: str, schema: str) -> None:
+        async def lifespan() -> None:
+            # The create_tables() of DF-501: a sync call while the server's loop runs...
+            engine.run_sync(Base.metadata.create_all, tables=[users_table])
+            # ... and the ensure_table_exists() of DF-501: an await on that loop.
+            await engine.arun_sync(Base.metadata.create_all)
+            async with engine.asession() as session:
+                session.add(User(name="ada"))
+
+        run_loop(lifespan)
+        assert tables_in(dsn, schema) == {"users", "addresses"}
+        assert names_in_db(dsn) == ["ada"]
+
+    def test_create_all_from_a_cli_asyncio_run(self, engine: Engine, dsn: str, schema: str) -> None:
+        async def cli() -> None:
+            await engine.arun_sync(Base.metadata.create_all)
+
+        asyncio.run(cli())
+        assert tables_in(dsn, schema) == {"users", "addresses"}
+
+    def test_create_all_from_a_sync_script(self, engine: Engine, dsn: str, schema: str) -> None:
+        engine.run_sync(Base.metadata.create_all)
+        assert tables_in(dsn, schema) == {"users", "addresses"}
+
+    def test_a_failing_create_all_creates_nothing_and_says_so(
+        self, engine: Engine, dsn: str, schema: str, caller: Caller
+    ) -> None:
+        def create_then_fail(connection: Connection) -> None:
+            Base.metadata.create_all(connection)
+            connection.execute(text("CREATE TABLE broken (id int,"))
+
+        with pytest.raises(sqlalchemy.exc.ProgrammingError, match="syntax"):
+            caller.call(engine, "run_sync", create_then_fail)
+        assert tables_in(dsn, schema) == set()  # PostgreSQL DDL is transactional: all or nothing
+
+
+class TestADR047:
+    def test_wizard_loop_then_server_loop_then_test_loops_share_one_engine(
+        self, engine: Engine, dsn: str
+    ) -> None:
+        """ADR-047 end to end: asyncio.run(setup_wizard()) on loop A, uvicorn-style requests on loop B,
+        then a pytest-asyncio-style sequence of loops, all through one Engine and no fresh engines."""
+        identities: set[int] = set()
+
+        async def setup_wizard() -> None:
+            await engine.arun_sync(Base.metadata.create_all)
+            async with engine.asession() as session:
+                session.add(User(name="admin"))
+            identities.add(await engine.arun(engine_identity))
+
+        async def serve() -> list[str]:
+            async def request(i: int) -> str:
+                async with engine.asession() as session:
+                    session.add(User(name=f"user-{i:02}"))
+                    admin: User = (await session.scalars(select(User).where(User.name == "admin"))).one()
+                    return admin.name
+
+            results = await asyncio.gather(*(request(i) for i in range(20)))
+            identities.add(await engine.arun(engine_identity))
+            return list(results)
+
+        asyncio.run(setup_wizard())  # loop A
+        assert asyncio.run(serve()) == ["admin"] * 20  # loop B
+        for n in range(3):  # a new loop per test, as pytest-asyncio makes
+
+            async def one_test(n: int = n) -> int:
+                async with engine.asession() as session:
+                    session.add(User(name=f"test-{n}"))
+                    await session.flush()
+                    count = await session.scalar(select(sqlalchemy.func.count()).select_from(User))
+                identities.add(await engine.arun(engine_identity))
+                return int(count)
+
+            assert asyncio.run(one_test()) == 22 + n
+        assert len(identities) == 1  # one AsyncEngine, from the wizard to the last test
+        assert len(names_in_db(dsn)) == 24
+        assert engine.run(checked_out) == 0
+
+    def test_orm_objects_created_in_one_context_are_queried_and_changed_in_others(
+        self, engine: Engine, tables: None, dsn: str
+    ) -> None:
+        # A sync view creates them...
+        def view() -> User:
+            with engine.session() as session:
+                user = User(name="ada", addresses=[Address(email="ada@1")])
+                session.add(user)
+            return user
+
+        ada = in_thread(view)
+
+        # ... a handler on a foreign loop queries them (eagerly) and changes one, from another scope...
+        async def handler() -> list[str]:
+            async with engine.asession() as session:
+                user = (
+                    await session.scalars(
+                        select(User).options(selectinload(User.addresses)).where(User.id == ada.id)
+                    )
+                ).one()
+                user.addresses.append(Address(email="ada@2"))
+                return [a.email for a in user.addresses]
+
+        assert run_loop(handler) == ["ada@1", "ada@2"]
+
+        # ... and a lifespan's sync call takes the very object the view returned into a new scope.
+        async def lifespan() -> str:
+            with engine.session() as session:
+                session.add(ada)
+                ada.name = "ada lovelace"
+                return ada.name
+
+        assert run_loop(lifespan) == "ada lovelace"
+        assert names_in_db(dsn) == ["ada lovelace"]
+        assert [row[0] for row in independent(dsn, "SELECT email FROM addresses ORDER BY id")] == [
+            "ada@1",
+            "ada@2",
+        ]
+
+    def test_threads_and_loops_at_once_commit_every_row_exactly_once(
+        self, engine: Engine, tables: None, dsn: str
+    ) -> None:
+        per_caller = 10
+        errors: list[BaseException] = []
+
+        def view(i: int) -> None:
+            try:
+                for n in range(per_caller):
+                    with engine.session() as session:
+                        session.add(User(name=f"view-{i}-{n}"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        def loop(i: int) -> None:
+            async def task(t: int) -> None:
+                for n in range(per_caller):
+                    async with engine.asession() as session:
+                        session.add(User(name=f"loop-{i}-{t}-{n}"))
+
+            async def main() -> None:
+                await asyncio.gather(*(task(t) for t in range(4)))
+
+            try:
+                asyncio.run(main())
+            except BaseException as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=view, args=(i,)) for i in range(4)]
+        workers += [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(90)
+        assert not any(worker.is_alive() for worker in workers), "a caller hung"
+        assert errors == []
+        assert len(set(names_in_db(dsn))) == (4 + 2 * 4) * per_caller
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+# Forking a process that runs threads is the point here; Python 3.12+ warns about it.
+ALLOW_FORK = (
+    "import warnings; "
+    "warnings.filterwarnings('ignore', message='.*multi-threaded.*fork', category=DeprecationWarning)"
+)
+
+
+@pytest.mark.slow
+class TestFork:
+    def test_a_forked_child_gets_a_fresh_engine_and_the_parents_connections_survive(self, dsn: str) -> None:
+        out = run_script(
+            f"""
+            {ALLOW_FORK}
+            import asyncio, json, os, sys
+            import sqlalchemy.exc
+            from sqlalchemy import text
+            from loopbridge.sqlalchemy import Engine
+
+            engine = Engine({dsn!r}, pool_size=1, max_overflow=0)
+            backend = text("SELECT pg_backend_pid()")
+            with engine.session() as s:
+                parent_backend = s.scalar(backend)
+            held = engine.session().__enter__()  # a scope open across the fork
+            held.scalar(text("SELECT 1"))
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: uses the engine, then exits normally (atexit and all)
+                os.close(r)
+                report = {{}}
+                try:
+                    held.scalar(text("SELECT 1"))
+                except sqlalchemy.exc.InvalidRequestError as exc:
+                    report["held"] = str(exc)
+
+                async def handler():
+                    async with engine.asession() as s:
+                        return await s.scalar(backend)
+
+                with engine.session() as s:
+                    report["sync"] = s.scalar(backend)
+                report["awaited"] = asyncio.run(handler())
+                os.write(w, json.dumps(report).encode())
+                os.close(w)
+                sys.exit(0)
+            os.close(w)
+            with os.fdopen(r) as pipe:
+                child = json.loads(pipe.read())
+            _, status = os.waitpid(pid, 0)
+            child["exit"] = os.waitstatus_to_exitcode(status)
+            child["parent_backend"] = parent_backend
+            child["held_after"] = held.scalar(backend)
+            held.__exit__(None, None, None)
+            with engine.session() as s:
+                child["parent_after"] = s.scalar(backend)
+            print(json.dumps(child))
+            """
+        )
+        report = json.loads(out)
+        assert report["exit"] == 0
+        assert "opened before os.fork()" in report["held"]
+        assert report["sync"] == report["awaited"]  # the child's own, fresh pool of one
+        assert report["sync"] != report["parent_backend"]
+        # The parent's connection was never closed by the child: same backend, same open scope.
+        assert report["held_after"] == report["parent_backend"]
+        assert report["parent_after"] == report["parent_backend"]
+
+
+class TestExample:
+    def test_the_example_app_runs_and_verifies_its_rows(self, dsn: str) -> None:
+        example = Path(__file__).parent.parent / "examples" / "sqlalchemy_app.py"
+        out = run_script(example.read_text(), env={"LOOPBRIDGE_DSN": dsn}, timeout=90)
+        assert "verified" in out
+        assert out.rstrip().endswith("OK")
