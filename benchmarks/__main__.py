@@ -23,7 +23,7 @@ from loopbridge._servers import find_test_server
 from .cases import CASES, Case, Measure
 from .harness import Sample, Window
 from .report import Measurements, evaluate_targets, render_markdown, summarize, write_chart, write_json
-from .streaming import MEMORY_CASES, iterate_available, measure_memory, stream_loopbridge, stream_native
+from .streaming import MEMORY_CASES, iterate_available, loopbridge_stream, measure_memory, native_stream
 
 HERE = Path(__file__).parent
 
@@ -133,12 +133,30 @@ def _run(
                     m.add(case.baseline, n, rep, base)
                     m.ratios[case.key, n, rep] = sample.throughput / base.throughput
             _progress(m, rep, reps, n)
-        # Streaming, interleaved in the same repetition: the native cursor, then the bridge.
-        m.streams["native", rep] = stream_native(dsn, stream_rows, prefetch)
-        if available:
-            m.streams["lb-iterate", rep] = stream_loopbridge(dsn, stream_rows, prefetch)
-            ratio = m.streams["native", rep] / m.streams["lb-iterate", rep]
-            print(f"  rep {rep + 1}: streaming {stream_rows:,} rows: {ratio:.2f}× native", flush=True)
+        _stream(m, rep, dsn, stream_rows, prefetch, slices, available)
+
+
+def _stream(m: Measurements, rep: int, dsn: str, rows: int, prefetch: int, slices: int, both: bool) -> None:
+    """Streaming in this repetition: the native cursor and db.iterate() alternating (A B B A ...), each
+    session opened once; the mean seconds per pass of each."""
+    with contextlib.ExitStack() as stack:
+        native = stack.enter_context(native_stream(dsn, rows, prefetch))
+        ours = stack.enter_context(loopbridge_stream(dsn, rows, prefetch)) if both else None
+        native()  # warm up: the statement prepared, the connection's buffers grown
+        if ours is not None:
+            ours()
+        times: dict[str, list[float]] = {"native": [], "lb-iterate": []}
+        for i in range(slices):
+            order = [("native", native), ("lb-iterate", ours)]
+            for key, consume in order if i % 2 == 0 else reversed(order):
+                if consume is not None:
+                    times[key].append(consume())
+    for key, values in times.items():
+        if values:
+            m.streams[key, rep] = sum(values) / len(values)
+    if both:
+        ratio = m.streams["native", rep] / m.streams["lb-iterate", rep]
+        print(f"  rep {rep + 1}: streaming {rows:,} rows: {ratio:.2f}× native", flush=True)
 
 
 def _paired(case: Measure, base: Measure, n: int, window: Window, slices: int) -> tuple[Sample, Sample]:

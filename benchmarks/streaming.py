@@ -18,8 +18,10 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
@@ -30,9 +32,9 @@ __all__ = [
     "MEMORY_CASES",
     "STREAM_QUERY",
     "iterate_available",
+    "loopbridge_stream",
     "measure_memory",
-    "stream_loopbridge",
-    "stream_native",
+    "native_stream",
 ]
 
 STREAM_QUERY = "SELECT g, 'row ' || g AS label FROM generate_series(1, $1::int) AS g"
@@ -43,37 +45,53 @@ def iterate_available() -> bool:
     return hasattr(Database, "iterate")
 
 
-def stream_native(dsn: str, rows: int, prefetch: int) -> float:
-    """Seconds to consume *rows* rows through a native asyncpg cursor on this thread's own loop."""
+@contextmanager
+def native_stream(dsn: str, rows: int, prefetch: int) -> Iterator[Callable[[], float]]:
+    """A connection on a loop of its own; yields: seconds to consume *rows* rows through a native
+    asyncpg cursor (in a transaction) on that loop, the consumer being a task there."""
 
-    async def main() -> float:
-        con = await asyncpg.connect(dsn)
-        try:
-            started = time.perf_counter()
-            seen = 0
-            async with con.transaction():
-                async for _row in con.cursor(STREAM_QUERY, rows, prefetch=prefetch):
-                    seen += 1
-            elapsed = time.perf_counter() - started
-        finally:
-            await con.close()
+    async def consume(con: asyncpg.Connection) -> float:
+        started = time.perf_counter()
+        seen = 0
+        async with con.transaction():
+            async for _row in con.cursor(STREAM_QUERY, rows, prefetch=prefetch):
+                seen += 1
+        elapsed = time.perf_counter() - started
         _check(seen, rows)
         return elapsed
 
-    return asyncio.run(main())
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bench-native-stream", daemon=True)
+    thread.start()
+    try:
+        con = asyncio.run_coroutine_threadsafe(asyncpg.connect(dsn), loop).result(60)
+        try:
+            yield lambda: asyncio.run_coroutine_threadsafe(consume(con), loop).result(600)
+        finally:
+            asyncio.run_coroutine_threadsafe(con.close(), loop).result(60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
-def stream_loopbridge(dsn: str, rows: int, prefetch: int, uvloop: bool = False) -> float:
-    """Seconds for a sync consumer to consume *rows* rows through ``db.iterate()``."""
-    with Bridge("bench-stream", uvloop=uvloop) as bridge, Database(dsn, bridge=bridge, max_size=2) as db:
+@contextmanager
+def loopbridge_stream(dsn: str, rows: int, prefetch: int) -> Iterator[Callable[[], float]]:
+    """A Database, opened; yields: seconds for a sync consumer to consume *rows* rows through
+    ``db.iterate()``."""
+    with Bridge("bench-stream") as bridge, Database(dsn, bridge=bridge, max_size=2) as db:
         iterate: Callable[..., Any] = db.iterate  # type: ignore[attr-defined,unused-ignore]  # issue 3
-        started = time.perf_counter()
-        seen = 0
-        for _row in iterate(STREAM_QUERY, rows, prefetch=prefetch):
-            seen += 1
-        elapsed = time.perf_counter() - started
-    _check(seen, rows)
-    return elapsed
+
+        def consume() -> float:
+            started = time.perf_counter()
+            seen = 0
+            for _row in iterate(STREAM_QUERY, rows, prefetch=prefetch):
+                seen += 1
+            elapsed = time.perf_counter() - started
+            _check(seen, rows)
+            return elapsed
+
+        yield consume
 
 
 def _check(seen: int, rows: int) -> None:
