@@ -3,10 +3,10 @@
 The work itself always runs the same way (:meth:`Call.start`, on the bridge loop); only the way back to
 the caller differs, so each kind of caller has a small subclass:
 
-* :class:`BlockingCall` — a sync thread waits on a bare lock (cheaper than a ``concurrent.futures.Future``
-  with its condition variable);
+* :class:`BlockingCall` — a sync thread waits on an eventfd of its own (Linux) or a bare lock, both
+  cheaper than a ``concurrent.futures.Future`` with its condition variable (see ``loopbridge._wakeup``);
 * :class:`AsyncCall` — a coroutine on another event loop awaits a future of its own loop, completed
-  through that loop's ``call_soon_threadsafe``;
+  on that loop through its :class:`Mailbox` (one ``call_soon_threadsafe`` per burst of results);
 * :class:`FutureCall` — :meth:`Bridge.submit` hands out a ``concurrent.futures.Future``.
 
 Cancellation always happens on the bridge loop (``cancel``), whoever asks for it: a timeout, the caller
@@ -16,19 +16,22 @@ the caller sees.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import contextvars
 import enum
 import inspect
 import sys
+import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
+from ._wakeup import waiter_for_this_thread
 from .errors import BridgeClosedError, CallTimeoutError
 
-__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "Ledger", "describe"]
+__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "Ledger", "Mailbox", "describe"]
 
 T = TypeVar("T")
 
@@ -231,9 +234,9 @@ class Call(Generic[T]):
 
 
 class BlockingCall(Call[T]):
-    """The caller is a sync thread, waiting on a lock that the bridge loop releases."""
+    """The caller is a sync thread, waiting on its thread's waiter (see ``loopbridge._wakeup``)."""
 
-    __slots__ = ("_done",)
+    __slots__ = ("_waiter",)
 
     def __init__(
         self,
@@ -244,21 +247,30 @@ class BlockingCall(Call[T]):
         label: str,
     ) -> None:
         super().__init__(fn, args, kwargs, timeout, label)
-        self._done = _thread.allocate_lock()
-        self._done.acquire()
+        self._waiter = waiter_for_this_thread()
 
     def _settle(self) -> None:
-        self._done.release()
+        self._waiter.wake()
 
     def wait(self, timeout: float | None) -> bool:
         """Block until settled or *timeout* elapses; True if settled. Interruptible by Ctrl-C."""
-        return self._done.acquire(True, -1 if timeout is None else timeout)
+        if timeout is None:
+            while not self.settled:  # a wakeup may be a stale one, for an earlier call of this thread
+                self._waiter.wait(None)
+            return True
+        deadline = time.monotonic() + timeout
+        while not self.settled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._waiter.wait(left)
+        return True
 
 
 class AsyncCall(Call[T]):
     """The caller is a coroutine on another event loop, awaiting :attr:`waiter`."""
 
-    __slots__ = ("caller_loop", "delivered", "waiter")
+    __slots__ = ("delivered", "mailbox", "waiter")
 
     def __init__(
         self,
@@ -268,23 +280,61 @@ class AsyncCall(Call[T]):
         timeout: float | None,
         label: str,
         caller_loop: asyncio.AbstractEventLoop,
+        mailbox: Mailbox,
     ) -> None:
         super().__init__(fn, args, kwargs, timeout, label)
-        self.caller_loop = caller_loop
+        self.mailbox = mailbox
         self.waiter: asyncio.Future[None] = caller_loop.create_future()
         self.delivered = False
 
     def _settle(self) -> None:
-        try:
-            self.caller_loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the caller's loop is closed: nobody is left waiting
-            pass
+        self.mailbox.post(self)
 
     def _deliver(self) -> None:
         # On the caller's loop. The waiter may have been replaced (see Bridge.arun) or cancelled.
         self.delivered = True
         if not self.waiter.done():
             self.waiter.set_result(None)
+
+
+class Mailbox:
+    """The way back to one foreign event loop: a burst of results costs that loop one wakeup.
+
+    The mirror image of ``LoopThread.submit``: the bridge loop appends settled calls, and only the first
+    one after a delivery schedules :meth:`_deliver` with the caller loop's ``call_soon_threadsafe``
+    (a write to its self-pipe, and a wakeup). With N tasks of one loop awaiting the bridge, results
+    that settle in the same bridge loop iteration come back together. The mailbox holds its loop
+    weakly, so that the bridge's registry of mailboxes never keeps a finished loop alive.
+    """
+
+    __slots__ = ("__weakref__", "_calls", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)
+        self._calls: deque[AsyncCall[Any]] = deque()
+        self._scheduled = False
+
+    def post(self, call: AsyncCall[Any]) -> None:
+        """On the bridge loop: hand *call*'s outcome back to its caller's loop."""
+        self._calls.append(call)
+        if self._scheduled:
+            return
+        loop = self._loop()
+        self._scheduled = True
+        try:
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the caller's loop is closed: nobody is left waiting
+            self._scheduled = False
+            self._calls.clear()
+
+    def _deliver(self) -> None:
+        # On the caller's loop.
+        self._scheduled = False  # before popping: a call posted from now on schedules a new delivery
+        calls = self._calls
+        while calls:
+            calls.popleft()._deliver()
 
 
 class FutureCall(Call[T]):

@@ -21,11 +21,12 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
-from ._call import Call, CancelReason, Ledger
+from ._call import Call, CancelReason, Ledger, Mailbox
 from .errors import BridgeClosedError
 
 __all__ = ["LoopThread", "Resource", "abandon", "park_at_exit"]
@@ -72,6 +73,9 @@ class LoopThread:
         self._loop_factory = loop_factory
         self._queue: deque[Call[Any]] = deque()
         self._wakeup_pending = False
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def start(self) -> None:
         """Start the thread and return once its loop exists. Raises what the loop factory raised."""
@@ -121,6 +125,13 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(self._drain)
             except RuntimeError:  # the loop is closed
                 self._withdraw(call)
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        """The way back to *loop* for calls made from it; from *loop*'s own thread."""
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes.setdefault(loop, Mailbox(loop))
+        return mailbox
 
     def _withdraw(self, call: Call[Any]) -> None:
         # close() began between our check and our append. Either its final sweep of the queue takes

@@ -253,7 +253,13 @@ class Bridge:
         if caller_loop is generation.loop:
             return await _run_here(fn, args if callable(fn) else None, kwargs, timeout, label)
         call: AsyncCall[Any] = AsyncCall(
-            fn, args if callable(fn) else None, kwargs, timeout, label, caller_loop
+            fn,
+            args if callable(fn) else None,
+            kwargs,
+            timeout,
+            label,
+            caller_loop,
+            generation.mailbox(caller_loop),
         )
         generation.submit(call)
         bound = None

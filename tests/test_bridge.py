@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import gc
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Awaitable, Generator
 from typing import Any
 
@@ -15,6 +18,7 @@ import asyncpg
 import pytest
 
 import loopbridge
+import loopbridge._wakeup
 from loopbridge import (
     Bridge,
     BridgeClosedError,
@@ -165,6 +169,46 @@ class TestCalls:
         assert request_id.get() == "caller"
 
 
+class TestResultsBackToForeignLoops:
+    """Results for one foreign loop travel back together (one wakeup of that loop per burst)."""
+
+    def test_a_burst_of_results_reaches_every_task_and_skips_a_cancelled_one(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+
+        async def main() -> list[int]:
+            slow = asyncio.ensure_future(bridge.arun(recorder.sleep, 30))
+            burst = asyncio.gather(*(bridge.arun(add, i, i) for i in range(200)))
+            await asyncio.to_thread(recorder.started.wait, WAIT)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            return list(await burst)
+
+        assert run_loop(main) == [2 * i for i in range(200)]
+        assert recorder.cancelled.wait(WAIT)
+
+    def test_tasks_of_several_loops_each_get_their_own_results(self, bridge: Bridge) -> None:
+        def loop_of_tasks(base: int) -> list[int]:
+            async def main() -> list[int]:
+                return list(await asyncio.gather(*(bridge.arun(add, base, i) for i in range(50))))
+
+            return asyncio.run(main())
+
+        results = [in_thread(functools.partial(loop_of_tasks, base)) for base in (0, 1000, 2000)]
+        assert results == [[base + i for i in range(50)] for base in (0, 1000, 2000)]
+
+    def test_the_bridge_keeps_no_finished_caller_loop_alive(self, bridge: Bridge) -> None:
+        loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+        async def main() -> int:
+            loops.append(weakref.ref(asyncio.get_running_loop()))
+            return await bridge.arun(add, 1, 2)
+
+        assert run_loop(main) == 3
+        gc.collect()
+        assert loops[0]() is None
+
+
 class TestErrors:
     def test_exceptions_keep_their_type_and_show_where_they_were_raised(
         self, bridge: Bridge, caller: Caller
@@ -298,6 +342,39 @@ class TestTimeoutsAndCancellation:
         assert "KeyboardInterrupt re-raised" in out
         assert "bridge task cancelled: True" in out
         assert "bridge still serves: yes" in out
+
+
+class TestSyncWaiters:
+    def test_a_late_wakeup_for_an_abandoned_call_does_not_end_the_next_call_early(self) -> None:
+        # A thread reuses one waiter for all its calls: the wakeup of a call it gave up waiting for
+        # (its loop was blocked) arrives during its next call, which must still wait for its own result.
+        async def block_the_loop() -> None:
+            time.sleep(3.5)  # noqa: ASYNC251 - longer than the first caller waits (0.1 s + 2 * GRACE)
+
+        async def later(value: str) -> str:
+            await asyncio.sleep(0.3)
+            return value
+
+        with Bridge("stale-wakeup", block_threshold=None) as bridge:
+
+            def caller() -> str:
+                bridge.submit(block_the_loop)
+                with pytest.raises(CallTimeoutError, match="did not respond"):
+                    bridge.run(add, 1, 2, timeout=0.1)
+                result: str = bridge.run(later, "its own result")
+                return result
+
+            assert in_thread(caller) == "its own result"
+
+    def test_the_lock_waiter_serves_where_there_is_no_eventfd(
+        self, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(loopbridge._wakeup, "_HAVE_EVENTFD", False)
+        recorder = Recorder()
+        assert in_thread(lambda: bridge.run(add, 2, 3)) == 5
+        with pytest.raises(CallTimeoutError):
+            in_thread(lambda: bridge.run(recorder.sleep, 30, timeout=0.2))
+        assert recorder.cancelled.wait(WAIT)
 
 
 class TestDeadlockGuard:

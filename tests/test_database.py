@@ -21,7 +21,7 @@ from loopbridge import (
 )
 from loopbridge._twins import twins
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, independent, run_loop
+from tests.support import WAIT, Caller, in_thread, independent, run_loop
 
 
 @pytest.fixture
@@ -294,6 +294,103 @@ class TestPool:
         assert db._leased == 0
         assert db.fetchval("SELECT 1") == 1
         db.close()
+
+
+class TestConnectionReturn:
+    """A successful call's connection is reset and returned after the caller has its result, when
+    another connection is idle; otherwise before."""
+
+    def test_the_caller_does_not_wait_for_the_reset_and_nobody_gets_the_connection_before_it(
+        self, dsn: str, bridge: Bridge, schema: str, admin_dsn: str
+    ) -> None:
+        gate = Gate()
+        db = Database(dsn, bridge=bridge, min_size=2, max_size=2, reset=gate.reset)
+        db.open()
+
+        async def dirty(con: Any) -> int:
+            await con.execute("SET application_name = 'dirty'")
+            pid: int = await con.fetchval("SELECT pg_backend_pid()")
+            return pid
+
+        # Returns although the reset of its connection is held back.
+        pid = in_thread(lambda: db.run(dirty))
+        assert gate.entered.wait(WAIT)
+        # That connection is not handed out before its reset is done: calls get the other one...
+        assert all(db.fetchval("SELECT pg_backend_pid()") != pid for _ in range(5))
+        bridge.run(gate.open)
+        # ... and the reset does run: the session is clean again.
+        query = "SELECT application_name FROM pg_stat_activity WHERE pid = $1"
+        wait_until(lambda: independent(admin_dsn, query, pid)[0][0] == schema)
+        db.close()
+        assert connections(admin_dsn, schema) == 0
+
+    def test_close_waits_for_connections_being_reset(
+        self, dsn: str, bridge: Bridge, schema: str, admin_dsn: str
+    ) -> None:
+        gate = Gate()
+        db = Database(dsn, bridge=bridge, min_size=2, max_size=2, reset=gate.reset)
+        db.open()
+        assert in_thread(lambda: db.fetchval("SELECT 1")) == 1
+        assert gate.entered.wait(WAIT)
+        closing = threading.Thread(target=db.close)
+        closing.start()
+        closing.join(0.3)
+        assert closing.is_alive()
+        bridge.run(gate.open)
+        closing.join(WAIT)
+        assert not closing.is_alive()
+        assert connections(admin_dsn, schema) == 0
+
+    def test_a_failed_reset_is_logged_and_the_pool_replaces_the_connection(
+        self, dsn: str, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        failures: list[object] = []
+
+        async def failing_reset(con: Any) -> None:
+            if not failures:
+                failures.append(con)
+                raise RuntimeError("reset broke")
+
+        db = Database(dsn, bridge=bridge, min_size=2, max_size=2, reset=failing_reset)
+        db.open()
+        with caplog.at_level(logging.DEBUG, logger="loopbridge"):
+            assert db.fetchval("SELECT 1") == 1  # the caller's statement succeeded: it gets its result
+            wait_until(lambda: bool(failures) and not db._releasing)
+            assert [db.fetchval("SELECT $1::int", i) for i in range(4)] == [0, 1, 2, 3]
+        assert any(
+            "failed its reset" in record.getMessage() and "reset broke" in record.getMessage()
+            for record in caplog.records
+        )
+        db.close()
+
+    def test_a_sequential_caller_keeps_one_connection_when_no_other_is_idle(
+        self, dsn: str, bridge: Bridge
+    ) -> None:
+        db = Database(dsn, bridge=bridge, min_size=1, max_size=4)
+        assert len({db.fetchval("SELECT pg_backend_pid()") for _ in range(10)}) == 1
+        db.close()
+
+
+class Gate:
+    """A pool ``reset`` hook that holds the first reset until the gate is opened (on the bridge loop)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self._open: asyncio.Event | None = None
+
+    async def reset(self, con: Any) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self._event().wait()
+        await con.execute(con.get_reset_query())
+
+    async def open(self) -> None:
+        self._event().set()
+
+    def _event(self) -> asyncio.Event:
+        if self._open is None:  # made on the bridge loop, its first user
+            self._open = asyncio.Event()
+        return self._open
 
 
 class TestConnectErrors:

@@ -123,6 +123,30 @@ class TestFork:
         assert "rows 20" in out
         assert "worker backends 2" in out
 
+    def test_parent_and_child_calling_from_the_forking_thread_each_get_their_own_wakeups(self) -> None:
+        # A sync thread waits on an eventfd of its own (Linux); a forked child must not share the
+        # parent's, or one process's wakeup could be consumed by the other and a call would hang.
+        out = run_script(
+            f"""
+            {ALLOW_FORK}
+            import asyncio, os, sys
+            from loopbridge import Bridge
+            async def echo(i):
+                await asyncio.sleep(0)
+                return i
+            bridge = Bridge("forked-wakeups")
+            assert bridge.run(echo, -1) == -1  # the forking thread has its waiter before the fork
+            pid = os.fork()
+            ok = all(bridge.run(echo, i) == i for i in range(300))
+            if pid == 0:
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            print("parent", ok, "child", os.waitstatus_to_exitcode(status) == 0)
+            bridge.close()
+            """
+        )
+        assert "parent True child True" in out
+
 
 class TestExit:
     def test_exit_with_calls_in_flight_is_quick_quiet_and_closes_connections(
