@@ -124,14 +124,8 @@ class Call(Generic[T]):
                 self._close_unawaited()
                 raise asyncio.CancelledError
             args = self.args
-            if args is None:
-                awaitable: Any = self.fn
-            else:
-                fn: Any = self.fn
-                awaitable = fn(*args, **self.kwargs) if self.kwargs else fn(*args)
-                if not inspect.isawaitable(awaitable):
-                    raise TypeError(_not_awaitable(self.label, self.fn, awaitable))
-            self.result = await awaitable
+            fn: Any = self.fn
+            self.result = await (fn if args is None else invoke(self.label, fn, args, self.kwargs))
         except asyncio.CancelledError as exc:
             self.error = self._cancelled_error(exc)
         except GeneratorExit:  # the task itself is being destroyed: nothing to report to
@@ -395,12 +389,25 @@ def describe(fn: object) -> str:
     return str(name)
 
 
+def invoke(
+    label: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> Awaitable[Any]:
+    """``fn(*args, **kwargs)``, which must return an awaitable: how a caller's function is called.
+
+    :raises TypeError: naming *label* and *fn*, when *fn* is a plain function.
+    """
+    awaitable = fn(*args, **kwargs) if kwargs else fn(*args)
+    if not inspect.isawaitable(awaitable):
+        raise TypeError(_not_awaitable(label, fn, awaitable))
+    return awaitable
+
+
 def _not_awaitable(label: str, fn: object, value: object) -> str:
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return (
         f"{label} runs async functions, but {describe(fn)}() returned {type(value).__name__} {shown}, "
-        "which cannot be awaited. Pass an 'async def' function (or a function returning an awaitable); "
-        "a plain function needs no bridge: call it directly."
+        "which cannot be awaited: define it with 'async def' (or return an awaitable); a plain function "
+        "needs no bridge: call it directly."
     )

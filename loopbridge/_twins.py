@@ -34,7 +34,7 @@ from .errors import BridgeClosedError
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["Bridged", "twin_contexts", "twins"]
+__all__ = ["Bridged", "OpenClose", "twin_contexts", "twins"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -208,3 +208,34 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     # "never retrieved" (exit implementations log what matters themselves).
     if not task.cancelled():
         task.exception()
+
+
+class _Openable(Protocol):
+    def open(self) -> None: ...
+    def aopen(self) -> Coroutine[Any, Any, None]: ...
+    def close(self) -> None: ...
+    def aclose(self) -> Coroutine[Any, Any, None]: ...
+
+
+Op = TypeVar("Op", bound=_Openable)
+
+
+class OpenClose:
+    """``with obj:`` and ``async with obj:`` for what has ``open``/``aopen`` and ``close``/``aclose``:
+    opened on entry, closed on exit, whatever the block raised (which is not suppressed)."""
+
+    __slots__ = ()
+
+    def __enter__(self: Op) -> Op:
+        self.open()
+        return self
+
+    def __exit__(self: Op, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self: Op) -> Op:
+        await self.aopen()
+        return self
+
+    async def __aexit__(self: Op, *exc_info: object) -> None:
+        await self.aclose()

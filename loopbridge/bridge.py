@@ -26,9 +26,9 @@ from ._call import (
     BlockingCall,
     CancelReason,
     FutureCall,
-    _not_awaitable,
     _raised_during_cancellation,
     describe,
+    invoke,
 )
 from ._loop import GRACE, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
@@ -192,13 +192,20 @@ class Bridge:
 
         :raises BridgeClosedError: if the bridge is closed.
         """
-        label = _label(fn, None, "Bridge.submit")
+        label, generation = self._prepare(fn, args, timeout, None, "Bridge.submit")
+        call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
+        generation.submit(call)
+        return call.future
+
+    def _prepare(
+        self, fn: Any, args: tuple[Any, ...], timeout: float | None, label: str | None, default: str
+    ) -> tuple[str, LoopThread]:
+        """Check a call in the caller's thread (nothing is queued if it cannot work); the live loop."""
+        label = _label(fn, label, default)
         _check_fn(fn, args, label)
         if timeout is not None:
             _check_timeout(timeout, label)
-        call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
-        self._generation().submit(call)
-        return call.future
+        return label, self._generation()
 
     # The internal entry points below take keyword arguments for fn and a label for messages; the
     # Database facade and friends use them. They are the only two ways into the loop thread.
@@ -211,11 +218,7 @@ class Bridge:
         timeout: float | None,
         label: str | None,
     ) -> Any:
-        label = _label(fn, label, "Bridge.run")
-        _check_fn(fn, args, label)
-        if timeout is not None:
-            _check_timeout(timeout, label)
-        generation = self._generation()
+        label, generation = self._prepare(fn, args, timeout, label, "Bridge.run")
         if generation.thread_id == threading.get_ident():
             _close_if_coroutine(fn)
             raise DeadlockError(_deadlock_message(label, self._name))
@@ -244,11 +247,7 @@ class Bridge:
         timeout: float | None,
         label: str | None,
     ) -> Any:
-        label = _label(fn, label, "Bridge.arun")
-        _check_fn(fn, args, label)
-        if timeout is not None:
-            _check_timeout(timeout, label)
-        generation = self._generation()
+        label, generation = self._prepare(fn, args, timeout, label, "Bridge.arun")
         caller_loop = asyncio.get_running_loop()
         if caller_loop is generation.loop:
             return await _run_here(fn, args if callable(fn) else None, kwargs, timeout, label)
@@ -401,12 +400,7 @@ async def _run_here(
     fn: Any, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None, timeout: float | None, label: str
 ) -> Any:
     """arun() on the bridge loop itself: no crossing, just await (with the same timeout semantics)."""
-    if args is None:
-        awaitable = fn
-    else:
-        awaitable = fn(*args, **kwargs) if kwargs else fn(*args)
-        if not inspect.isawaitable(awaitable):
-            raise TypeError(_not_awaitable(label, fn, awaitable))
+    awaitable = fn if args is None else invoke(label, fn, args, kwargs)
     if timeout is None:
         return await awaitable
     # The work runs in this very task, cancelled when the timeout expires: unlike wait_for(), no inner

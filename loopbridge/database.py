@@ -11,7 +11,6 @@ import asyncio
 import difflib
 import inspect
 import logging
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._call import invoke
 from ._copy import CopyMethods
 from ._dead import (
     DEAD_CONNECTION_RETRIES,
@@ -32,7 +32,7 @@ from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import Resource
 from ._pgbouncer import transaction_pooling_options
 from ._stream import StreamMethods
-from ._twins import twins
+from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .errors import (
     BridgeClosedError,
@@ -47,11 +47,6 @@ from .errors import (
 from .listen import DEFAULT_QUEUE_SIZE, Subscription
 from .stats import DatabaseStats
 from .transaction import Transaction
-
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
 
 __all__ = ["Database"]
 
@@ -77,7 +72,7 @@ _POOL_OPTIONS = _pass_through_options()
 _OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout"})
 
 
-class Database(CopyMethods, StreamMethods):
+class Database(OpenClose, CopyMethods, StreamMethods):
     """A PostgreSQL connection pool on a bridge, for sync and async callers alike.
 
     ::
@@ -239,13 +234,8 @@ class Database(CopyMethods, StreamMethods):
         """
         _check_callable(fn)
         async with _Lease(self) as con:
-            result = fn(con, *args)
-            if not inspect.isawaitable(result):
-                raise TypeError(
-                    f"Database.run() runs async functions, but {getattr(fn, '__qualname__', fn)!r} returned "
-                    f"{type(result).__name__}; define it with 'async def'"
-                )
-            return await result
+            result: R = await invoke("Database.run()", fn, (con, *args))
+            return result
 
     async def _open(self) -> None:
         """Create the pool now (with its ``min_size`` connections) instead of on first use.
@@ -396,24 +386,6 @@ class Database(CopyMethods, StreamMethods):
         self._subscriptions = set()
         self._leased = 0
         return dropped
-
-    def __enter__(self) -> Self:
-        self.open()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        await self.aopen()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- the pool, on the bridge loop ---------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from sqlalchemy.sql.base import Executable
 
 from ._dsn import DsnInfo, parse_dsn, resolve_dsn
 from ._loop import GRACE
-from ._twins import twins
+from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .database import connect_failure
 from .errors import BridgeClosedError, ConfigurationError, ConnectError, DatabaseClosedError, LoopBridgeError
@@ -107,7 +107,7 @@ class LazyLoadError(LoopBridgeError, sqlalchemy.exc.MissingGreenlet):
     code = ""  # SQLAlchemy's link would explain greenlets; our message says what to do instead
 
 
-class Engine:
+class Engine(OpenClose):
     """An SQLAlchemy ``AsyncEngine`` (asyncpg dialect) that lives on a bridge loop, for every caller.
 
     ::
@@ -309,24 +309,6 @@ class Engine:
         self._scopes = set()
         self._drained = None
         return dropped
-
-    def __enter__(self) -> Self:
-        self.open()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        await self.aopen()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- the engine, on the bridge loop -------------------------------------------------------------
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction as _AsyncpgTransaction
 
+from ._call import invoke
 from ._copy import CopyMethods
 from ._dead import (
     CONNECTION_FAILURES,
@@ -191,13 +191,8 @@ class Transaction(CopyMethods, StreamMethods):
         The connection is only valid inside *fn*; do not commit or roll back there (the block does).
         """
         async with self._core.statement() as con:
-            result = fn(con, *args)
-            if not inspect.isawaitable(result):
-                raise TypeError(
-                    f"Transaction.run() runs async functions, but {getattr(fn, '__qualname__', fn)!r} "
-                    f"returned {type(result).__name__}; define it with 'async def'"
-                )
-            return await result
+            result: R = await invoke("Transaction.run()", fn, (con, *args))
+            return result
 
     fetch, afetch = twins(_fetch)
     fetchrow, afetchrow = twins(_fetchrow)
