@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import asyncpg
 from asyncpg.cursor import Cursor
 
+from ._call import ToCompletion
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
 from ._twins import twin_contexts
@@ -179,7 +180,8 @@ class RowStream:
         that is done; safe to call twice."""
         self._batch, self._state = [], "done"
         if self._core.opened:
-            self.bridge._run(self._core.aclose, (), None, None, f"{self._core.label}.close()")
+            # Run to completion: Ctrl-C stops this wait, not the closing (see ToCompletion).
+            self.bridge._run(ToCompletion(self._core.aclose), (), None, None, f"{self._core.label}.close()")
 
     # -- async --------------------------------------------------------------------------------------
 
@@ -214,7 +216,9 @@ class RowStream:
         """:meth:`close` for async code, from any loop."""
         self._batch, self._state = [], "done"
         if self._core.opened:
-            await self.bridge._arun(self._core.aclose, (), None, None, f"{self._core.label}.aclose()")
+            await self.bridge._arun(
+                ToCompletion(self._core.aclose), (), None, None, f"{self._core.label}.aclose()"
+            )
 
     # -- both ---------------------------------------------------------------------------------------
 

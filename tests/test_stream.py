@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from typing import Any
 
 import asyncpg
@@ -21,7 +22,7 @@ from loopbridge import (
     TransactionClosedError,
 )
 from tests.boundary import Driver, sessions, settled, wait_until
-from tests.support import independent, run_loop, run_script
+from tests.support import WAIT, independent, run_loop, run_script
 
 SERIES = "SELECT g FROM generate_series(1, $1::int) AS g"
 
@@ -218,6 +219,46 @@ class TestStoppingEarly:
         gc.collect()
         settled(db, admin_dsn, schema)
         assert sessions(admin_dsn, schema, "active") == 0
+
+    def test_the_end_of_its_block_closes_it_even_if_the_caller_stopped_waiting_before_it_began(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        # Regression (audit): a task cancelled while its exit call still waited to start on a busy bridge
+        # loop had that exit dropped: the stream stayed open as long as its owner lived.
+        driver = Driver("foreign-loop")  # its loop keeps running: the owner watch does not step in
+        with Bridge("stream-exit", block_threshold=None) as bridge:
+            db = Database(dsn, bridge=bridge)
+            blocking, busy = threading.Event(), threading.Event()
+            streams: list[RowStream] = []
+
+            async def block_the_bridge_loop() -> None:
+                blocking.set()
+                busy.wait(WAIT)  # on purpose: the exit call queues behind this
+
+            async def consume() -> None:
+                async with db.aiterate(SERIES, 100_000, prefetch=100) as rows:
+                    streams.append(rows)
+                    await rows.__anext__()
+                    bridge.submit(block_the_bridge_loop)
+                    await asyncio.to_thread(blocking.wait, WAIT)
+
+            async def main() -> None:
+                task = asyncio.create_task(consume())
+                await asyncio.to_thread(blocking.wait, WAIT)
+                await asyncio.sleep(0.1)  # consume() waits for its exit call, which cannot start
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            try:
+                driver.do(lambda: None, main)
+                busy.set()
+                settled(db, admin_dsn, schema)
+                assert streams  # still referenced, and its owner still running: the exit itself closed it
+            finally:
+                busy.set()
+                driver.stop()
+                db.close()
 
     def test_ctrl_c_while_waiting_for_rows(self, dsn: str) -> None:
         out = run_script(

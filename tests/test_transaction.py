@@ -488,6 +488,74 @@ class TestTwinContexts:
             run_loop(main)
             wait_until(lambda: held.log == ["open", "close NoneType"])
 
+    def test_the_exit_runs_even_when_the_caller_stops_waiting_before_it_started(self) -> None:
+        # Regression (audit): a task cancelled while its exit call was still queued on a busy bridge loop
+        # had the exit closed unrun; the transaction stayed idle in transaction until garbage collection.
+        with Bridge("twin-contexts", block_threshold=None) as bridge:
+            held = self.Held(bridge)
+            blocking, busy = threading.Event(), threading.Event()
+
+            async def block_the_bridge_loop() -> None:
+                blocking.set()
+                busy.wait(WAIT)  # on purpose: the exit call queues behind this
+
+            async def main() -> None:
+                await held.__aenter__()
+                bridge.submit(block_the_bridge_loop)
+                await asyncio.to_thread(blocking.wait, WAIT)
+                task = asyncio.create_task(held.__aexit__(None, None, None))
+                await asyncio.sleep(0.1)  # the exit call is queued; the bridge loop cannot start it
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert held.log == ["open"]
+
+            try:
+                run_loop(main)
+            finally:
+                busy.set()
+            wait_until(lambda: held.log == ["open", "close NoneType"])
+
+    def test_ctrl_c_before_the_exit_started_still_ends_the_transaction(self, dsn: str) -> None:
+        # Regression (audit): the same for a sync caller, interrupted while its COMMIT waited to start.
+        out = run_script(
+            """
+            import signal, sys, threading, time
+            from loopbridge import Bridge, Database
+            bridge = Bridge("ctrl-c", block_threshold=None)
+            db = Database(sys.argv[1], bridge=bridge, max_size=2)
+            db.execute("CREATE TABLE ctrl_c (id int)")
+            blocking, busy = threading.Event(), threading.Event()
+
+            async def block_the_bridge_loop():
+                blocking.set()
+                busy.wait(30)
+
+            main = threading.main_thread().ident
+            try:
+                with db.transaction() as tx:
+                    tx.execute("INSERT INTO ctrl_c VALUES (1)")
+                    bridge.submit(block_the_bridge_loop)  # the COMMIT queues behind this
+                    blocking.wait(30)
+                    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+            except KeyboardInterrupt:
+                print("interrupted while", tx.state)
+            busy.set()
+            deadline = time.monotonic() + 10
+            while tx.state == "active" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            print("state:", tx.state, "in use:", db.stats().in_use)
+            print("rows:", db.fetchval("SELECT count(*) FROM ctrl_c"))
+            db.execute("DROP TABLE ctrl_c")
+            db.close(timeout=2)
+            bridge.close()
+            """,
+            args=(dsn,),
+        )
+        assert "interrupted while active" in out
+        assert "state: committed in use: 0" in out  # the block had ended normally: its COMMIT ran
+        assert "rows: 1" in out
+
     def test_an_exit_waits_for_an_enter_still_unwinding_on_the_bridge(self) -> None:
         # Regression (found by the stress suite): a caller cancelled while entering stops waiting after a
         # grace period; the exit that follows ran before the enter had finished, found nothing open, and
