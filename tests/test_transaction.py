@@ -147,6 +147,112 @@ class TestCommitAndRollback:
         assert run_loop(main) == list(range(8))
 
 
+class TestCaughtErrors:
+    """Regression (audit): a block that caught a failed statement and ended normally reported 'committed'
+    although the server had answered its COMMIT with ROLLBACK and kept nothing."""
+
+    def test_a_block_that_caught_a_failed_statement_raises_instead_of_committing(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'again')")
+
+        with pytest.raises(
+            TransactionClosedError, match=r"could not commit: a statement in it had failed"
+        ) as info:
+            block()
+        message = str(info.value)
+        assert "UniqueViolationError" in message
+        assert "nothing it did was kept" in message
+        assert "with tx.transaction():" in message  # what to do instead
+        assert "Key (id)=(1)" not in message  # the row's values stay out of the message (in the cause)
+        assert isinstance(info.value.__cause__, asyncpg.UniqueViolationError)
+        assert tx.state == "rolled back"
+        assert names(dsn) == []
+        assert db.stats().in_use == 0
+
+    def test_a_block_that_caught_a_statement_timeout_raises_instead_of_committing(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                with pytest.raises(CallTimeoutError):
+                    driver.call(tx, "execute", "SELECT pg_sleep(60)", timeout=0.3)
+
+        with pytest.raises(
+            TransactionClosedError, match=r"could not commit: a statement in it was cancelled"
+        ):
+            block()
+        assert tx.state == "rolled back"
+        assert names(dsn) == []
+
+    def test_a_caught_error_that_did_not_reach_the_server_does_not_stop_the_commit(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+            with pytest.raises(asyncpg.DataError):  # refused by asyncpg: an int parameter given a str
+                driver.call(tx, "execute", "INSERT INTO items VALUES ($1, 'two')", "two")
+        assert tx.state == "committed"
+        assert names(dsn) == ["one"]
+
+    def test_a_savepoint_that_caught_a_failed_statement_rolls_back_to_its_start_and_raises(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'kept')")
+            savepoint = tx.transaction()
+
+            def inner() -> None:
+                with driver.block(savepoint):
+                    driver.call(savepoint, "execute", "INSERT INTO items VALUES (2, 'undone')")
+                    with pytest.raises(asyncpg.UniqueViolationError):
+                        driver.call(savepoint, "execute", "INSERT INTO items VALUES (1, 'duplicate')")
+
+            with pytest.raises(TransactionClosedError, match=r"savepoint could not be released") as info:
+                inner()
+            assert "the enclosing transaction is usable again" in str(info.value)
+            assert savepoint.state == "rolled back"
+            driver.call(tx, "execute", "INSERT INTO items VALUES (3, 'after')")
+        assert tx.state == "committed"
+        assert names(dsn) == ["kept", "after"]
+
+    def test_a_failed_statement_caught_inside_run_is_found_at_the_end(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        async def insert_unless_there(conn: Any) -> None:
+            try:
+                await conn.execute("INSERT INTO items VALUES (1, 'again')")
+            except asyncpg.UniqueViolationError:
+                pass
+
+        async def insert(conn: Any) -> None:
+            await conn.execute("INSERT INTO items VALUES (2, 'two')")
+
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                driver.call(tx, "run", insert_unless_there)
+
+        with pytest.raises(TransactionClosedError, match=r"your function ran in tx.run\(\) had failed"):
+            block()
+        assert names(dsn) == []
+        with driver.block(db.transaction()) as again:  # a function that did not fail: committed as usual
+            driver.call(again, "run", insert)
+        assert again.state == "committed"
+        assert names(dsn) == ["two"]
+
+
 class TestOptions:
     def test_isolation_readonly_and_deferrable_reach_the_server(self, db: Database, driver: Driver) -> None:
         tx = db.transaction(isolation="serializable", readonly=True, deferrable=True)
@@ -154,8 +260,9 @@ class TestOptions:
             assert driver.call(tx, "fetchval", "SHOW transaction_isolation") == "serializable"
             assert driver.call(tx, "fetchval", "SHOW transaction_read_only") == "on"
             assert driver.call(tx, "fetchval", "SHOW transaction_deferrable") == "on"
-            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-                driver.call(tx, "execute", "CREATE TABLE nope (x int)")
+            # In a savepoint: a failed statement caught in the block would fail the block's end.
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError), driver.block(tx.transaction()) as sp:
+                driver.call(sp, "execute", "CREATE TABLE nope (x int)")
 
     def test_an_unknown_isolation_level_is_refused_with_the_choices(self, db: Database) -> None:
         with pytest.raises(
