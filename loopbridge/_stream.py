@@ -20,7 +20,9 @@ each batch (it must not touch the queue's async side, which belongs to the bridg
 
 Whatever stops the consumer early (``break``, ``close()``, an exception in the loop body, the iterator
 being garbage collected, its owner going away) closes the cursor, ends the transaction and returns the
-connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that prompt and explicit.
+connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that prompt and explicit. In the
+caller's transaction, stopping never cancels a fetch under way (that would abort the transaction): see
+``_Core._may_cancel_fetch``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from ._call import ToCompletion
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
 from ._twins import twin_contexts
-from .errors import BridgeClosedError, ConfigurationError, DatabaseClosedError, TransactionClosedError
+from .errors import (
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    DatabaseClosedError,
+    TransactionClosedError,
+)
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -162,7 +170,9 @@ class RowStream:
             raise StopIteration
         try:
             batch = self._core.pipe.receive(self._timeout)
-        except Exception:  # from the server, or a timeout: the stream is over, and closed on return
+        except Exception as exc:  # from the server, or a timeout: the stream is over, and closed on return
+            if isinstance(exc, CallTimeoutError):  # the wait for rows was cut short
+                self._core.interrupted = True
             with contextlib.suppress(Exception):
                 self.close()
             raise
@@ -199,7 +209,9 @@ class RowStream:
             raise StopAsyncIteration
         try:
             batch = await self._core.pipe.areceive(self.bridge, self._timeout)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, CallTimeoutError):  # the wait for rows was cut short
+                self._core.interrupted = True
             with contextlib.suppress(Exception):
                 await self.aclose()
             raise
@@ -240,6 +252,7 @@ class RowStream:
     def _broken(self, error: BaseException) -> None:
         # The wait for a batch was interrupted: stop the producer without waiting for it.
         self._batch, self._state = [], "done"
+        self._core.interrupted = True
         abandon_soon(self.bridge, self._core, f"{type(error).__name__} while waiting for rows")
 
 
@@ -253,6 +266,7 @@ class _Core:
         "cursor",
         "fetching",
         "finalizer",
+        "interrupted",
         "label",
         "opened",
         "owns_transaction",
@@ -277,6 +291,9 @@ class _Core:
         self.opened = False
         self.closing = False
         self.fetching = False
+        # Set (from the consumer's thread, before it asks for the close) when the consumer's wait for
+        # rows was cut short: a timeout, Ctrl-C, a cancelled task. See aclose.
+        self.interrupted = False
         self.transaction: Transaction | None = None
         self.owns_transaction = False
         self.cursor: Cursor[asyncpg.Record] | None = None
@@ -336,6 +353,8 @@ class _Core:
         except BaseException as exc:
             error = self._explain(exc)
         try:
+            if not exhausted and error is None and not self.owns_transaction:
+                await self._close_cursor()
             await self._end_transaction(None if exhausted else error or _Stopped())
         except BaseException as exc:  # COMMIT failed: the rows read came from a transaction that failed
             error = error or exc
@@ -346,6 +365,24 @@ class _Core:
                 self.finalizer.detach()
             # Last, so that a consumer seeing the end knows the connection is back in the pool.
             self.pipe.finish(error)
+
+    async def _close_cursor(self) -> None:
+        """CLOSE the cursor of a stream stopped early in the caller's transaction, which goes on: until
+        the transaction ends, an open cursor keeps what it holds on the server.
+
+        asyncpg's Cursor has no public close: its private one is read through getattr, so that another
+        asyncpg only leaves the cursor open until the transaction ends. Failing to close it is harmless
+        for the same reason (and a transaction that ended or lost its connection closed it already).
+        """
+        assert self.transaction is not None
+        close = getattr(self.cursor, "_close_portal", None)
+        if close is None:
+            return
+        try:
+            async with self.transaction._core.statement(kind="close"):
+                await close(None)
+        except Exception as exc:
+            logger.debug("%s: closing the cursor failed: %r", self.label, exc)
 
     async def _end_transaction(self, error: BaseException | None) -> None:
         transaction = self.transaction
@@ -376,27 +413,46 @@ class _Core:
         return exc
 
     async def aclose(self, error: BaseException | None = None) -> None:
-        """Stop the producer and wait until the connection is back. Idempotent.
+        """Stop the producer and wait until it is done: the cursor closed, the connection back (or, in
+        the caller's transaction, free for its next statement). Idempotent.
 
         The reader, if still reading, gets *error* (or the end of the rows).
         """
         self.closing = True
-        self.pipe.close(error)
+        self.pipe.close(error)  # wakes a producer waiting on the pipe
         producer = self.producer
         if producer is None:
             return
-        if self.fetching:  # waiting for the server: cancel the query (a producer waiting on the pipe
-            producer.cancel()  # has just been woken by the close, and a finishing one must finish)
+        if self.fetching and self._may_cancel_fetch():
+            producer.cancel()
         # Our caller may stop waiting (Ctrl-C); the producer still finishes on its own.
         await asyncio.wait((producer,))
 
+    def _may_cancel_fetch(self) -> bool:
+        """Whether a fetch still waiting for the server may be cancelled, rather than waited for.
+
+        Cancelling a query makes the server abort the transaction it runs in. That is the stream's
+        own transaction (rolled back anyway), or the caller's: never abort that one because its stream
+        stopped early (a ``break``, ``close()``, the end of a block). The caller's transaction keeps
+        going then, so wait for the fetch, one batch, and CLOSE the cursor after it. Cancel only when
+        that transaction rolls back anyway, or when the consumer's own wait for rows was cut short
+        (a timeout, Ctrl-C, a cancelled task), as a statement's would be: its block then fails at its
+        end if the error was caught (see loopbridge.transaction).
+        """
+        transaction = self.transaction
+        return (
+            self.owns_transaction
+            or self.interrupted
+            or (transaction is not None and transaction._core.rolling_back)
+        )
+
     async def _abandon_on_bridge(self, why: str) -> None:
         """Close a stream nobody closed (see loopbridge._owner), or one whose transaction ends."""
-        if self.closing:
-            return
-        logger.debug("%s: %s; closing the stream", self.label, why)
+        if not self.closing:
+            logger.debug("%s: %s; closing the stream", self.label, why)
         # Usually nobody reads any more. When the enclosing transaction ended under a reader that
         # still iterates, the reader must hear it: rows missing without an error would be data lost.
+        # Closed already, it may still be finishing a fetch: an ending transaction waits for that.
         await self.aclose(TransactionClosedError(f"{self.label} stopped: {why}"))
 
 

@@ -75,6 +75,7 @@ R = TypeVar("R")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
 
 _State = Literal["new", "active", "committed", "rolled back", "lost"]
+_StatementKind = Literal["sql", "callers", "close"]
 
 
 class Dependent(Protocol):
@@ -194,7 +195,7 @@ class Transaction(CopyMethods, StreamMethods):
 
         The connection is only valid inside *fn*; do not commit or roll back there (the block does).
         """
-        async with self._core.statement(opaque=True) as con:
+        async with self._core.statement(kind="callers") as con:
             result: R = await invoke("Transaction.run()", fn, (con, *args))
             return result
 
@@ -279,6 +280,7 @@ class _Core:
         "parent",
         "pin",
         "readonly",
+        "rolling_back",
         "state",
         "watch",
         "why",
@@ -294,6 +296,7 @@ class _Core:
         self.readonly = readonly
         self.deferrable = deferrable
         self.state: _State = "new"
+        self.rolling_back = False  # ending with a ROLLBACK: what lives inside may be cut short
         self.why = ""  # how it ended, for TransactionClosedError
         self.pin: _Pin | None = None
         self.xact: _AsyncpgTransaction | None = None
@@ -386,11 +389,13 @@ class _Core:
             raise self._gone()
 
     @contextlib.asynccontextmanager
-    async def statement(self, *, opaque: bool = False) -> AsyncIterator[PoolConnectionProxy]:
+    async def statement(self, *, kind: _StatementKind = "sql") -> AsyncIterator[PoolConnectionProxy]:
         """The pinned connection for one statement, once the statements before it are done.
 
-        *opaque*: the caller's own code uses the connection (``tx.run``); its success does not prove
-        that the transaction is still usable.
+        *kind* says what the statement's success tells about the transaction (see ``_Pin.doubt``):
+        ``"sql"``, that the server has not aborted it; ``"callers"`` (the caller's own function, in
+        ``tx.run``), nothing, and it may have caught a failed statement itself; ``"close"`` (closing a
+        cursor, which the server does in an aborted transaction too), nothing.
         """
         self.check_usable()
         pin = self.pin
@@ -417,7 +422,10 @@ class _Core:
                     # its many ways; the caller gets the one loopbridge error for it, as for plain calls.
                     raise ConnectionLostError(self._lost_during(exc, committing=False)) from exc
                 raise
-            pin.doubt = _CallersCode() if opaque else None
+            if kind == "sql":
+                pin.doubt = None
+            elif kind == "callers":
+                pin.doubt = _CallersCode()
 
     def _gone(self, *, committing: bool = False) -> Exception:
         """The error for a transaction whose connection is gone: closing the Database ends connections
@@ -462,6 +470,7 @@ class _Core:
         """
         if self.state != "active":
             return
+        self.rolling_back = error is not None
         # What lives inside ends first: a savepoint or a stream left open (the innermost first).
         for dependent in reversed(list(self.dependents)):
             await dependent._abandon_on_bridge(f"its enclosing {self.kind} ended")
