@@ -374,6 +374,32 @@ class TestAbandoned:
         with pytest.raises(TransactionClosedError, match=r"rolled back because .* ended without closing it"):
             tx.execute("SELECT 1")
 
+    def test_an_event_loop_left_unclosed_by_a_thread_that_ended_counts_as_gone(
+        self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        # Regression (audit): the owner of an async with block was alive as long as its loop was not
+        # closed, so a worker thread that ran a loop and returned left the transaction open for as long
+        # as the handle lived.
+        held: list[Transaction] = []
+
+        async def begin() -> None:
+            tx = db.atransaction()
+            await tx.__aenter__()  # entered and never exited
+            await tx.aexecute("INSERT INTO items VALUES (1, 'one')")
+            held.append(tx)
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(begin(),))
+        thread.start()
+        thread.join(WAIT)
+        try:
+            assert held, "the transaction did not begin"
+            settled(db, admin_dsn, schema)
+            assert held[0].state == "rolled back"  # still referenced: the owner watch ended it
+            assert names(dsn) == []
+        finally:
+            loop.close()
+
     def test_a_transaction_dropped_without_its_block_ending_is_rolled_back(
         self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str, driver: Driver
     ) -> None:
