@@ -36,6 +36,7 @@ import asyncpg
 from asyncpg.cursor import Cursor
 
 from ._call import ToCompletion
+from ._dsn import redact
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
 from ._twins import twin_contexts
@@ -43,6 +44,7 @@ from .errors import (
     BridgeClosedError,
     CallTimeoutError,
     ConfigurationError,
+    ConnectionLostError,
     DatabaseClosedError,
     TransactionClosedError,
 )
@@ -124,6 +126,8 @@ class RowStream:
 
     :raises TransactionClosedError: on a stream inside a transaction, if the transaction ended (or
         lost its connection) while rows were still being read.
+    :raises ConnectionLostError: on a stream of a Database (in a transaction of its own), if its
+        connection was lost; asyncpg's error is the cause.
     :raises DatabaseClosedError: if the Database was closed while rows were being read.
     :raises BridgeClosedError: if the bridge was closed while rows were being read.
     """
@@ -332,7 +336,7 @@ class _Core:
         exhausted = False
         try:
             while True:
-                async with core.statement():
+                async with core.statement(check_first=False):
                     self.fetching = True
                     try:
                         batch = await self.cursor.fetch(self.prefetch)
@@ -394,21 +398,41 @@ class _Core:
             transaction._core.remove_dependent(self)
 
     def _explain(self, exc: BaseException) -> BaseException:
-        # Closing the Database terminates the connections still in use after its timeout: say so,
-        # rather than leave the reader with a bare "connection is closed".
+        """The error for the reader when fetching raised *exc*."""
         assert self.transaction is not None
+        core = self.transaction._core
         broken = (
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
             OSError,
             TransactionClosedError,
             DatabaseClosedError,
+            ConnectionLostError,
         )
-        if self.transaction._core.db.closed and isinstance(exc, broken):
+        error: BaseException
+        if core.db.closed and isinstance(exc, broken):
+            # Closing the Database terminates the connections still in use after its timeout: say so,
+            # rather than leave the reader with a bare "connection is closed".
             error = DatabaseClosedError(
                 f"{self.label} stopped: its Database was closed while rows were being read"
             )
             error.__cause__ = exc
+            return error
+        lost = isinstance(exc, ConnectionLostError) or (
+            isinstance(exc, TransactionClosedError) and core.pin is not None and core.pin.lost
+        )
+        if lost and self.owns_transaction:
+            # The transaction is the stream's own, which the reader never opened: a lost connection
+            # is said as for any other call. (In the caller's transaction, the transaction's own
+            # errors say it, as for its other statements.)
+            cause = exc.__cause__ or exc  # asyncpg's error (see Transaction._Core.statement)
+            detail = redact(str(cause) or type(cause).__name__, *core.db._secrets)
+            error = ConnectionLostError(
+                f"{self.label} stopped: its connection was lost while rows were being read "
+                f"({type(cause).__name__}: {detail}). The rows before it were delivered; the pool opens "
+                "a new connection: run the query again"
+            )
+            error.__cause__ = cause
             return error
         return exc
 

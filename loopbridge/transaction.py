@@ -389,20 +389,26 @@ class _Core:
             raise self._gone()
 
     @contextlib.asynccontextmanager
-    async def statement(self, *, kind: _StatementKind = "sql") -> AsyncIterator[PoolConnectionProxy]:
+    async def statement(
+        self, *, kind: _StatementKind = "sql", check_first: bool = True
+    ) -> AsyncIterator[PoolConnectionProxy]:
         """The pinned connection for one statement, once the statements before it are done.
 
         *kind* says what the statement's success tells about the transaction (see ``_Pin.doubt``):
         ``"sql"``, that the server has not aborted it; ``"callers"`` (the caller's own function, in
         ``tx.run``), nothing, and it may have caught a failed statement itself; ``"close"`` (closing a
         cursor, which the server does in an aborted transaction too), nothing.
+
+        *check_first*: refuse at once when the connection is known to be lost. A stream's fetch goes
+        ahead instead, so that asyncpg refuses it (on the client) and its error, saying what it saw,
+        becomes the cause of the stream's.
         """
         self.check_usable()
         pin = self.pin
         assert pin is not None
         async with pin.turn():
             self.check_usable()  # it may have ended while we waited
-            if pin.check_lost():
+            if check_first and pin.check_lost():
                 raise self._gone()
             try:
                 yield pin.con

@@ -15,13 +15,15 @@ from loopbridge import (
     Bridge,
     CallTimeoutError,
     ConfigurationError,
+    ConnectionLostError,
     Database,
     DatabaseClosedError,
     DeadlockError,
     RowStream,
     TransactionClosedError,
 )
-from tests.boundary import Driver, sessions, settled, wait_until
+from loopbridge._dead import CONNECTION_FAILURES
+from tests.boundary import Driver, sessions, settled, terminate, wait_until
 from tests.support import WAIT, independent, run_loop, run_script
 
 SERIES = "SELECT g FROM generate_series(1, $1::int) AS g"
@@ -427,6 +429,31 @@ class TestInATransaction:
         with pytest.raises(Undo):
             block()
         assert db.fetchval("SELECT count(*) FROM items") == 0
+
+
+class TestLostConnection:
+    @pytest.mark.parametrize("producer", ["waiting for the consumer", "fetching"])
+    def test_a_lost_connection_under_a_stream_raises_connection_lost_error(
+        self, db: Database, driver: Driver, admin_dsn: str, schema: str, producer: str
+    ) -> None:
+        # Regression (audit): the consumer of db.iterate() got TransactionClosedError ("begin a new
+        # transaction"), about a transaction it never opened.
+        if producer == "fetching":  # the second row takes a minute: the producer is waiting for it
+            stream = db.iterate("SELECT g, pg_sleep(g * 60) FROM generate_series(0, 1) AS g", prefetch=1)
+            state = "active"
+        else:  # the pipe is full: the producer waits for the consumer, the session is idle
+            stream = db.iterate(SERIES, 100_000, prefetch=10)
+            state = "idle in transaction"
+        driver.next(stream)
+        wait_until(lambda: sessions(admin_dsn, schema, state) == 1, what=f"the stream's session {state}")
+        terminate(admin_dsn, schema, state)
+        with pytest.raises(
+            ConnectionLostError, match=r"iterate\(\) stopped: its connection was lost"
+        ) as info:
+            driver.drain(stream)
+        assert isinstance(info.value.__cause__, CONNECTION_FAILURES)  # asyncpg's error
+        settled(db, admin_dsn, schema)
+        assert driver.call(db, "fetchval", "SELECT 1") == 1
 
 
 class TestClosing:
