@@ -26,14 +26,25 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._wakeup import waiter_for_this_thread
 from .errors import BridgeClosedError, CallTimeoutError
 
-__all__ = ["AsyncCall", "BlockingCall", "Call", "CancelReason", "FutureCall", "Ledger", "Mailbox", "describe"]
+__all__ = [
+    "AsyncCall",
+    "BlockingCall",
+    "Call",
+    "CancelReason",
+    "FutureCall",
+    "Ledger",
+    "Mailbox",
+    "ToCompletion",
+    "describe",
+]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)
 
@@ -45,6 +56,24 @@ class CancelReason(enum.Enum):
     CALLER = "caller"  # the caller stopped waiting: Ctrl-C, task cancelled, future cancelled
     CLOSE = "close"
     EXIT = "exit"  # the interpreter exits: cancelled, and the caller (a daemon thread) is not woken
+
+
+class ToCompletion(Generic[P, T]):
+    """*fn*, whose calls run to their end once submitted, whatever happens to the caller.
+
+    The end of a ``with`` block (a COMMIT, returning a connection) must not be lost because the caller
+    was interrupted while waiting for it: Ctrl-C or a cancelled task stop the caller's *wait* (after
+    the usual grace period), never the work, not even before its first step on the bridge loop. A
+    timeout or the bridge closing still cancel it.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[P, Awaitable[T]]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
+        return self.fn(*args, **kwargs)
 
 
 class Ledger:
@@ -148,6 +177,8 @@ class Call(Generic[T]):
         """Cancel the work (on the bridge loop). The first reason given is the one reported."""
         if self.settled:
             return
+        if reason is CancelReason.CALLER and isinstance(self.fn, ToCompletion):
+            return  # the caller stops waiting; the work goes on
         if self.cancel_reason is None:
             self.cancel_reason = reason
         # A task that has not taken its first step must not be cancelled from outside: the

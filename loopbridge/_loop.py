@@ -65,6 +65,7 @@ class LoopThread:
         self.at_exit = False  # stopping because the interpreter exits (see stop())
         self.ledger = Ledger()
         self.inflight = self.ledger.inflight
+        self.submitted = 0  # calls handed to submit(), counted in the callers' threads
         self.resources: list[Resource] = []
         self.monitor = LagMonitor(name, block_threshold)
         self.thread_id = -1
@@ -117,6 +118,7 @@ class LoopThread:
         """
         call.loop = self.loop
         self._queue.append(call)
+        self.submitted += 1  # a figure for stats: a plain increment, under the GIL, is enough
         if not self.accepting:
             self._withdraw(call)
         elif not self._wakeup_pending:

@@ -7,7 +7,8 @@ reference). Two things notice, and both hand the holder back to the bridge loop 
 
 * :func:`guard`: a weakref finalizer on the caller-side object, run when it is garbage collected;
 * :class:`OwnerWatch`: a timer on the bridge loop that checks every :data:`CHECK_INTERVAL` seconds
-  whether the owning thread is still alive (or the owning event loop still open).
+  whether the owning thread is still alive (or the owning event loop still open, and running or its
+  thread alive).
 
 Neither ever blocks: the finalizer schedules the release with :meth:`Bridge.submit` and returns (it may
 run on any thread, the bridge's own included), the watch starts a task on the loop it runs on.
@@ -60,7 +61,10 @@ class Owner:
 
     def alive(self) -> bool:
         if self.loop is not None:
-            return not self.loop.is_closed()
+            # A loop need not be closed to be gone: a worker thread may run one and return without
+            # closing it. Not running, with the thread that ran it ended, nothing is left to use it.
+            loop = self.loop
+            return not loop.is_closed() and (loop.is_running() or self.thread.is_alive())
         return self.thread.is_alive()
 
     def __str__(self) -> str:

@@ -20,7 +20,9 @@ each batch (it must not touch the queue's async side, which belongs to the bridg
 
 Whatever stops the consumer early (``break``, ``close()``, an exception in the loop body, the iterator
 being garbage collected, its owner going away) closes the cursor, ends the transaction and returns the
-connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that prompt and explicit.
+connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that prompt and explicit. In the
+caller's transaction, stopping never cancels a fetch under way (that would abort the transaction): see
+``_Core._may_cancel_fetch``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import asyncpg
 from asyncpg.cursor import Cursor
 
+from ._call import ToCompletion
+from ._dsn import redact
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
 from ._twins import twin_contexts
-from .errors import BridgeClosedError, ConfigurationError, DatabaseClosedError, TransactionClosedError
+from .errors import (
+    BridgeClosedError,
+    CallTimeoutError,
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseClosedError,
+    TransactionClosedError,
+)
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -115,6 +126,8 @@ class RowStream:
 
     :raises TransactionClosedError: on a stream inside a transaction, if the transaction ended (or
         lost its connection) while rows were still being read.
+    :raises ConnectionLostError: on a stream of a Database (in a transaction of its own), if its
+        connection was lost; asyncpg's error is the cause.
     :raises DatabaseClosedError: if the Database was closed while rows were being read.
     :raises BridgeClosedError: if the bridge was closed while rows were being read.
     """
@@ -161,7 +174,9 @@ class RowStream:
             raise StopIteration
         try:
             batch = self._core.pipe.receive(self._timeout)
-        except Exception:  # from the server, or a timeout: the stream is over, and closed on return
+        except Exception as exc:  # from the server, or a timeout: the stream is over, and closed on return
+            if isinstance(exc, CallTimeoutError):  # the wait for rows was cut short
+                self._core.interrupted = True
             with contextlib.suppress(Exception):
                 self.close()
             raise
@@ -179,7 +194,8 @@ class RowStream:
         that is done; safe to call twice."""
         self._batch, self._state = [], "done"
         if self._core.opened:
-            self.bridge._run(self._core.aclose, (), None, None, f"{self._core.label}.close()")
+            # Run to completion: Ctrl-C stops this wait, not the closing (see ToCompletion).
+            self.bridge._run(ToCompletion(self._core.aclose), (), None, None, f"{self._core.label}.close()")
 
     # -- async --------------------------------------------------------------------------------------
 
@@ -197,7 +213,9 @@ class RowStream:
             raise StopAsyncIteration
         try:
             batch = await self._core.pipe.areceive(self.bridge, self._timeout)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, CallTimeoutError):  # the wait for rows was cut short
+                self._core.interrupted = True
             with contextlib.suppress(Exception):
                 await self.aclose()
             raise
@@ -214,7 +232,9 @@ class RowStream:
         """:meth:`close` for async code, from any loop."""
         self._batch, self._state = [], "done"
         if self._core.opened:
-            await self.bridge._arun(self._core.aclose, (), None, None, f"{self._core.label}.aclose()")
+            await self.bridge._arun(
+                ToCompletion(self._core.aclose), (), None, None, f"{self._core.label}.aclose()"
+            )
 
     # -- both ---------------------------------------------------------------------------------------
 
@@ -236,6 +256,7 @@ class RowStream:
     def _broken(self, error: BaseException) -> None:
         # The wait for a batch was interrupted: stop the producer without waiting for it.
         self._batch, self._state = [], "done"
+        self._core.interrupted = True
         abandon_soon(self.bridge, self._core, f"{type(error).__name__} while waiting for rows")
 
 
@@ -249,6 +270,7 @@ class _Core:
         "cursor",
         "fetching",
         "finalizer",
+        "interrupted",
         "label",
         "opened",
         "owns_transaction",
@@ -273,6 +295,9 @@ class _Core:
         self.opened = False
         self.closing = False
         self.fetching = False
+        # Set (from the consumer's thread, before it asks for the close) when the consumer's wait for
+        # rows was cut short: a timeout, Ctrl-C, a cancelled task. See aclose.
+        self.interrupted = False
         self.transaction: Transaction | None = None
         self.owns_transaction = False
         self.cursor: Cursor[asyncpg.Record] | None = None
@@ -311,7 +336,7 @@ class _Core:
         exhausted = False
         try:
             while True:
-                async with core.statement():
+                async with core.statement(check_first=False):
                     self.fetching = True
                     try:
                         batch = await self.cursor.fetch(self.prefetch)
@@ -332,6 +357,8 @@ class _Core:
         except BaseException as exc:
             error = self._explain(exc)
         try:
+            if not exhausted and error is None and not self.owns_transaction:
+                await self._close_cursor()
             await self._end_transaction(None if exhausted else error or _Stopped())
         except BaseException as exc:  # COMMIT failed: the rows read came from a transaction that failed
             error = error or exc
@@ -343,6 +370,24 @@ class _Core:
             # Last, so that a consumer seeing the end knows the connection is back in the pool.
             self.pipe.finish(error)
 
+    async def _close_cursor(self) -> None:
+        """CLOSE the cursor of a stream stopped early in the caller's transaction, which goes on: until
+        the transaction ends, an open cursor keeps what it holds on the server.
+
+        asyncpg's Cursor has no public close: its private one is read through getattr, so that another
+        asyncpg only leaves the cursor open until the transaction ends. Failing to close it is harmless
+        for the same reason (and a transaction that ended or lost its connection closed it already).
+        """
+        assert self.transaction is not None
+        close = getattr(self.cursor, "_close_portal", None)
+        if close is None:
+            return
+        try:
+            async with self.transaction._core.statement(kind="close"):
+                await close(None)
+        except Exception as exc:
+            logger.debug("%s: closing the cursor failed: %r", self.label, exc)
+
     async def _end_transaction(self, error: BaseException | None) -> None:
         transaction = self.transaction
         if transaction is None:
@@ -353,46 +398,85 @@ class _Core:
             transaction._core.remove_dependent(self)
 
     def _explain(self, exc: BaseException) -> BaseException:
-        # Closing the Database terminates the connections still in use after its timeout: say so,
-        # rather than leave the reader with a bare "connection is closed".
+        """The error for the reader when fetching raised *exc*."""
         assert self.transaction is not None
+        core = self.transaction._core
         broken = (
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
             OSError,
             TransactionClosedError,
             DatabaseClosedError,
+            ConnectionLostError,
         )
-        if self.transaction._core.db.closed and isinstance(exc, broken):
+        error: BaseException
+        if core.db.closed and isinstance(exc, broken):
+            # Closing the Database terminates the connections still in use after its timeout: say so,
+            # rather than leave the reader with a bare "connection is closed".
             error = DatabaseClosedError(
                 f"{self.label} stopped: its Database was closed while rows were being read"
             )
             error.__cause__ = exc
             return error
+        lost = isinstance(exc, ConnectionLostError) or (
+            isinstance(exc, TransactionClosedError) and core.pin is not None and core.pin.lost
+        )
+        if lost and self.owns_transaction:
+            # The transaction is the stream's own, which the reader never opened: a lost connection
+            # is said as for any other call. (In the caller's transaction, the transaction's own
+            # errors say it, as for its other statements.)
+            cause = exc.__cause__ or exc  # asyncpg's error (see Transaction._Core.statement)
+            detail = redact(str(cause) or type(cause).__name__, *core.db._secrets)
+            error = ConnectionLostError(
+                f"{self.label} stopped: its connection was lost while rows were being read "
+                f"({type(cause).__name__}: {detail}). The rows before it were delivered; the pool opens "
+                "a new connection: run the query again"
+            )
+            error.__cause__ = cause
+            return error
         return exc
 
     async def aclose(self, error: BaseException | None = None) -> None:
-        """Stop the producer and wait until the connection is back. Idempotent.
+        """Stop the producer and wait until it is done: the cursor closed, the connection back (or, in
+        the caller's transaction, free for its next statement). Idempotent.
 
         The reader, if still reading, gets *error* (or the end of the rows).
         """
         self.closing = True
-        self.pipe.close(error)
+        self.pipe.close(error)  # wakes a producer waiting on the pipe
         producer = self.producer
         if producer is None:
             return
-        if self.fetching:  # waiting for the server: cancel the query (a producer waiting on the pipe
-            producer.cancel()  # has just been woken by the close, and a finishing one must finish)
+        if self.fetching and self._may_cancel_fetch():
+            producer.cancel()
         # Our caller may stop waiting (Ctrl-C); the producer still finishes on its own.
         await asyncio.wait((producer,))
 
+    def _may_cancel_fetch(self) -> bool:
+        """Whether a fetch still waiting for the server may be cancelled, rather than waited for.
+
+        Cancelling a query makes the server abort the transaction it runs in. That is the stream's
+        own transaction (rolled back anyway), or the caller's: never abort that one because its stream
+        stopped early (a ``break``, ``close()``, the end of a block). The caller's transaction keeps
+        going then, so wait for the fetch, one batch, and CLOSE the cursor after it. Cancel only when
+        that transaction rolls back anyway, or when the consumer's own wait for rows was cut short
+        (a timeout, Ctrl-C, a cancelled task), as a statement's would be: its block then fails at its
+        end if the error was caught (see loopbridge.transaction).
+        """
+        transaction = self.transaction
+        return (
+            self.owns_transaction
+            or self.interrupted
+            or (transaction is not None and transaction._core.rolling_back)
+        )
+
     async def _abandon_on_bridge(self, why: str) -> None:
         """Close a stream nobody closed (see loopbridge._owner), or one whose transaction ends."""
-        if self.closing:
-            return
-        logger.debug("%s: %s; closing the stream", self.label, why)
+        if not self.closing:
+            logger.debug("%s: %s; closing the stream", self.label, why)
         # Usually nobody reads any more. When the enclosing transaction ended under a reader that
         # still iterates, the reader must hear it: rows missing without an error would be data lost.
+        # Closed already, it may still be finishing a fetch: an ending transaction waits for that.
         await self.aclose(TransactionClosedError(f"{self.label} stopped: {why}"))
 
 

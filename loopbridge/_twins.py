@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+from ._call import ToCompletion
 from ._owner import Owner
 from .errors import BridgeClosedError
 
@@ -127,7 +128,9 @@ def twin_contexts(
     Two promises, so that nothing stays held:
 
     * exit runs to completion on the bridge loop: Ctrl-C or a cancelled task stop the caller's wait for
-      it, never the exit itself (it runs as a task of its own there);
+      it, never the exit itself, even when the interruption comes before the exit has taken its first
+      step there (its call is a :class:`~loopbridge._call.ToCompletion`; on the bridge loop itself it
+      runs as a task of its own, shielded);
     * if entering fails on the caller's side after the bridge side succeeded (the caller was interrupted
       at just that moment), exit runs anyway, without the caller waiting. So *exit* must accept being
       called for something that never opened, or that already ended.
@@ -148,10 +151,14 @@ def twin_contexts(
         async with _turn(self):
             await exit(self, error)
 
-    async def exit_to_completion(self: S, error: BaseException | None) -> None:
+    async def shielded_exit(self: S, error: BaseException | None) -> None:
+        # A task of its own: cancelling the call (the bridge closing) or, on the bridge loop itself, the
+        # awaiting task does not stop it half way.
         task = asyncio.get_running_loop().create_task(serialized_exit(self, error))
         task.add_done_callback(_retrieve)
         await asyncio.shield(task)
+
+    exit_to_completion = ToCompletion(shielded_exit)
 
     def enter_failed(self: S, error: BaseException) -> None:
         try:

@@ -133,6 +133,7 @@ class Bridge:
             loop_lag=monitor.current_lag(),
             max_loop_lag=monitor.max_lag,
             blocked_episodes=monitor.blocked_episodes,
+            calls_submitted=live.submitted,
         )
 
     def in_bridge_thread(self) -> bool:

@@ -305,7 +305,7 @@ class Database(OpenClose, CopyMethods, StreamMethods):
             idle=idle,
             in_use=leased - waiting,
             waiting=waiting,
-            calls_submitted=bridge.calls_started,
+            calls_submitted=bridge.calls_submitted,
             calls_completed=bridge.calls_succeeded + bridge.calls_failed,
             calls_failed=bridge.calls_failed,
             calls_in_flight=bridge.calls_in_flight,

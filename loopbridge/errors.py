@@ -110,6 +110,10 @@ class TransactionClosedError(LoopBridgeError, RuntimeError):
 
     The statement that was running when the connection broke raises :class:`ConnectionLostError`;
     every statement after it raises this.
+
+    The end of a ``with`` block raises it too when a statement in the block failed and its error was
+    caught there: the server had aborted the transaction, so it was rolled back (a savepoint to its
+    start) and nothing was kept. Let such errors propagate, or run the statement in a savepoint.
     """
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._call import ToCompletion
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._pipe import End, Pipe
 from ._twins import twin_contexts
@@ -164,7 +165,8 @@ class Subscription:
         """UNLISTEN and return the connection. Blocks until done; safe to call twice."""
         self._state = "closed"
         if self._core.state != "new":
-            self.bridge._run(self._core.aclose, (), None, None, "Subscription.close()")
+            # Run to completion: Ctrl-C stops this wait, not the closing (see ToCompletion).
+            self.bridge._run(ToCompletion(self._core.aclose), (), None, None, "Subscription.close()")
 
     # -- async --------------------------------------------------------------------------------------
 
@@ -197,7 +199,7 @@ class Subscription:
         """:meth:`close` for async code, from any loop."""
         self._state = "closed"
         if self._core.state != "new":
-            await self.bridge._arun(self._core.aclose, (), None, None, "Subscription.aclose()")
+            await self.bridge._arun(ToCompletion(self._core.aclose), (), None, None, "Subscription.aclose()")
 
     # -- both ---------------------------------------------------------------------------------------
 

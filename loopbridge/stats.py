@@ -28,6 +28,8 @@ class BridgeStats:
     """Seconds: the worst lag seen since the thread started."""
     blocked_episodes: int
     """Times the watchdog saw the loop blocked for longer than its threshold."""
+    calls_submitted: int = 0
+    """Calls handed to the bridge, whether they have started yet or still wait in its queue."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ class DatabaseStats:
     waiting: int
     """Callers waiting for a connection because all ``max_size`` are in use."""
     calls_submitted: int
-    """Calls that reached the bridge loop. This and the other ``calls_`` figures count every call on the
-    Database's bridge, which other Databases may share."""
+    """Calls handed to the bridge, whether they have started yet or still wait in its queue. This and
+    the other ``calls_`` figures count every call on the Database's bridge, which other Databases may
+    share."""
     calls_completed: int
     """Calls that finished, successfully or not."""
     calls_failed: int

@@ -13,7 +13,9 @@
 The connection never leaves the bridge loop: every statement crosses to it like any other call, and
 runs on the same pinned connection. The block commits when it ends normally and rolls back when it
 raises, whatever raised (a statement, your own code, Ctrl-C, a cancelled task, a timeout). Nested
-``tx.transaction()`` blocks are savepoints.
+``tx.transaction()`` blocks are savepoints. A block that caught the error of a failed statement and
+ended normally raises instead of committing: PostgreSQL aborts a transaction at its first error and
+answers COMMIT with ROLLBACK (see ``_Core.end``).
 
 Nothing stays held when the block is abandoned instead: see :mod:`loopbridge._owner`. A transaction
 whose owner (the thread that began it, or the event loop for ``async with``) goes away, or whose handle
@@ -73,6 +75,7 @@ R = TypeVar("R")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
 
 _State = Literal["new", "active", "committed", "rolled back", "lost"]
+_StatementKind = Literal["sql", "callers", "close"]
 
 
 class Dependent(Protocol):
@@ -92,7 +95,9 @@ class Transaction(CopyMethods, StreamMethods):
     ``a``-twins, streaming with ``iterate`` and COPY) run on the pinned connection, one at a time.
 
     :raises TransactionClosedError: from a statement once the transaction has ended or its connection
-        was lost (the statement that was running when the connection broke raises asyncpg's error).
+        was lost (the statement that was running when the connection broke raises
+        :class:`ConnectionLostError`); from the end of a block in which a statement failed and its
+        error was caught: PostgreSQL had aborted the transaction, which is rolled back instead.
     """
 
     __slots__ = ("__weakref__", "_core")
@@ -190,7 +195,7 @@ class Transaction(CopyMethods, StreamMethods):
 
         The connection is only valid inside *fn*; do not commit or roll back there (the block does).
         """
-        async with self._core.statement() as con:
+        async with self._core.statement(kind="callers") as con:
             result: R = await invoke("Transaction.run()", fn, (con, *args))
             return result
 
@@ -214,7 +219,7 @@ class Transaction(CopyMethods, StreamMethods):
 class _Pin:
     """A pooled connection held on the bridge loop for a transaction and its savepoints."""
 
-    __slots__ = ("con", "lock", "lost", "pool", "shared_by")
+    __slots__ = ("con", "doubt", "lock", "lost", "pool", "shared_by")
 
     def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy, shared_by: Database | None) -> None:
         self.pool = pool
@@ -223,6 +228,11 @@ class _Pin:
         # may share the transaction between tasks or threads.
         self.lock = asyncio.Lock()
         self.lost = False
+        # Why the server may have aborted the transaction: a statement in it raised (any error from the
+        # server aborts it) or the caller's own function ran on the connection (it may have caught such
+        # an error itself); None once a statement has succeeded since. A COMMIT of an aborted
+        # transaction is answered with ROLLBACK, without an error: see _Core.end.
+        self.doubt: BaseException | None = None
         # Set when the connection is a pinned Database's (a test inside a rolled-back transaction, see
         # Database._pin): every plain call on that Database shares it.
         self.shared_by = shared_by
@@ -270,6 +280,7 @@ class _Core:
         "parent",
         "pin",
         "readonly",
+        "rolling_back",
         "state",
         "watch",
         "why",
@@ -285,6 +296,7 @@ class _Core:
         self.readonly = readonly
         self.deferrable = deferrable
         self.state: _State = "new"
+        self.rolling_back = False  # ending with a ROLLBACK: what lives inside may be cut short
         self.why = ""  # how it ended, for TransactionClosedError
         self.pin: _Pin | None = None
         self.xact: _AsyncpgTransaction | None = None
@@ -318,6 +330,7 @@ class _Core:
                 parent.check_usable()
                 xact = pin.con.transaction()
                 await xact.start()
+                pin.doubt = None  # SAVEPOINT succeeded: the transaction is not aborted
             self.pin, self.xact, self.state = pin, xact, "active"
             parent.dependents.append(self)
             return
@@ -376,18 +389,31 @@ class _Core:
             raise self._gone()
 
     @contextlib.asynccontextmanager
-    async def statement(self) -> AsyncIterator[PoolConnectionProxy]:
-        """The pinned connection for one statement, once the statements before it are done."""
+    async def statement(
+        self, *, kind: _StatementKind = "sql", check_first: bool = True
+    ) -> AsyncIterator[PoolConnectionProxy]:
+        """The pinned connection for one statement, once the statements before it are done.
+
+        *kind* says what the statement's success tells about the transaction (see ``_Pin.doubt``):
+        ``"sql"``, that the server has not aborted it; ``"callers"`` (the caller's own function, in
+        ``tx.run``), nothing, and it may have caught a failed statement itself; ``"close"`` (closing a
+        cursor, which the server does in an aborted transaction too), nothing.
+
+        *check_first*: refuse at once when the connection is known to be lost. A stream's fetch goes
+        ahead instead, so that asyncpg refuses it (on the client) and its error, saying what it saw,
+        becomes the cause of the stream's.
+        """
         self.check_usable()
         pin = self.pin
         assert pin is not None
         async with pin.turn():
             self.check_usable()  # it may have ended while we waited
-            if pin.check_lost():
+            if check_first and pin.check_lost():
                 raise self._gone()
             try:
                 yield pin.con
             except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                pin.doubt = exc
                 # The connection was already gone when the statement began (its backend terminated
                 # while the transaction sat between statements): asyncpg says so in its own terms
                 # ("cannot switch to state 12; another operation (2) is in progress"), found by the
@@ -396,11 +422,16 @@ class _Core:
                     raise self._gone() from exc
                 raise
             except BaseException as exc:
+                pin.doubt = exc
                 if _connection_failure(exc, pin):
                     # The statement was running when the connection broke: asyncpg says so in one of
                     # its many ways; the caller gets the one loopbridge error for it, as for plain calls.
                     raise ConnectionLostError(self._lost_during(exc, committing=False)) from exc
                 raise
+            if kind == "sql":
+                pin.doubt = None
+            elif kind == "callers":
+                pin.doubt = _CallersCode()
 
     def _gone(self, *, committing: bool = False) -> Exception:
         """The error for a transaction whose connection is gone: closing the Database ends connections
@@ -437,12 +468,15 @@ class _Core:
     async def end(self, error: BaseException | None) -> None:
         """Commit (error None) or roll back; give the connection back. Idempotent.
 
-        :raises TransactionClosedError: when committing a transaction whose connection was lost.
+        :raises TransactionClosedError: when committing a transaction whose connection was lost, or one
+            that had failed: a statement in it raised and the error was caught inside the block. The
+            server had aborted it, so it is rolled back instead (a savepoint to its start).
         :raises: asyncpg's error when COMMIT fails (a serialization failure, a deferred constraint):
             the server rolled the transaction back.
         """
         if self.state != "active":
             return
+        self.rolling_back = error is not None
         # What lives inside ends first: a savepoint or a stream left open (the innermost first).
         for dependent in reversed(list(self.dependents)):
             await dependent._abandon_on_bridge(f"its enclosing {self.kind} ended")
@@ -450,6 +484,7 @@ class _Core:
         assert pin is not None
         assert xact is not None
         commit = error is None
+        failure: BaseException | None = None  # what had aborted a transaction the block meant to commit
         try:
             async with pin.turn():
                 if pin.check_lost():
@@ -457,6 +492,9 @@ class _Core:
                     if commit:
                         raise self._gone(committing=True)
                     return
+                if commit and pin.doubt is not None:
+                    failure = await self._aborted_by(pin)
+                    commit = failure is None
                 protocol = protocol_of(pin.con)
                 sent = sent_so_far(protocol)
                 try:
@@ -487,12 +525,69 @@ class _Core:
                     else:
                         self._ended("lost", "its ROLLBACK failed; the connection is discarded")
                     raise
+                pin.doubt = None  # COMMIT, RELEASE or ROLLBACK (TO SAVEPOINT) succeeded: not aborted now
                 if commit:
                     self._ended("committed", "it was committed")
+                elif failure is not None:
+                    self._ended(
+                        "rolled back",
+                        "it was rolled back at the end of its block, because a statement in it had failed",
+                    )
+                    raise TransactionClosedError(self._failed_message(failure)) from _cause(failure)
                 else:
                     self._ended("rolled back", f"it was rolled back after {type(error).__name__}")
         finally:
             await self._let_go()
+
+    async def _aborted_by(self, pin: _Pin) -> BaseException | None:
+        """What aborted the transaction (``pin.doubt``) if the server has aborted it, else None.
+
+        Asks the server, which refuses every statement in an aborted transaction: one round trip, only
+        for a transaction in which a statement raised or the caller's own function ran (the protocol's
+        transaction status that says it at no cost is not public in asyncpg).
+        """
+        doubt = pin.doubt
+        try:
+            await pin.con.execute("SELECT 1")
+        except asyncpg.InFailedSQLTransactionError:
+            return doubt
+        except BaseException as exc:
+            if _connection_failure(exc, pin) or pin.check_lost():  # COMMIT was not sent: none happened
+                self._ended("lost", "its connection was lost; the server rolled it back")
+                raise self._gone(committing=True) from exc
+            raise
+        pin.doubt = None
+        return None
+
+    def _failed_message(self, failure: BaseException) -> str:
+        if isinstance(failure, _CallersCode):
+            what = "a statement your function ran in tx.run() had failed, and the function caught the error"
+        elif isinstance(failure, asyncio.CancelledError):
+            what = (
+                "a statement in it was cancelled (its timeout= expired, or its caller was interrupted), "
+                "and the error was caught inside the block"
+            )
+        else:
+            first_line = (str(failure) or type(failure).__name__).splitlines()[0]  # not DETAIL: data
+            detail = redact(first_line, *self.db._secrets)
+            what = (
+                f"a statement in it had failed ({type(failure).__name__}: {detail}), and the error was "
+                "caught inside the block"
+            )
+        if self.parent is None:
+            verb, outcome = "commit", "it was rolled back instead: nothing it did was kept"
+        else:
+            verb, outcome = (
+                "be released",
+                "it was rolled back to its start instead: nothing done in it was kept, and the enclosing "
+                "transaction is usable again",
+            )
+        return (
+            f"this {self.kind} could not {verb}: {what}. PostgreSQL aborts a transaction on any error, so "
+            f"{outcome}. Let such an error propagate out of the block (which rolls back), or run the "
+            "statement that may fail in a savepoint of its own: 'with tx.transaction():' (or 'async with "
+            "tx.atransaction():') around it"
+        )
 
     async def _abandon_on_bridge(self, why: str) -> None:
         """Roll back a transaction its owner left open (see loopbridge._owner)."""
@@ -553,6 +648,16 @@ def _connection_failure(exc: BaseException, pin: _Pin) -> bool:
 
 class _Abandoned(Exception):
     """The reason handed to end() when a transaction is rolled back for an owner that went away."""
+
+
+class _CallersCode(Exception):
+    """The doubt ``tx.run()`` leaves: the caller's function may have caught an error of a statement."""
+
+
+def _cause(failure: BaseException) -> BaseException | None:
+    # The error that failed the transaction, as the cause of the error that says so; a cancellation
+    # or our own marker tells nothing more than the message.
+    return None if isinstance(failure, (_CallersCode, asyncio.CancelledError)) else failure
 
 
 def _lost_message(kind: str, *, committing: bool = False) -> str:

@@ -3,6 +3,7 @@ and Database.stats()."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import ssl
@@ -202,6 +203,29 @@ class TestSsl:
 
 
 class TestStats:
+    def test_calls_submitted_counts_calls_still_waiting_to_start(self, dsn: str) -> None:
+        # Regression (audit): calls_submitted counted the calls started on the bridge loop.
+        with Bridge("stats", block_threshold=None) as bridge:
+            db = Database(dsn, bridge=bridge)
+            blocking, busy = threading.Event(), threading.Event()
+
+            async def block_the_bridge_loop() -> None:
+                blocking.set()
+                busy.wait(WAIT)  # on purpose: the next call waits in the queue
+
+            try:
+                bridge.submit(block_the_bridge_loop)
+                assert blocking.wait(WAIT)
+                before = db.stats()
+                queued = bridge.submit(asyncio.sleep, 0)
+                after = db.stats()
+                assert after.calls_submitted == before.calls_submitted + 1
+                assert bridge.stats().calls_started == before.calls_submitted  # not started yet
+            finally:
+                busy.set()
+            queued.result(WAIT)
+            db.close()
+
     def test_stats_report_the_pool_the_calls_and_the_loop(self, dsn: str, bridge: Bridge) -> None:
         db = Database(dsn, bridge=bridge, min_size=1, max_size=1, pool_timeout=WAIT)
         stats = db.stats()

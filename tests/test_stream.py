@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from typing import Any
 
 import asyncpg
@@ -14,16 +15,22 @@ from loopbridge import (
     Bridge,
     CallTimeoutError,
     ConfigurationError,
+    ConnectionLostError,
     Database,
     DatabaseClosedError,
     DeadlockError,
     RowStream,
     TransactionClosedError,
 )
-from tests.boundary import Driver, sessions, settled, wait_until
-from tests.support import independent, run_loop, run_script
+from loopbridge._dead import CONNECTION_FAILURES
+from tests.boundary import Driver, sessions, settled, terminate, wait_until
+from tests.support import WAIT, independent, run_loop, run_script
 
 SERIES = "SELECT g FROM generate_series(1, $1::int) AS g"
+#: Rows that take a while each: a stream of it is usually waiting for the server.
+SLOW = "SELECT g, pg_sleep(0.2) FROM generate_series(1, 50) AS g"
+#: Cursors open in the session (the unnamed portal is the query asking).
+OPEN_CURSORS = "SELECT count(*) FROM pg_cursors WHERE name <> ''"
 
 
 class TestRows:
@@ -219,6 +226,46 @@ class TestStoppingEarly:
         settled(db, admin_dsn, schema)
         assert sessions(admin_dsn, schema, "active") == 0
 
+    def test_the_end_of_its_block_closes_it_even_if_the_caller_stopped_waiting_before_it_began(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        # Regression (audit): a task cancelled while its exit call still waited to start on a busy bridge
+        # loop had that exit dropped: the stream stayed open as long as its owner lived.
+        driver = Driver("foreign-loop")  # its loop keeps running: the owner watch does not step in
+        with Bridge("stream-exit", block_threshold=None) as bridge:
+            db = Database(dsn, bridge=bridge)
+            blocking, busy = threading.Event(), threading.Event()
+            streams: list[RowStream] = []
+
+            async def block_the_bridge_loop() -> None:
+                blocking.set()
+                busy.wait(WAIT)  # on purpose: the exit call queues behind this
+
+            async def consume() -> None:
+                async with db.aiterate(SERIES, 100_000, prefetch=100) as rows:
+                    streams.append(rows)
+                    await rows.__anext__()
+                    bridge.submit(block_the_bridge_loop)
+                    await asyncio.to_thread(blocking.wait, WAIT)
+
+            async def main() -> None:
+                task = asyncio.create_task(consume())
+                await asyncio.to_thread(blocking.wait, WAIT)
+                await asyncio.sleep(0.1)  # consume() waits for its exit call, which cannot start
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            try:
+                driver.do(lambda: None, main)
+                busy.set()
+                settled(db, admin_dsn, schema)
+                assert streams  # still referenced, and its owner still running: the exit itself closed it
+            finally:
+                busy.set()
+                driver.stop()
+                db.close()
+
     def test_ctrl_c_while_waiting_for_rows(self, dsn: str) -> None:
         out = run_script(
             """
@@ -268,6 +315,102 @@ class TestInATransaction:
             driver.drain(stream)
         assert db.stats().in_use == 0
 
+    @pytest.mark.parametrize("how", ["close", "with-block", "dropped"])
+    def test_stopping_a_stream_early_leaves_its_transaction_usable(
+        self, db: Database, dsn: str, driver: Driver, how: str
+    ) -> None:
+        # Regression (audit): stopping a stream while its producer was fetching cancelled the query,
+        # which aborted the caller's transaction; the block then "committed" and nothing was kept.
+        db.execute("CREATE TABLE items (id int)")
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1)")
+            stream = tx.iterate(SLOW, prefetch=1)
+            if how == "with-block":
+                with driver.block(stream) as rows:
+                    driver.next(rows)  # the producer goes on to fetch the next, slow, row
+            else:
+                driver.next(stream)
+                if how == "close":
+                    driver.call(stream, "close")
+                else:  # an early break: the iterator is dropped
+                    del stream
+                    gc.collect()
+            driver.call(tx, "execute", "INSERT INTO items VALUES (2)")
+            if how != "dropped":  # closed before close() returned (a dropped one closes soon after)
+                assert driver.call(tx, "fetchval", OPEN_CURSORS) == 0
+        assert tx.state == "committed"
+        assert independent(dsn, "SELECT count(*) FROM items")[0][0] == 2
+
+    def test_closing_a_stream_does_not_hide_an_error_caught_in_its_transaction(
+        self, db: Database, driver: Driver
+    ) -> None:
+        # Closing its cursor succeeds even in a transaction the server has aborted: that says nothing.
+        db.execute("CREATE TABLE items (id int PRIMARY KEY)")
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1)")
+                stream = tx.iterate(SERIES, 100, prefetch=10)
+                driver.next(stream)
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    driver.call(tx, "execute", "INSERT INTO items VALUES (1)")
+                driver.call(stream, "close")
+
+        with pytest.raises(TransactionClosedError, match="could not commit"):
+            block()
+        assert db.fetchval("SELECT count(*) FROM items") == 0
+
+    def test_a_block_ending_with_its_stream_mid_fetch_commits_everything(
+        self, db: Database, dsn: str, driver: Driver
+    ) -> None:
+        db.execute("CREATE TABLE items (id int)")
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1)")
+            stream = tx.iterate(SLOW, prefetch=1)
+            driver.next(stream)
+        assert tx.state == "committed"
+        assert independent(dsn, "SELECT count(*) FROM items")[0][0] == 1
+        with pytest.raises(TransactionClosedError, match="its enclosing transaction ended"):
+            driver.drain(stream)
+        assert db.stats().in_use == 0
+
+    def test_a_rolled_back_block_does_not_wait_for_its_streams_fetch(
+        self, db: Database, driver: Driver, admin_dsn: str, schema: str
+    ) -> None:
+        class Undo(Exception):
+            pass
+
+        def block() -> None:
+            with driver.block(db.transaction()) as tx:
+                stream = tx.iterate("SELECT g, pg_sleep(g * 60) FROM generate_series(0, 1) g", prefetch=1)
+                driver.next(stream)  # the producer now fetches a row that takes a minute
+                raise Undo
+
+        with pytest.raises(Undo):
+            block()  # within the driver's bound, well under a minute: the fetch was cancelled
+        settled(db, admin_dsn, schema)
+        assert sessions(admin_dsn, schema, "active") == 0
+
+    def test_a_timeout_waiting_for_rows_in_a_transaction_fails_the_block_if_caught(
+        self, db: Database, dsn: str, driver: Driver
+    ) -> None:
+        # The timeout cancels the fetch, as a statement's timeout cancels the statement: the server
+        # aborts the transaction, and a block that carries on must not report a commit.
+        db.execute("CREATE TABLE items (id int)")
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1)")
+                with pytest.raises(CallTimeoutError):
+                    driver.next(tx.iterate("SELECT pg_sleep(60)", timeout=0.3))
+
+        with pytest.raises(TransactionClosedError, match="could not commit: a statement in it was cancelled"):
+            block()
+        assert tx.state == "rolled back"
+        assert independent(dsn, "SELECT count(*) FROM items")[0][0] == 0
+
     def test_a_stream_in_a_rolled_back_transaction_sees_its_writes(
         self, db: Database, driver: Driver
     ) -> None:
@@ -286,6 +429,31 @@ class TestInATransaction:
         with pytest.raises(Undo):
             block()
         assert db.fetchval("SELECT count(*) FROM items") == 0
+
+
+class TestLostConnection:
+    @pytest.mark.parametrize("producer", ["waiting for the consumer", "fetching"])
+    def test_a_lost_connection_under_a_stream_raises_connection_lost_error(
+        self, db: Database, driver: Driver, admin_dsn: str, schema: str, producer: str
+    ) -> None:
+        # Regression (audit): the consumer of db.iterate() got TransactionClosedError ("begin a new
+        # transaction"), about a transaction it never opened.
+        if producer == "fetching":  # the second row takes a minute: the producer is waiting for it
+            stream = db.iterate("SELECT g, pg_sleep(g * 60) FROM generate_series(0, 1) AS g", prefetch=1)
+            state = "active"
+        else:  # the pipe is full: the producer waits for the consumer, the session is idle
+            stream = db.iterate(SERIES, 100_000, prefetch=10)
+            state = "idle in transaction"
+        driver.next(stream)
+        wait_until(lambda: sessions(admin_dsn, schema, state) == 1, what=f"the stream's session {state}")
+        terminate(admin_dsn, schema, state)
+        with pytest.raises(
+            ConnectionLostError, match=r"iterate\(\) stopped: its connection was lost"
+        ) as info:
+            driver.drain(stream)
+        assert isinstance(info.value.__cause__, CONNECTION_FAILURES)  # asyncpg's error
+        settled(db, admin_dsn, schema)
+        assert driver.call(db, "fetchval", "SELECT 1") == 1
 
 
 class TestClosing:

@@ -147,6 +147,112 @@ class TestCommitAndRollback:
         assert run_loop(main) == list(range(8))
 
 
+class TestCaughtErrors:
+    """Regression (audit): a block that caught a failed statement and ended normally reported 'committed'
+    although the server had answered its COMMIT with ROLLBACK and kept nothing."""
+
+    def test_a_block_that_caught_a_failed_statement_raises_instead_of_committing(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'again')")
+
+        with pytest.raises(
+            TransactionClosedError, match=r"could not commit: a statement in it had failed"
+        ) as info:
+            block()
+        message = str(info.value)
+        assert "UniqueViolationError" in message
+        assert "nothing it did was kept" in message
+        assert "with tx.transaction():" in message  # what to do instead
+        assert "Key (id)=(1)" not in message  # the row's values stay out of the message (in the cause)
+        assert isinstance(info.value.__cause__, asyncpg.UniqueViolationError)
+        assert tx.state == "rolled back"
+        assert names(dsn) == []
+        assert db.stats().in_use == 0
+
+    def test_a_block_that_caught_a_statement_timeout_raises_instead_of_committing(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                with pytest.raises(CallTimeoutError):
+                    driver.call(tx, "execute", "SELECT pg_sleep(60)", timeout=0.3)
+
+        with pytest.raises(
+            TransactionClosedError, match=r"could not commit: a statement in it was cancelled"
+        ):
+            block()
+        assert tx.state == "rolled back"
+        assert names(dsn) == []
+
+    def test_a_caught_error_that_did_not_reach_the_server_does_not_stop_the_commit(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+            with pytest.raises(asyncpg.DataError):  # refused by asyncpg: an int parameter given a str
+                driver.call(tx, "execute", "INSERT INTO items VALUES ($1, 'two')", "two")
+        assert tx.state == "committed"
+        assert names(dsn) == ["one"]
+
+    def test_a_savepoint_that_caught_a_failed_statement_rolls_back_to_its_start_and_raises(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        with driver.block(db.transaction()) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'kept')")
+            savepoint = tx.transaction()
+
+            def inner() -> None:
+                with driver.block(savepoint):
+                    driver.call(savepoint, "execute", "INSERT INTO items VALUES (2, 'undone')")
+                    with pytest.raises(asyncpg.UniqueViolationError):
+                        driver.call(savepoint, "execute", "INSERT INTO items VALUES (1, 'duplicate')")
+
+            with pytest.raises(TransactionClosedError, match=r"savepoint could not be released") as info:
+                inner()
+            assert "the enclosing transaction is usable again" in str(info.value)
+            assert savepoint.state == "rolled back"
+            driver.call(tx, "execute", "INSERT INTO items VALUES (3, 'after')")
+        assert tx.state == "committed"
+        assert names(dsn) == ["kept", "after"]
+
+    def test_a_failed_statement_caught_inside_run_is_found_at_the_end(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        async def insert_unless_there(conn: Any) -> None:
+            try:
+                await conn.execute("INSERT INTO items VALUES (1, 'again')")
+            except asyncpg.UniqueViolationError:
+                pass
+
+        async def insert(conn: Any) -> None:
+            await conn.execute("INSERT INTO items VALUES (2, 'two')")
+
+        tx = db.transaction()
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                driver.call(tx, "run", insert_unless_there)
+
+        with pytest.raises(TransactionClosedError, match=r"your function ran in tx.run\(\) had failed"):
+            block()
+        assert names(dsn) == []
+        with driver.block(db.transaction()) as again:  # a function that did not fail: committed as usual
+            driver.call(again, "run", insert)
+        assert again.state == "committed"
+        assert names(dsn) == ["two"]
+
+
 class TestOptions:
     def test_isolation_readonly_and_deferrable_reach_the_server(self, db: Database, driver: Driver) -> None:
         tx = db.transaction(isolation="serializable", readonly=True, deferrable=True)
@@ -154,8 +260,9 @@ class TestOptions:
             assert driver.call(tx, "fetchval", "SHOW transaction_isolation") == "serializable"
             assert driver.call(tx, "fetchval", "SHOW transaction_read_only") == "on"
             assert driver.call(tx, "fetchval", "SHOW transaction_deferrable") == "on"
-            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-                driver.call(tx, "execute", "CREATE TABLE nope (x int)")
+            # In a savepoint: a failed statement caught in the block would fail the block's end.
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError), driver.block(tx.transaction()) as sp:
+                driver.call(sp, "execute", "CREATE TABLE nope (x int)")
 
     def test_an_unknown_isolation_level_is_refused_with_the_choices(self, db: Database) -> None:
         with pytest.raises(
@@ -266,6 +373,32 @@ class TestAbandoned:
         assert names(dsn) == []
         with pytest.raises(TransactionClosedError, match=r"rolled back because .* ended without closing it"):
             tx.execute("SELECT 1")
+
+    def test_an_event_loop_left_unclosed_by_a_thread_that_ended_counts_as_gone(
+        self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str
+    ) -> None:
+        # Regression (audit): the owner of an async with block was alive as long as its loop was not
+        # closed, so a worker thread that ran a loop and returned left the transaction open for as long
+        # as the handle lived.
+        held: list[Transaction] = []
+
+        async def begin() -> None:
+            tx = db.atransaction()
+            await tx.__aenter__()  # entered and never exited
+            await tx.aexecute("INSERT INTO items VALUES (1, 'one')")
+            held.append(tx)
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(begin(),))
+        thread.start()
+        thread.join(WAIT)
+        try:
+            assert held, "the transaction did not begin"
+            settled(db, admin_dsn, schema)
+            assert held[0].state == "rolled back"  # still referenced: the owner watch ended it
+            assert names(dsn) == []
+        finally:
+            loop.close()
 
     def test_a_transaction_dropped_without_its_block_ending_is_rolled_back(
         self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str, driver: Driver
@@ -487,6 +620,74 @@ class TestTwinContexts:
 
             run_loop(main)
             wait_until(lambda: held.log == ["open", "close NoneType"])
+
+    def test_the_exit_runs_even_when_the_caller_stops_waiting_before_it_started(self) -> None:
+        # Regression (audit): a task cancelled while its exit call was still queued on a busy bridge loop
+        # had the exit closed unrun; the transaction stayed idle in transaction until garbage collection.
+        with Bridge("twin-contexts", block_threshold=None) as bridge:
+            held = self.Held(bridge)
+            blocking, busy = threading.Event(), threading.Event()
+
+            async def block_the_bridge_loop() -> None:
+                blocking.set()
+                busy.wait(WAIT)  # on purpose: the exit call queues behind this
+
+            async def main() -> None:
+                await held.__aenter__()
+                bridge.submit(block_the_bridge_loop)
+                await asyncio.to_thread(blocking.wait, WAIT)
+                task = asyncio.create_task(held.__aexit__(None, None, None))
+                await asyncio.sleep(0.1)  # the exit call is queued; the bridge loop cannot start it
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert held.log == ["open"]
+
+            try:
+                run_loop(main)
+            finally:
+                busy.set()
+            wait_until(lambda: held.log == ["open", "close NoneType"])
+
+    def test_ctrl_c_before_the_exit_started_still_ends_the_transaction(self, dsn: str) -> None:
+        # Regression (audit): the same for a sync caller, interrupted while its COMMIT waited to start.
+        out = run_script(
+            """
+            import signal, sys, threading, time
+            from loopbridge import Bridge, Database
+            bridge = Bridge("ctrl-c", block_threshold=None)
+            db = Database(sys.argv[1], bridge=bridge, max_size=2)
+            db.execute("CREATE TABLE ctrl_c (id int)")
+            blocking, busy = threading.Event(), threading.Event()
+
+            async def block_the_bridge_loop():
+                blocking.set()
+                busy.wait(30)
+
+            main = threading.main_thread().ident
+            try:
+                with db.transaction() as tx:
+                    tx.execute("INSERT INTO ctrl_c VALUES (1)")
+                    bridge.submit(block_the_bridge_loop)  # the COMMIT queues behind this
+                    blocking.wait(30)
+                    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+            except KeyboardInterrupt:
+                print("interrupted while", tx.state)
+            busy.set()
+            deadline = time.monotonic() + 10
+            while tx.state == "active" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            print("state:", tx.state, "in use:", db.stats().in_use)
+            print("rows:", db.fetchval("SELECT count(*) FROM ctrl_c"))
+            db.execute("DROP TABLE ctrl_c")
+            db.close(timeout=2)
+            bridge.close()
+            """,
+            args=(dsn,),
+        )
+        assert "interrupted while active" in out
+        assert "state: committed in use: 0" in out  # the block had ended normally: its COMMIT ran
+        assert "rows: 1" in out
 
     def test_an_exit_waits_for_an_enter_still_unwinding_on_the_bridge(self) -> None:
         # Regression (found by the stress suite): a caller cancelled while entering stops waiting after a
