@@ -50,7 +50,14 @@ from ._loop import GRACE
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .database import connect_failure
-from .errors import BridgeClosedError, ConfigurationError, ConnectError, DatabaseClosedError, LoopBridgeError
+from .errors import (
+    BridgeClosedError,
+    ConfigurationError,
+    ConnectError,
+    DatabaseClosedError,
+    DeadlockError,
+    LoopBridgeError,
+)
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -251,7 +258,19 @@ class Engine(OpenClose):
         """Dispose of the engine on the bridge loop. Session scopes still open may end within *timeout*
         seconds; those that do not are ended without committing (their owners get
         :class:`EngineClosedError`). Later use raises :class:`EngineClosedError`. Safe to call twice.
-        The bridge keeps running."""
+        The bridge keeps running.
+
+        :raises DeadlockError: if called on the bridge thread (await :meth:`aclose` there); the engine
+            is then left as it was, open.
+        """
+        # Before anything changes: marked closed but never disposed, the engine would refuse every
+        # caller while its pool kept its connections.
+        if self._bridge.in_bridge_thread():
+            raise DeadlockError(
+                f"Engine.close() was called on the bridge thread of {self._bridge.name!r}, where it would "
+                "wait forever for the loop that is running it; the engine is still open. On the bridge "
+                "loop, await engine.aclose() instead"
+            )
         if self._mark_closed():
             try:
                 self._bridge._run(

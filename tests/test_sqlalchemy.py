@@ -32,6 +32,7 @@ from loopbridge import (
     ConfigurationError,
     ConnectError,
     DatabaseClosedError,
+    DeadlockError,
     LoopBridgeError,
 )
 from loopbridge.sqlalchemy import (
@@ -656,6 +657,32 @@ class TestCancellationAndClose:
         assert isinstance(info.value, DatabaseClosedError)
         with pytest.raises(EngineClosedError), engine.session():
             pass
+
+    def test_close_on_the_bridge_thread_raises_deadlock_error_and_leaves_the_engine_open(
+        self, engine: Engine, bridge: Bridge, schema: str, admin_dsn: str
+    ) -> None:
+        """Regression (audit of issue 7): close() marked the engine closed before it found out it could
+        not cross to the bridge, leaving an engine that refused every caller and never released its
+        pool's connections."""
+        engine.open()
+
+        async def on_the_bridge() -> str:
+            with pytest.raises(DeadlockError), engine.session():
+                pass
+            with pytest.raises(DeadlockError) as info:
+                engine.close()
+            return str(info.value)
+
+        message = bridge.run(on_the_bridge)
+        assert not engine.closed
+        assert "await engine.aclose() instead" in message
+        assert "still open" in message
+        assert engine._scopes == set()
+        with engine.session() as session:  # it serves on...
+            assert session.scalar(text("SELECT 1")) == 1
+        engine.close()  # ... and closes normally, releasing its connections
+        assert repr(engine).endswith(", closed>")
+        assert backend_states(admin_dsn, schema) == []
 
     def test_closing_the_bridge_disposes_of_the_engine(self, dsn: str, schema: str, admin_dsn: str) -> None:
         with Bridge("sa-close") as bridge:
