@@ -366,7 +366,10 @@ class _Scope:
     its I/O methods written once (as the coroutine that runs there), and the in-memory methods.
 
     A scope is for one caller at a time, as a SQLAlchemy session is. Its calls are still serialized on
-    the bridge loop, so a call that is cancelled but still unwinding never overlaps the next one.
+    the bridge loop, so a call that is cancelled but still unwinding never overlaps the next one; and
+    the methods that need no database run in the caller's thread only while nothing holds the session on
+    the bridge (otherwise they wait their turn there), so the session is never used by two threads at
+    once.
     """
 
     _facade = "session"
@@ -378,8 +381,16 @@ class _Scope:
         self._state: _State = "new"
         # Bridge-loop state, created by _begin.
         self._session: AsyncSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task[Any] | None = None  # the call using the session now
+        # Which side holds the session, shared by the two threads (see _claim and _in_memory): the
+        # bridge (a call or the scope's end, under _lock) or the caller's thread (a method that needs
+        # no database). A caller that stopped waiting for a call may go on while it still unwinds.
+        self._guard = threading.Lock()
+        self._bridge_holds = 0
+        self._caller_holds = False
+        self._caller_left: asyncio.Event | None = None  # set when the caller's thread lets go
 
     @property
     def bridge(self) -> Bridge:
@@ -509,36 +520,67 @@ class _Scope:
         async with self._using() as session:
             return await session.run_sync(fn, *args, **kwargs)
 
-    # -- in memory: no I/O, so the caller's own thread does it --------------------------------------
+    # -- in memory: no I/O, so the caller's own thread does it (see _in_memory) ---------------------
 
     def add(self, instance: object) -> None:
         """Place *instance* in the session; it is inserted at the next flush, query or commit."""
-        self._here().add(instance)
+        self._in_memory("add", lambda session: session.add(instance))
 
     def add_all(self, instances: Iterable[object]) -> None:
         """:meth:`add` each of *instances*."""
-        self._here().add_all(instances)
+        self._in_memory("add_all", lambda session: session.add_all(instances))
 
     def expunge(self, instance: object) -> None:
         """Remove *instance* from the session (its pending changes are forgotten)."""
-        self._here().expunge(instance)
+        self._in_memory("expunge", lambda session: session.expunge(instance))
 
     def expire(self, instance: object, attribute_names: Iterable[str] | None = None) -> None:
         """Mark *instance*'s attributes as stale. Reading them later needs the database: do it inside
         :meth:`run_sync`, or :meth:`refresh` the object first (see :class:`LazyLoadError`)."""
-        self._here().expire(instance, attribute_names)
+        self._in_memory("expire", lambda session: session.expire(instance, attribute_names))
 
     def in_transaction(self) -> bool:
         """True if the session has begun a transaction (it does so at the first statement)."""
-        return self._here().in_transaction()
+        return self._in_memory("in_transaction", lambda session: session.in_transaction())
 
     def __contains__(self, instance: object) -> bool:
-        return instance in self._here()
+        return self._in_memory("__contains__", lambda session: instance in session)
 
     @property
     def info(self) -> dict[Any, Any]:
         """The session's ``info`` dictionary, for your own use."""
-        return self._here().info
+        return self._in_memory("info", lambda session: session.info)
+
+    def _in_memory(self, name: str, op: Callable[[AsyncSession], R]) -> R:
+        """``op(session)`` for a method that needs no database: in the caller's thread, unless a call of
+        this scope still holds the session on the bridge loop (its caller was cancelled or timed out and
+        went on while it unwinds, or another task shares the scope). Then this waits for that call and
+        does *op* on the bridge loop, in turn: the session is never touched by two threads at once."""
+        session = self._here()
+        with self._guard:
+            free = self._bridge_holds == 0
+            if free:
+                self._caller_holds = True
+        if not free:
+            label = f"{type(self).__name__}.{name}()"
+            result: R = self.bridge._run(_Scope._in_turn, (self, op), None, None, label)
+            return result
+        try:
+            return op(session)
+        finally:
+            with self._guard:
+                self._caller_holds = False
+                left, self._caller_left = self._caller_left, None
+            if left is not None:  # the bridge side waits for us (see _claim)
+                assert self._loop is not None
+                try:
+                    self._loop.call_soon_threadsafe(left.set)
+                except RuntimeError:  # the bridge loop is closed, and the waiter with it
+                    pass
+
+    async def _in_turn(self, op: Callable[[AsyncSession], R]) -> R:
+        async with self._using() as session:
+            return op(session)
 
     # -- the scope ------------------------------------------------------------------------------------
 
@@ -552,6 +594,7 @@ class _Scope:
             )
         engine = self._engine._async_engine()
         self._session = AsyncSession(engine, sync_session_class=_HomeSession, **self._options)
+        self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._state = "open"
         self._engine._scopes.add(self)
@@ -574,20 +617,24 @@ class _Scope:
         assert self._lock is not None
         assert self._session is not None
         async with self._lock:
-            if self._state != "open":
-                if commit:
-                    raise self._unusable()
-                return  # the engine closed it: nothing left to roll back
-            session = self._session
-            self._state = "ended"
+            await self._claim()
             try:
-                if commit:
-                    await session.commit()
-            finally:
+                if self._state != "open":
+                    if commit:
+                        raise self._unusable()
+                    return  # the engine closed it: nothing left to roll back
+                session = self._session
+                self._state = "ended"
                 try:
-                    await session.close()  # rolls back whatever was not committed
+                    if commit:
+                        await session.commit()
                 finally:
-                    self._engine._forget_scope(self)
+                    try:
+                        await session.close()  # rolls back whatever was not committed
+                    finally:
+                        self._engine._forget_scope(self)
+            finally:
+                self._let_go()
 
     async def _abandon(self) -> None:
         """The engine is closing and this scope did not end in time: end it without committing."""
@@ -604,12 +651,20 @@ class _Scope:
         else:
             locked = True
         try:
+            await asyncio.wait_for(self._claim(), GRACE)
+        except (asyncio.TimeoutError, TimeoutError):  # the caller's thread is stuck in a method
+            claimed = False
+        else:
+            claimed = True
+        try:
             # Unless its owner's own end got there first (then it ends as the owner asked).
             if self._state == "abandoned" and self._session is not None:
                 await self._session.invalidate()  # the server rolls back; the connection is discarded
         except Exception:
             logger.exception("%r: error while ending an abandoned session", self._engine)
         finally:
+            if claimed:
+                self._let_go()
             if locked:
                 self._lock.release()
             self._engine._forget_scope(self)
@@ -623,13 +678,34 @@ class _Scope:
             session = self._here()
             self._task = asyncio.current_task()
             try:
-                yield session
+                await self._claim()
+                try:
+                    yield session
+                finally:
+                    self._let_go()
             except asyncio.CancelledError:
                 if self._state == "abandoned":  # cancelled by Engine.close(): say so, not "cancelled"
                     raise self._unusable() from None
                 raise
             finally:
                 self._task = None
+
+    async def _claim(self) -> None:
+        """Take the session for the bridge side (under _lock), once the caller's thread has let go of it
+        (a method that needs no database, in progress there: see _in_memory)."""
+        while True:
+            with self._guard:
+                if not self._caller_holds:
+                    self._bridge_holds += 1
+                    return
+                if self._caller_left is None:
+                    self._caller_left = asyncio.Event()
+                left = self._caller_left
+            await left.wait()
+
+    def _let_go(self) -> None:
+        with self._guard:
+            self._bridge_holds -= 1
 
     def _here(self) -> AsyncSession:
         """The session, if this scope may use it now; any thread."""

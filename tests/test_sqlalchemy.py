@@ -20,10 +20,11 @@ from typing import Any, TypeVar, cast
 
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import Connection, ForeignKey, Table, column, insert, make_url, select, table, text
+from sqlalchemy import Connection, ForeignKey, Table, column, event, insert, make_url, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import await_only
 
 from loopbridge import (
     Bridge,
@@ -597,6 +598,59 @@ class TestCancellationAndClose:
         assert names_in_db(dsn) == []
         with engine.session() as session:  # and the engine serves on
             assert session.scalar(text("SELECT 1")) == 1
+
+    def test_a_method_without_io_waits_for_a_call_still_unwinding_on_the_bridge(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        """Regression (audit of issue 7): add() and the other methods that need no database used the
+        Session in the caller's thread even while a call whose caller had given up still unwound on the
+        bridge with it: one Session in two threads at once. Now they wait their turn."""
+        timed_out, release = threading.Event(), threading.Event()
+        events: list[str] = []
+
+        def slow_to_unwind(session: Session) -> None:
+            try:
+                await_only(asyncio.sleep(WAIT))
+            except asyncio.CancelledError:
+                # Like a statement whose cancellation the server is slow to confirm: the call holds the
+                # session after its caller stopped waiting (through the caller's second cancel too).
+                while not release.is_set():
+                    try:
+                        await_only(asyncio.sleep(0.02))
+                    except asyncio.CancelledError:
+                        pass
+                events.append("unwound")
+                raise
+
+        def watch_attach(session: Session) -> None:
+            event.listen(session, "before_attach", lambda session, instance: events.append("attach"))
+
+        async def work(session: AsyncBridgedSession) -> None:
+            await session.run_sync(watch_attach)
+            with pytest.raises(CallTimeoutError):
+                await session.run_sync(slow_to_unwind, timeout=0.2)
+            timed_out.set()
+            session.add(User(name="bob"))  # must wait until slow_to_unwind has let go of the session
+            events.append("added")
+
+        errors: list[BaseException] = []
+
+        def scoped() -> None:
+            try:
+                in_session(caller, engine, work)
+            except BaseException as exc:
+                errors.append(exc)
+
+        scope = threading.Thread(target=scoped)
+        scope.start()
+        assert timed_out.wait(WAIT)
+        time.sleep(0.3)  # the caller is in add() by now (or, on a loaded machine, about to be)
+        release.set()
+        scope.join(WAIT)
+        assert not scope.is_alive()
+        assert errors == []
+        assert events == ["unwound", "attach", "added"]
+        assert names_in_db(dsn) == ["bob"]
 
     def test_a_caller_cancelled_while_opening_leaves_no_scope_open(
         self, engine: Engine, tables: None
