@@ -37,11 +37,15 @@ from loopbridge import (
     LoopBridgeError,
 )
 from loopbridge.sqlalchemy import (
+    AsyncBridgedConnection,
     AsyncBridgedSession,
+    BridgedConnection,
     BridgedSession,
     Engine,
     EngineClosedError,
     LazyLoadError,
+    Savepoint,
+    StreamResult,
 )
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
@@ -114,32 +118,88 @@ def in_session(
     return run_loop(inside_a_running_loop)
 
 
-# What AsyncBridgedSession awaits; everything else is a plain call on both sessions.
+# What AsyncBridgedSession (and AsyncBridgedConnection) await; everything else is a plain call.
 _AWAITED = {
     "execute", "scalar", "scalars", "get", "get_one", "merge", "delete", "refresh", "flush", "commit",
-    "rollback", "run_sync",
+    "rollback", "run_sync", "connection", "stream", "stream_scalars",
 }  # fmt: skip
+_AWAITED_ON_CONNECTIONS = {"execute", "scalar", "scalars", "exec_driver_sql", "run_sync"}
 
 
 class _Blocking:
-    """A BridgedSession seen through AsyncBridgedSession's interface: each blocking call wrapped in a
-    coroutine that never suspends."""
+    """A BridgedSession (or BridgedConnection) seen through the async facade's interface: each blocking
+    call wrapped in a coroutine that never suspends, and what it returns seen the same way."""
 
-    def __init__(self, session: BridgedSession) -> None:
-        self._session = session
+    def __init__(self, target: BridgedSession | BridgedConnection, awaited: set[str] = _AWAITED) -> None:
+        self._target = target
+        self._awaited = awaited
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._session, name)
-        if name not in _AWAITED:
+        method = getattr(self._target, name)
+        if name == "begin_nested":
+            return lambda: _BlockingContext(method())
+        if name not in self._awaited:
             return method
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
+            if isinstance(result, BridgedConnection):
+                return _Blocking(result, _AWAITED_ON_CONNECTIONS)
+            if isinstance(result, StreamResult):
+                return _BlockingStream(result)
+            return result
 
         return call
 
     def __contains__(self, instance: object) -> bool:
-        return instance in self._session
+        return instance in self._target  # type: ignore[operator]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._target)  # type: ignore[arg-type]
+
+
+class _BlockingContext:
+    """``async with`` over a context manager whose enter and exit block."""
+
+    def __init__(self, context: Savepoint) -> None:
+        self._context = context
+
+    async def __aenter__(self) -> Any:
+        return self._context.__enter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._context.__exit__(*exc_info)
+
+
+class _BlockingStream:
+    """A StreamResult read with ``for`` and ``close()``, seen through ``async for`` and ``aclose()``."""
+
+    def __init__(self, stream: StreamResult[Any]) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __repr__(self) -> str:
+        return repr(self._stream)
+
+    def __aiter__(self) -> _BlockingStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._stream)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._stream.close()
+
+    async def __aenter__(self) -> _BlockingStream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._stream.close()
 
 
 def _drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -491,15 +551,189 @@ class TestSessionScopes:
 
         run_loop(reuse)
 
-    def test_both_sessions_take_each_method_from_one_implementation(self) -> None:
-        for name in sorted(_AWAITED):
-            sync, async_ = getattr(BridgedSession, name), getattr(AsyncBridgedSession, name)
-            assert sync.__qualname__ == f"BridgedSession.{name}"
-            assert async_.__qualname__ == f"AsyncBridgedSession.{name}"
+    @pytest.mark.parametrize(
+        ("sync_class", "async_class", "names"),
+        [
+            (BridgedSession, AsyncBridgedSession, _AWAITED),
+            (BridgedConnection, AsyncBridgedConnection, _AWAITED_ON_CONNECTIONS),
+        ],
+    )
+    def test_both_facades_take_each_method_from_one_implementation(
+        self, sync_class: type[Any], async_class: type[Any], names: set[str]
+    ) -> None:
+        for name in sorted(names):
+            sync, async_ = getattr(sync_class, name), getattr(async_class, name)
+            assert sync.__qualname__ == f"{sync_class.__name__}.{name}"
+            assert async_.__qualname__ == f"{async_class.__name__}.{name}"
             assert asyncio.iscoroutinefunction(async_)
             assert not asyncio.iscoroutinefunction(sync)
             assert sync.__doc__.split("\n\n")[0] == async_.__doc__.split("\n\n")[0]
-            assert f"awaits ``AsyncBridgedSession.{name}``" in sync.__doc__
+            assert f"awaits ``{async_class.__name__}.{name}``" in sync.__doc__
+
+
+# -- the rest of the session API ---------------------------------------------------------------------
+
+
+class TestSessionAPI:
+    """What an ORM user of AsyncSession reaches for beyond queries: savepoints, the session's state,
+    no_autoflush, its connection, streaming."""
+
+    def test_begin_nested_rolls_back_to_its_savepoint_and_the_scope_goes_on(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def add_bob_then_fail(session: AsyncBridgedSession) -> None:
+            async with session.begin_nested():
+                session.add(User(name="bob"))
+                await session.flush()
+                assert session.in_nested_transaction()
+                raise ValueError("not bob")
+
+        async def work(session: AsyncBridgedSession) -> list[str]:
+            session.add(User(name="ada"))
+            with pytest.raises(ValueError, match="not bob"):
+                await add_bob_then_fail(session)
+            assert not session.in_nested_transaction()
+            with pytest.raises(sqlalchemy.exc.IntegrityError, match="unique"):
+                async with session.begin_nested():
+                    session.add(User(name="ada"))  # found at the savepoint's release (its flush)
+            async with session.begin_nested() as savepoint:
+                session.add(User(name="cy"))
+            assert isinstance(savepoint, Savepoint)
+            assert "ended" in repr(savepoint)
+            return list(await session.scalars(select(User.name).order_by(User.name)))
+
+        assert in_session(caller, engine, work) == ["ada", "cy"]
+        assert names_in_db(dsn) == ["ada", "cy"]
+
+    def test_new_dirty_deleted_is_modified_expire_all_and_expunge_all(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> str:
+            ada, bob = User(name="ada"), User(name="bob")
+            session.add_all([ada, bob])
+            assert set(session.new) == {ada, bob}
+            assert not session.dirty
+            await session.flush()
+            assert not session.new
+            assert set(session) == {ada, bob}
+            ada.name = "ada lovelace"
+            assert list(session.dirty) == [ada]
+            assert session.is_modified(ada)
+            assert not session.is_modified(bob)
+            await session.delete(bob)
+            assert list(session.deleted) == [bob]
+            await session.flush()
+            session.expire_all()
+            with pytest.raises(LazyLoadError):
+                _ = ada.name
+            await session.refresh(ada)
+            session.expunge_all()
+            assert ada not in session
+            assert list(session) == []
+            return ada.name
+
+        assert in_session(caller, engine, work) == "ada lovelace"
+        assert names_in_db(dsn) == ["ada lovelace"]
+
+    def test_no_autoflush_keeps_pending_objects_out_of_queries_in_its_block(
+        self, engine: Engine, tables: None, caller: Caller
+    ) -> None:
+        count = select(sqlalchemy.func.count()).select_from(User)
+
+        async def work(session: AsyncBridgedSession) -> list[int]:
+            session.add(User(name="ada"))
+            with session.no_autoflush:
+                inside = await session.scalar(count)
+                assert len(session.new) == 1
+            return [inside, await session.scalar(count)]
+
+        assert in_session(caller, engine, work) == [0, 1]
+
+    def test_connection_runs_core_in_the_scopes_transaction_with_its_options(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        def count_users(connection: Connection) -> int:
+            return int(connection.execute(text("SELECT count(*) FROM users")).scalar_one())
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            connection = await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+            level = await connection.scalar(text("SHOW transaction_isolation"))
+            await connection.execute(insert(users_table), [{"name": "ada"}, {"name": "bob"}])
+            session.add(User(name="cy"))
+            before_flush = await connection.run_sync(count_users)  # the connection does not autoflush
+            await session.flush()
+            by_driver = await connection.exec_driver_sql("SELECT name FROM users WHERE name > $1", ("b",))
+            names = (await connection.scalars(text("SELECT name FROM users ORDER BY name"))).all()
+            return [level, before_flush, sorted(by_driver.scalars()), names]
+
+        assert in_session(caller, engine, work) == [
+            "serializable",
+            2,
+            ["bob", "cy"],
+            ["ada", "bob", "cy"],
+        ]
+        assert names_in_db(dsn) == ["ada", "bob", "cy"]
+
+    def test_stream_yields_every_row_prefetch_rows_per_crossing(
+        self, engine: Engine, tables: None, bridge: Bridge, caller: Caller
+    ) -> None:
+        rows = [{"name": f"user-{n:04}"} for n in range(1050)]
+        engine.run_sync(lambda connection: connection.execute(insert(users_table), rows))
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            started = bridge.stats().calls_started
+            names = await session.stream_scalars(select(User.name).order_by(User.id), prefetch=100)
+            read = [name async for name in names]
+            crossings = bridge.stats().calls_started - started
+            users = [u async for u in await session.stream_scalars(select(User).order_by(User.id))]
+            first = [tuple(r) async for r in await session.stream(select(User.id, User.name).limit(2))]
+            return [read, crossings, [type(u) for u in users[:1]], len(users), first]
+
+        read, crossings, kinds, count, first = in_session(caller, engine, work)
+        assert read == [row["name"] for row in rows]
+        # Opening, 11 batches (10 of 100, one of 50), and the empty one that ends it: never more than
+        # one batch of rows crosses at a time, whatever the size of the result.
+        assert crossings == 1 + 11 + 1
+        assert (kinds, count) == ([User], 1050)
+        assert first == [(1, "user-0000"), (2, "user-0001")]
+
+    def test_a_stream_left_early_is_closed_and_the_scope_goes_on(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        engine.run_sync(
+            lambda connection: connection.execute(insert(users_table), [{"name": f"u{n}"} for n in range(50)])
+        )
+        query = select(User.name).order_by(User.id)
+
+        async def work(session: AsyncBridgedSession) -> Any:
+            # Closed by its block, at once: reading on says so.
+            async with await session.stream_scalars(query, prefetch=10) as names:
+                async for name in names:
+                    if name == "u2":
+                        break
+            assert "closed" in repr(names)
+            with pytest.raises(sqlalchemy.exc.ResourceClosedError, match="stream was closed"):
+                async for _ in names:
+                    pass
+            # Dropped unfinished: closed on the bridge when garbage collected.
+            dropped = await session.stream_scalars(query, prefetch=10)
+            async for _ in dropped:
+                break
+            dropped_result = dropped._result
+            del dropped
+            session.add(User(name="after"))
+            await session.flush()  # the scope goes on...
+            wait_until(lambda: bool(dropped_result.closed))
+            # ... and a stream still open when the scope ends is closed by its end.
+            left_open = await session.stream_scalars(query, prefetch=10)
+            async for _ in left_open:
+                break
+            return left_open._result
+
+        left_open_result = in_session(caller, engine, work)
+        assert left_open_result.closed
+        assert "after" in names_in_db(dsn)
+        assert engine.run(checked_out) == 0
 
 
 # -- lazy loading ----------------------------------------------------------------------------------
