@@ -27,21 +27,26 @@ Needs the ``loopbridge[sqlalchemy]`` extra; ``import loopbridge`` never imports 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from urllib.parse import unquote_plus
 
 import asyncpg
 import sqlalchemy.exc
-from sqlalchemy import URL
+from sqlalchemy import URL, event
 from sqlalchemy.engine import Result, Row, ScalarResult
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncResult,
@@ -54,7 +59,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import IdentitySet
 
-from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import GRACE
 from ._owner import Owner
 from ._stream import DEFAULT_PREFETCH
@@ -107,6 +112,27 @@ if TYPE_CHECKING:
 #: How much longer than its own timeout a close may take to cross to the bridge and back.
 _CLOSE_MARGIN = 5.0
 
+# The options of SQLAlchemy's asyncpg dialect itself (its adapter around each asyncpg connection), which
+# it takes from the URL's query and from connect_args, apart from asyncpg.connect's keywords.
+_DIALECT_OPTIONS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func"})
+# asyncpg.connect's keywords, for connect_args. (loop: the connection is always made on the bridge loop.)
+_CONNECT_OPTIONS = frozenset(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}
+# URL query options that are keywords, not what asyncpg's URL syntax makes of an unknown option (a
+# server setting): the dialect's, and asyncpg.connect's that a URL can spell, as SQLAlchemy passes them.
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "prepared_statement_cache_size": int,
+    "statement_cache_size": int,
+    "max_cached_statement_lifetime": int,
+    "max_cacheable_statement_size": int,
+    "command_timeout": float,
+    "timeout": float,
+    "ssl": str,
+}
+# asyncpg >= 0.31 keeps prepare() unnamed when its statement cache is off: SQLAlchemy's statements are
+# then re-parsed at each execution, which survives transaction pooling even outside a transaction, and
+# leaves nothing behind on the servers (see _transaction_pooling).
+_UNNAMED_PREPARE = tuple(int(part) for part in re.findall(r"\d+", asyncpg.__version__)[:2]) >= (0, 31)
+
 # Keywords the Engine manages itself: it connects with asyncpg on the bridge loop, from the URL.
 _RESERVED_ENGINE_OPTIONS = {
     "creator": "the Engine connects with asyncpg on the bridge loop itself; pass asyncpg.connect options "
@@ -158,28 +184,49 @@ class Engine(OpenClose):
 
     :param url: ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://user:password@host:port/db``,
         with asyncpg's URL syntax (multi-host and query options included: unknown query options become
-        server settings, ``?search_path=app``). A ``sqlalchemy.URL`` works too. Default:
+        server settings, ``?search_path=app``). The query options SQLAlchemy's asyncpg dialect reads as
+        keywords are keywords here too: ``prepared_statement_cache_size`` (the dialect's own),
+        ``statement_cache_size``, ``command_timeout``, ``timeout``, ``max_cached_statement_lifetime``,
+        ``max_cacheable_statement_size`` and ``ssl``. A ``sqlalchemy.URL`` works too. Default:
         ``$LOOPBRIDGE_DSN``, then ``$DATABASE_URL``.
     :param bridge: the bridge the engine lives on; default :func:`~loopbridge.default_bridge`.
+    :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
+        statement pooling mode: no prepared statement outlives its execution (no statement cache in
+        SQLAlchemy's dialect nor in asyncpg, and unnamed statements; unique names on asyncpg < 0.31).
     :param engine_kwargs: passed to ``create_async_engine`` (``pool_size``, ``max_overflow``,
-        ``pool_timeout``, ``pool_pre_ping``, ``echo``, ``poolclass``, ...). ``connect_args`` go to
-        ``asyncpg.connect``.
-    :raises ConfigurationError: for a malformed URL, a non-asyncpg driver, no URL at all, or an option
-        ``create_async_engine`` refuses.
+        ``pool_timeout``, ``pool_pre_ping``, ``echo``, ``poolclass``, ...). ``connect_args``, as in
+        SQLAlchemy, take the dialect's ``prepared_statement_cache_size`` and
+        ``prepared_statement_name_func`` and ``asyncpg.connect``'s keywords (``statement_cache_size``,
+        ``server_settings``, ``command_timeout``, ``ssl``, ...); they override the URL's.
+    :raises ConfigurationError: for a malformed URL, a non-asyncpg driver, no URL at all, an unknown or
+        malformed connect option, or an option ``create_async_engine`` refuses.
     """
 
     def __init__(
-        self, url: str | URL | None = None, *, bridge: Bridge | None = None, **engine_kwargs: Any
+        self,
+        url: str | URL | None = None,
+        *,
+        bridge: Bridge | None = None,
+        pgbouncer: bool = False,
+        **engine_kwargs: Any,
     ) -> None:
         if isinstance(url, URL):
             url = url.render_as_string(hide_password=False)
-        self._info: DsnInfo = _parse_url(resolve_dsn(url))
+        dsn, url_options = _lift_url_options(_normalize_url(resolve_dsn(url)))
+        self._info: DsnInfo = parse_dsn(dsn)
         for name, why in _RESERVED_ENGINE_OPTIONS.items():
             if name in engine_kwargs:
                 raise ConfigurationError(f"Engine does not take {name!r}: {why}")
-        self._connect_args: dict[str, Any] = dict(engine_kwargs.pop("connect_args", None) or {})
-        password = self._connect_args.get("password")
+        connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        password = connect_args.get("password")
         self._secrets = (self._info.password, password if isinstance(password, str) else None)
+        try:
+            # As in SQLAlchemy: connect_args override the URL's options.
+            self._dialect_args, self._connect_args = _split_connect_args({**url_options, **connect_args})
+            if pgbouncer:
+                _transaction_pooling(self._dialect_args, self._connect_args)
+        except ConfigurationError as exc:
+            raise ConfigurationError(redact(str(exc), *self._secrets)) from None
         # SQLAlchemy's URL only names the dialect and shows where we connect, in its logs: never a
         # password. The connections themselves come from _connect, with the full DSN.
         self._url = URL.create(
@@ -366,11 +413,18 @@ class Engine(OpenClose):
         if self._closed:
             raise EngineClosedError(f"{self!r} is closed; create a new Engine to keep working")
         # Registered at once, so that bridge close and fork know about it.
-        engine = create_async_engine(self._url, async_creator=self._connect, **self._engine_kwargs)
+        engine = create_async_engine(self._url, **self._engine_kwargs)
+        event.listen(engine.sync_engine, "do_connect", self._dbapi_connect)
         self._engine = engine
         self._bridge._register(self)
         logger.debug("%r: engine created", self)
         return engine
+
+    def _dbapi_connect(self, dialect: Dialect, record: object, cargs: object, cparams: object) -> Any:
+        """Each new pooled connection (SQLAlchemy's ``do_connect`` event, in its greenlet): the dialect's
+        adapter, with the dialect's own options, around the asyncpg connection :meth:`_connect` makes.
+        What ``async_creator`` cannot do: it passes the dialect no options."""
+        return dialect.loaded_dbapi.connect(async_creator_fn=self._connect, **self._dialect_args)
 
     async def _connect(self) -> asyncpg.Connection:
         """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where."""
@@ -1416,7 +1470,8 @@ class _HomeSession(Session):
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _parse_url(url: str) -> DsnInfo:
+def _normalize_url(url: str) -> str:
+    """*url* for asyncpg, checked (parse_dsn refuses what asyncpg cannot read)."""
     scheme = url.partition("://")[0].lower()
     dialect, plus, driver = scheme.partition("+")
     if plus and dialect in ("postgresql", "postgres") and driver != "asyncpg":
@@ -1424,7 +1479,113 @@ def _parse_url(url: str) -> DsnInfo:
             f"Engine runs SQLAlchemy's asyncpg dialect on the bridge loop, not {driver!r}: write the URL as "
             "'postgresql+asyncpg://user:password@host:5432/dbname' (or 'postgresql://...')"
         )
-    return parse_dsn(f"postgresql{url[len(scheme) :]}" if scheme == "postgres+asyncpg" else url)
+    return parse_dsn(f"postgresql{url[len(scheme) :]}" if scheme == "postgres+asyncpg" else url).dsn
+
+
+def _lift_url_options(dsn: str) -> tuple[str, dict[str, Any]]:
+    """Take the query options that SQLAlchemy's asyncpg dialect reads as keywords (``_URL_OPTIONS``) out
+    of *dsn*, as keywords of their type; the rest of the URL stays as it was, for asyncpg.
+
+    :raises ConfigurationError: for a value of the wrong type, or ``prepared_statement_name_func``
+        (a function, which a URL cannot hold).
+    """
+    base, question, rest = dsn.partition("?")
+    if not question:
+        return dsn, {}
+    query, hash_, fragment = rest.partition("#")
+    kept: list[str] = []
+    lifted: dict[str, Any] = {}
+    for item in query.split("&"):
+        key, _, raw = item.partition("=")
+        name = unquote_plus(key)
+        if name == "prepared_statement_name_func":
+            raise ConfigurationError(
+                "prepared_statement_name_func is a function, which a URL cannot hold: pass it as "
+                "connect_args={'prepared_statement_name_func': ...}"
+            )
+        convert = _URL_OPTIONS.get(name)
+        if convert is None:
+            kept.append(item)
+            continue
+        value = unquote_plus(raw)
+        try:
+            lifted[name] = convert(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"URL option {name}={value!r} is not a{'n integer' if convert is int else ' number'}"
+            ) from None
+    query = "&".join(kept)
+    return f"{base}{'?' if query else ''}{query}{hash_}{fragment}", lifted
+
+
+def _split_connect_args(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split connect options into the dialect's (for its connection adapter) and asyncpg.connect's.
+
+    :raises ConfigurationError: for an unknown option, or a dialect option of the wrong type.
+    """
+    dialect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in _DIALECT_OPTIONS:
+            dialect_args[name] = value
+        elif name in _CONNECT_OPTIONS:
+            connect_args[name] = value
+        elif name == "loop":
+            raise ConfigurationError(
+                "connect_args cannot take 'loop': connections are made on the bridge loop"
+            )
+        else:
+            close = difflib.get_close_matches(name, _DIALECT_OPTIONS | _CONNECT_OPTIONS, n=1)
+            raise ConfigurationError(
+                f"unknown connect option {name!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+                "(connect_args take SQLAlchemy's asyncpg dialect options, prepared_statement_cache_size and "
+                "prepared_statement_name_func, and asyncpg.connect's keywords)"
+            )
+    cache = dialect_args.get("prepared_statement_cache_size", 0)
+    if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+        raise ConfigurationError(
+            f"prepared_statement_cache_size must be a number of statements (0 turns the cache off), "
+            f"not {cache!r}"
+        )
+    name_func = dialect_args.get("prepared_statement_name_func")
+    if name_func is not None and not callable(name_func):
+        raise ConfigurationError(
+            "prepared_statement_name_func must be a function returning a statement name, such as "
+            f"lambda: f'__asyncpg_{{uuid.uuid4()}}__', not {type(name_func).__name__}"
+        )
+    return dialect_args, connect_args
+
+
+def _transaction_pooling(dialect_args: dict[str, Any], connect_args: dict[str, Any]) -> None:
+    """Adjust the options for PgBouncer in transaction pooling mode (``pgbouncer=True``), in place.
+
+    There a server connection is lent for one transaction, so a prepared statement must not outlive its
+    execution: no statement cache in SQLAlchemy's adapter nor in asyncpg. SQLAlchemy's dialect then
+    prepares each statement anew, and asyncpg (>= 0.31, with its cache off) keeps it unnamed and parses
+    it again with its execution, in one exchange: that works inside and outside a transaction
+    (autocommit) and leaves nothing on the servers. Older asyncpg names every prepared statement, so
+    names are made unique instead (SQLAlchemy's documented recipe; it still needs a transaction).
+
+    :raises ConfigurationError: if the options ask for a statement cache.
+    """
+    for name, options in (
+        ("statement_cache_size", connect_args),
+        ("prepared_statement_cache_size", dialect_args),
+    ):
+        value = options.get(name, 0)
+        if value != 0:
+            raise ConfigurationError(
+                f"pgbouncer=True turns the prepared statement caches off, but {name}={value!r} was given: "
+                "cached statements do not survive transaction pooling. Drop "
+                f"{name} (or pgbouncer=True if the pooler runs in session mode)"
+            )
+        options[name] = 0
+    if not _UNNAMED_PREPARE:
+        dialect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4()}__"
 
 
 def _check_engine_options(url: URL, options: dict[str, Any]) -> None:

@@ -14,10 +14,12 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import asyncpg
 import pytest
 import sqlalchemy.exc
 from sqlalchemy import Connection, ForeignKey, Table, column, event, insert, make_url, select, table, text
@@ -47,8 +49,10 @@ from loopbridge.sqlalchemy import (
     Savepoint,
     StreamResult,
 )
+from tests.pgbouncer import PgBouncer
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
+from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script, with_query
+from tests.test_pgbouncer import _need_pgbouncer
 
 T = TypeVar("T")
 
@@ -362,6 +366,258 @@ class TestEngine:
 
         with pytest.raises(TypeError, match=r"is 'async def'.*correct: define it with 'def'"):
             _ = engine.run_sync(create)
+
+
+class TestConnectOptions:
+    """SQLAlchemy's asyncpg dialect options and asyncpg.connect's, from the URL and from connect_args, as
+    with create_async_engine (regression, audit of issue 7: the dialect's options never reached it)."""
+
+    @pytest.mark.parametrize("where", ["url", "connect_args"])
+    def test_the_dialects_and_asyncpgs_options_reach_every_connection(
+        self, dsn: str, bridge: Bridge, where: str
+    ) -> None:
+        options = {"prepared_statement_cache_size": 0, "statement_cache_size": 0, "command_timeout": 0.5}
+        server_settings = {"server_settings": {"statement_timeout": "12345"}}
+        if where == "url":
+            url = with_query(dsn, **{name: str(value) for name, value in options.items()})
+            engine = Engine(url, bridge=bridge, pool_size=1, connect_args=server_settings)
+        else:
+            engine = Engine(dsn, bridge=bridge, pool_size=1, connect_args={**options, **server_settings})
+        control = Engine(dsn, bridge=bridge, pool_size=1)
+        prepared = text("SELECT count(*) FROM pg_prepared_statements")
+        try:
+            for each in (engine, control):
+                with each.session() as session:
+                    for n in range(3):
+                        assert session.scalar(text("SELECT CAST(:n AS int)"), {"n": n}) == n
+                    left = session.scalar(prepared)
+                    if each is control:  # SQLAlchemy's and asyncpg's caches keep named statements...
+                        assert left > 0
+                    else:  # ... and with both turned off nothing outlives its execution
+                        assert left == 0
+                        assert session.scalar(text("SHOW statement_timeout")) == "12345ms"
+            with pytest.raises(TimeoutError), engine.session() as session:
+                session.execute(text("SELECT pg_sleep(10)"))  # command_timeout
+        finally:
+            engine.close()
+            control.close()
+
+    def test_prepared_statement_name_func_names_the_dialects_statements(
+        self, dsn: str, bridge: Bridge
+    ) -> None:
+        names: list[str] = []
+
+        def name_func() -> str:
+            names.append(f"__lb_{uuid.uuid4().hex}__")
+            return names[-1]
+
+        with (
+            Engine(
+                dsn, bridge=bridge, pool_size=1, connect_args={"prepared_statement_name_func": name_func}
+            ) as engine,
+            engine.session() as session,
+        ):
+            assert session.scalar(text("SELECT CAST(:n AS int)"), {"n": 7}) == 7
+            statements = session.scalars(text("SELECT name FROM pg_prepared_statements")).all()
+        assert names
+        assert set(names) <= set(statements)
+
+    @pytest.mark.parametrize(
+        ("url_query", "connect_args", "message"),
+        [
+            ("", {"prepared_statement_cache_sise": 0}, "did you mean 'prepared_statement_cache_size'"),
+            ("", {"statment_cache_size": 0}, "did you mean 'statement_cache_size'"),
+            ("", {"loop": None}, "made on the bridge loop"),
+            ("", {"prepared_statement_cache_size": -1}, "must be a number of statements"),
+            ("", {"prepared_statement_name_func": "__mine__"}, "must be a function"),
+            ("?prepared_statement_cache_size=none", {}, "is not an integer"),
+            ("?command_timeout=soon", {}, "is not a number"),
+            ("?prepared_statement_name_func=x", {}, "a URL cannot hold"),
+        ],
+    )
+    def test_unknown_or_malformed_connect_options_are_refused_at_construction(
+        self, url_query: str, connect_args: dict[str, Any], message: str
+    ) -> None:
+        with pytest.raises(ConfigurationError, match=message) as info:
+            Engine(f"postgresql://app:hunter2@db.invalid/app{url_query}", connect_args=connect_args)
+        assert "hunter2" not in str(info.value)
+
+    def test_pgbouncer_true_refuses_a_statement_cache(self) -> None:
+        for connect_args in ({"statement_cache_size": 100}, {"prepared_statement_cache_size": 100}):
+            with pytest.raises(ConfigurationError, match="cached statements do not survive"):
+                Engine("postgresql://app@db.invalid/app", pgbouncer=True, connect_args=connect_args)
+        with pytest.raises(ConfigurationError, match="prepared_statement_cache_size=50"):
+            Engine("postgresql://app@db.invalid/app?prepared_statement_cache_size=50", pgbouncer=True)
+
+
+def admin_execute(dsn: str, command: str) -> None:
+    """A command that cannot run in a transaction (CREATE/DROP DATABASE), over a connection of its own."""
+
+    async def go() -> None:
+        con = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await con.execute(command)
+        finally:
+            await con.close()
+
+    run_loop(go)
+
+
+@pytest.fixture
+def bounced_dsn(cluster: PrivateCluster) -> Iterator[str]:
+    """A database of the test's own on the private cluster, reached through a PgBouncer of its own in
+    transaction pooling mode with 2 server connections (so which server serves whom is known)."""
+    _need_pgbouncer()
+    database = f"lbsa_{uuid.uuid4().hex[:12]}"
+    admin_execute(cluster.dsn(), f"CREATE DATABASE {database}")
+    bouncer = PgBouncer(cluster, pool_size=2)
+    try:
+        bouncer.start()
+        yield bouncer.dsn(database=database)
+    finally:
+        bouncer.destroy()
+        admin_execute(cluster.dsn(), f"DROP DATABASE {database} WITH (FORCE)")
+
+
+async def autocommit_value(async_engine: AsyncEngine, n: int) -> int:
+    """A statement outside any transaction: prepared and executed in separate exchanges, each of which
+    PgBouncer may send to another server connection."""
+    async with async_engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return int((await autocommit.execute(text("SELECT CAST(:n AS int)"), {"n": n})).scalar_one())
+
+
+class TestPgBouncer:
+    """Engine(pgbouncer=True) behind a real PgBouncer in transaction pooling mode."""
+
+    def hold_a_transaction(self, engine: Engine) -> tuple[threading.Thread, threading.Event]:
+        """A scope of *engine* holding a transaction, so PgBouncer pins the server connection it ran on
+        last (the most recently used) to it; set the event to end it."""
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with engine.session() as session:
+                session.execute(text("SELECT 1"))
+                holding.set()
+                release.wait(WAIT)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(WAIT)
+        return holder, release
+
+    def test_without_the_option_sqlalchemys_cached_statements_break(self, bounced_dsn: str) -> None:
+        """The control: this PgBouncer really pools by transaction, so SQLAlchemy's statement cache fails."""
+        with Bridge("sa-pgb-control") as bridge:
+            first = Engine(bounced_dsn, bridge=bridge, pool_size=1, max_overflow=0)
+            second = Engine(bounced_dsn, bridge=bridge, pool_size=1, max_overflow=0)
+            query = text("SELECT CAST(:n AS int)")
+            with first.session() as session:
+                assert session.scalar(query, {"n": 1}) == 1  # prepared, named, on server connection S1
+            holder, release = self.hold_a_transaction(second)  # pins S1
+            try:
+                with (
+                    pytest.raises(sqlalchemy.exc.DBAPIError, match="does not exist"),
+                    first.session() as session,
+                ):
+                    session.scalar(query, {"n": 2})  # on S2, where that statement was never prepared
+            finally:
+                release.set()
+                holder.join(WAIT)
+
+    def test_with_pgbouncer_true_the_same_sequence_works_in_and_out_of_transactions(
+        self, bounced_dsn: str
+    ) -> None:
+        with Bridge("sa-pgb-option") as bridge:
+            first = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=1, max_overflow=0)
+            second = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=1, max_overflow=0)
+            first.run_sync(Base.metadata.create_all)
+            query = text("SELECT CAST(:n AS int)")
+            with first.session() as session:
+                assert session.scalar(query, {"n": 1}) == 1
+                session.add_all([User(name=f"user-{n}") for n in range(30)])
+            assert first.run(autocommit_value, 1) == 1
+            holder, release = self.hold_a_transaction(second)
+            try:
+                with first.session() as session:
+                    assert session.scalar(query, {"n": 2}) == 2
+                    streamed = list(session.stream_scalars(select(User.name), prefetch=7))
+                assert len(streamed) == 30
+                assert [first.run(autocommit_value, n) for n in range(3, 6)] == [3, 4, 5]
+            finally:
+                release.set()
+                holder.join(WAIT)
+
+    def test_every_kind_of_caller_shares_one_engine_and_nothing_is_left_on_the_servers(
+        self, bounced_dsn: str, cluster: PrivateCluster
+    ) -> None:
+        per_caller = 10
+        errors: list[BaseException] = []
+        with Bridge("sa-pgb-load") as bridge:
+            # More client connections (6) than PgBouncer's server connections (2).
+            engine = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=6, max_overflow=0)
+            engine.run_sync(Base.metadata.create_all)
+
+            def view(i: int) -> None:
+                for n in range(per_caller):
+                    with engine.session() as session:
+                        session.add(User(name=f"view-{i}-{n}", addresses=[Address(email=f"{i}-{n}@v")]))
+                        session.flush()
+                        found = session.scalars(
+                            select(User)
+                            .options(selectinload(User.addresses))
+                            .where(User.name == f"view-{i}-{n}")
+                        ).one()
+                        assert found.addresses[0].email == f"{i}-{n}@v"
+                    assert engine.run(autocommit_value, n) == n
+
+            def loop(i: int) -> None:
+                async def task(t: int) -> None:
+                    for n in range(per_caller):
+                        async with engine.asession() as session:
+                            session.add(User(name=f"loop-{i}-{t}-{n}"))
+                            await session.flush()
+                            assert await session.scalar(
+                                select(User.id).where(User.name == f"loop-{i}-{t}-{n}")
+                            )
+                        assert await engine.arun(autocommit_value, n) == n
+
+                async def main() -> None:
+                    await asyncio.gather(*(task(t) for t in range(4)))
+
+                asyncio.run(main())
+
+            def running_loop() -> None:
+                async def main() -> None:
+                    for n in range(per_caller):
+                        with engine.session() as session:  # a sync call blocking a running loop
+                            session.add(User(name=f"running-{n}"))
+
+                asyncio.run(main())
+
+            def guarded(fn: Callable[..., None], *args: Any) -> None:
+                try:
+                    fn(*args)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            workers = [threading.Thread(target=guarded, args=(view, i)) for i in range(4)]
+            workers += [threading.Thread(target=guarded, args=(loop, i)) for i in range(2)]
+            workers.append(threading.Thread(target=guarded, args=(running_loop,)))
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(90)
+            assert not any(worker.is_alive() for worker in workers), "a caller hung"
+            assert errors == []
+            left = []
+            for _ in range(4):  # whichever server connections PgBouncer lends
+                with engine.session() as session:
+                    left.append(session.scalar(text("SELECT count(*) FROM pg_prepared_statements")))
+            assert left == [0, 0, 0, 0]
+        database = bounced_dsn.rpartition("/")[2]
+        count = independent(cluster.dsn(database=database), "SELECT count(*) FROM users")[0][0]
+        assert count == (4 + 2 * 4 + 1) * per_caller
 
 
 class TestConnectErrors:
