@@ -427,11 +427,18 @@ class Engine(OpenClose):
         return dialect.loaded_dbapi.connect(async_creator_fn=self._connect, **self._dialect_args)
 
     async def _connect(self) -> asyncpg.Connection:
-        """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where."""
+        """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where
+        (and never with a password)."""
         try:
             return await asyncpg.connect(self._info.dsn, **self._connect_args)
         except Exception as exc:
-            raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
+            error = ConnectError(connect_failure(self._info, exc, *self._secrets))
+            if not _repeats_a_secret(exc, self._secrets):
+                raise error from exc
+        # The driver's own error repeats a password (one given to another option by mistake, say): raised
+        # out here, the ConnectError keeps it neither as its cause nor as its context, so no traceback
+        # shows it. The message has its type and its text, scrubbed.
+        raise error
 
     def _forget_scope(self, scope: _Scope[Any]) -> None:
         self._scopes.discard(scope)
@@ -1626,6 +1633,19 @@ def _check_sync_fn(fn: object, label: str, first: str) -> None:
             f"incorrect: {label.replace('()', f'({_name(fn)})')}; correct: define it with 'def', "
             "or await the async API directly"
         )
+
+
+def _repeats_a_secret(exc: BaseException, secrets: Iterable[str | None]) -> bool:
+    """Does *exc*, or an exception it chains, show one of *secrets* in its message or repr?"""
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        shown = f"{chained}\n{chained!r}"
+        if any(secret and secret in shown for secret in secrets):
+            return True
+        chained = chained.__cause__ or chained.__context__
+    return False
 
 
 def _swap_autoflush(session: AsyncSession, autoflush: bool) -> bool:

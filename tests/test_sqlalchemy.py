@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -634,26 +635,68 @@ class TestConnectErrors:
             assert "hunter2" not in text_
         engine.close()
 
-    def test_a_wrong_password_never_shows_in_errors_reprs_or_logs(
-        self, cluster: PrivateCluster, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    def test_a_wrong_password_never_shows_in_errors_reprs_tracebacks_or_logs(
+        self,
+        cluster: PrivateCluster,
+        bridge: Bridge,
+        caller: Caller,
+        caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         caplog.set_level(logging.DEBUG)
         wrong = "not-the-" + PASSWORD
-        engine = Engine(cluster.dsn(password=wrong), bridge=bridge, echo="debug", pool_size=1)
-        with (
-            pytest.raises(ConnectError, match="check the user name and password") as info,
-            engine.session() as s,
-        ):
-            s.execute(text("SELECT 1"))
-        for text_ in (str(info.value), repr(engine), engine.url, caplog.text):
+        engine = Engine(
+            cluster.dsn(password=wrong), bridge=bridge, echo="debug", echo_pool="debug", pool_size=1
+        )
+        with pytest.raises(ConnectError, match="check the user name and password") as info:
+            caller.call(engine, "open")
+        assert f"database 'postgres' on 127.0.0.1:{cluster.port} as user 'postgres'" in str(info.value)
+        assert isinstance(info.value.__cause__, asyncpg.InvalidPasswordError)  # scram said no
+        with pytest.raises(ConnectError) as in_a_scope, engine.session() as session:
+            session.execute(text("SELECT 1"))
+        engine.close()
+        shown = [engine.url, repr(engine), caplog.text, capsys.readouterr().out]
+        for error in (info.value, in_a_scope.value):
+            shown += [str(error), repr(error), "".join(traceback.format_exception(error))]
+        for text_ in shown:
             assert wrong not in text_
             assert PASSWORD not in text_
-        engine.close()
         good = Engine(cluster.dsn(), bridge=bridge, echo="debug", pool_size=1)
-        with good.session() as s:
-            assert s.scalar(text("SELECT 1")) == 1
+        with good.session() as session:
+            assert session.scalar(text("SELECT 1")) == 1
         good.close()
-        assert PASSWORD not in caplog.text
+        assert PASSWORD not in caplog.text + capsys.readouterr().out
+
+    def test_a_driver_error_that_repeats_the_password_is_scrubbed_from_message_and_traceback(
+        self,
+        cluster: PrivateCluster,
+        bridge: Bridge,
+        caller: Caller,
+        caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Regression (audit of issue 7): no test reached the scrubbing of the Engine's connect errors,
+        and the driver's own error, kept as the ConnectError's cause, showed the password in tracebacks."""
+        caplog.set_level(logging.DEBUG)
+        # Two settings swapped by mistake: the password given as the port. asyncpg's error repeats it.
+        engine = Engine(
+            cluster.dsn(), bridge=bridge, echo="debug", pool_size=1, connect_args={"port": PASSWORD}
+        )
+        with pytest.raises(ConnectError, match=r"ValueError: invalid literal for int\(\).*'\*\*\*'") as info:
+            caller.call(engine, "open")
+        engine.close()
+        error = info.value
+        assert error.__cause__ is None
+        assert error.__suppress_context__ or error.__context__ is None
+        for text_ in (
+            str(error),
+            repr(error),
+            "".join(traceback.format_exception(error)),
+            repr(engine),
+            caplog.text,
+            capsys.readouterr().out,
+        ):
+            assert PASSWORD not in text_
 
 
 # -- the session scopes ----------------------------------------------------------------------------
