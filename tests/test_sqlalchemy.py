@@ -16,7 +16,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -25,7 +26,15 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import Connection, ForeignKey, Table, column, event, insert, make_url, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import await_only
 
@@ -1079,6 +1088,37 @@ class TestLazyLoading:
 
         assert in_session(caller, engine, work) == "ada"
 
+    def test_a_deferred_column_cannot_be_loaded_outside_the_bridge(
+        self, engine: Engine, ada: None, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> str:
+            user: User = (await session.scalars(select(User).options(defer(User.name)))).one()
+            with pytest.raises(LazyLoadError, match="loading User"):
+                _ = user.name
+            await session.refresh(user, ["name"])  # what the message says to do
+            return user.name
+
+        assert in_session(caller, engine, work) == "ada"
+
+    def test_appending_to_an_unloaded_collection_cannot_load_it_outside_the_bridge(
+        self, engine: Engine, ada: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> list[str]:
+            user = (await session.scalars(select(User))).one()
+            with pytest.raises(LazyLoadError, match="loading Address"):
+                user.addresses.append(Address(email="a@3"))  # the ORM loads the collection first
+            assert not session.new  # nothing was added half-way
+            await session.refresh(user, ["addresses"])
+            user.addresses.append(Address(email="a@3"))
+            return [address.email for address in user.addresses]
+
+        assert in_session(caller, engine, work) == ["a@1", "a@2", "a@3"]
+        assert [row[0] for row in independent(dsn, "SELECT email FROM addresses ORDER BY id")] == [
+            "a@1",
+            "a@2",
+            "a@3",
+        ]
+
     def test_eager_loading_and_refresh_load_what_the_caller_reads(
         self, engine: Engine, ada: None, caller: Caller
     ) -> None:
@@ -1105,17 +1145,26 @@ class TestLazyLoading:
 
 
 class TestCancellationAndClose:
-    def test_cancelling_an_awaiting_caller_releases_the_connection(
-        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    @pytest.mark.parametrize("where", ["in a statement", "between statements"])
+    def test_cancelling_an_awaiting_caller_closes_the_scope_and_returns_its_connection(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str, where: str
     ) -> None:
+        """The scope's end closes its session whatever cancels the caller (audit of issue 7: this test
+        passed with the close removed, since a statement cancelled mid-way makes SQLAlchemy discard the
+        connection anyway; cancelled between statements, only the close gives the connection back)."""
         started = threading.Event()
+        scopes: list[AsyncBridgedSession] = []
 
         async def handler() -> None:
             async with engine.asession() as session:
+                scopes.append(session)
                 session.add(User(name="ada"))
-                await session.flush()
+                await session.flush()  # the INSERT holds a transaction open on the server
                 started.set()
-                await session.execute(text("SELECT pg_sleep(30)"))
+                if where == "in a statement":
+                    await session.execute(text("SELECT pg_sleep(30)"))
+                else:
+                    await asyncio.sleep(30)  # the handler's own await, between two statements
 
         async def main() -> None:
             task = asyncio.ensure_future(handler())
@@ -1126,8 +1175,13 @@ class TestCancellationAndClose:
                 await task
 
         run_loop(main)
+        (scope,) = scopes
+        assert scope._session is not None
+        assert scope._session.sync_session.get_transaction() is None  # closed: no transaction left
         assert engine.run(checked_out) == 0
         wait_until(lambda: not {"active", "idle in transaction"} & set(backend_states(admin_dsn, schema)))
+        if where == "between statements":  # rolled back and pooled, not discarded
+            assert backend_states(admin_dsn, schema) == ["idle"]
         assert names_in_db(dsn) == []
         with engine.session() as session:  # and the engine serves on
             assert session.scalar(text("SELECT 1")) == 1
@@ -1383,6 +1437,41 @@ class TestDF501:
         assert tables_in(dsn, schema) == {"users", "addresses"}
         assert names_in_db(dsn) == ["ada"]
 
+    def test_create_all_from_a_real_fastapi_lifespan(self, engine: Engine, dsn: str, schema: str) -> None:
+        """A FastAPI app whose lifespan creates the tables, driven by TestClient on a loop of its own (not
+        the engine's, not the test's), verified from an independent connection."""
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+
+        created: list[set[str]] = []
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            # DF-501's create_tables(): a sync call while the server's loop runs...
+            engine.run_sync(Base.metadata.create_all, tables=[users_table])
+            # ... and its ensure_table_exists(): an await on that loop.
+            await engine.arun_sync(Base.metadata.create_all)
+            created.append(tables_in(dsn, schema))  # before the app takes its first request
+            yield
+
+        app = FastAPI(lifespan=lifespan)
+
+        @app.post("/users/{name}")
+        async def create_user(name: str) -> dict[str, Any]:
+            async with engine.asession() as session:
+                user = User(name=name)
+                session.add(user)
+                await session.flush()
+                return {"id": user.id, "name": user.name}
+
+        with TestClient(app) as client:
+            assert created == [{"users", "addresses"}]
+            response = client.post("/users/ada")
+            assert response.status_code == 200
+            assert response.json() == {"id": 1, "name": "ada"}
+        assert tables_in(dsn, schema) == {"users", "addresses"}
+        assert names_in_db(dsn) == ["ada"]
+
     def test_create_all_from_a_cli_asyncio_run(self, engine: Engine, dsn: str, schema: str) -> None:
         async def cli() -> None:
             await engine.arun_sync(Base.metadata.create_all)
@@ -1599,5 +1688,5 @@ class TestExample:
     def test_the_example_app_runs_and_verifies_its_rows(self, dsn: str) -> None:
         example = Path(__file__).parent.parent / "examples" / "sqlalchemy_app.py"
         out = run_script(example.read_text(), env={"LOOPBRIDGE_DSN": dsn}, timeout=90)
-        assert "verified" in out
+        assert "verified over an independent connection: 44 members, 44 expected" in out
         assert out.rstrip().endswith("OK")
