@@ -141,12 +141,12 @@ _RESERVED_ENGINE_OPTIONS = {
     "options as connect_args={...}",
     "module": "the Engine always uses asyncpg",
 }
+# Keywords a session scope manages itself.
+_RESERVED_SESSION_OPTIONS = {"bind", "binds", "sync_session_class"}
 _STREAM_CLOSED = (
     "this stream was closed (by close(), or by leaving its `with` block); run the statement again for "
     "more rows"
 )
-# Keywords a session scope manages itself.
-_RESERVED_SESSION_OPTIONS = {"bind", "binds", "sync_session_class"}
 
 
 class EngineClosedError(DatabaseClosedError):
