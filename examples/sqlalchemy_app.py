@@ -9,7 +9,8 @@ ADR-047's team had two session scopes: ``session_scope()`` for code on the serve
 there is one ``Engine`` and one scope, whatever the caller: ``with engine.session()`` in sync code,
 ``async with engine.asession()`` in async code on any loop. The app creates its tables (DF-501), runs a
 setup wizard on one ``asyncio.run()`` loop, serves requests on a second loop while sync views write from
-threads, reuses a sync report function through ``run_sync``, then checks every row from the database.
+threads, reuses a sync report function through ``run_sync``, then checks every row over a connection of
+its own, not through the engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import asyncpg
 from sqlalchemy import ForeignKey, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
@@ -109,6 +111,22 @@ async def test_a_member_lookup() -> None:
         assert member.team.name == "core"
 
 
+# -- the check: what the server really has, over a connection of its own (not through the engine) -----
+
+
+async def rows_on_the_server() -> tuple[int, dict[str, int]]:
+    connection = await asyncpg.connect(DSN.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        total = await connection.fetchval("SELECT count(*) FROM lb_example_member")
+        sizes = await connection.fetch(
+            "SELECT t.name, count(m.id) FROM lb_example_team t "
+            "LEFT JOIN lb_example_member m ON m.team_id = t.id GROUP BY t.name"
+        )
+    finally:
+        await connection.close()
+    return total, {row["name"]: row["count"] for row in sizes}
+
+
 def main() -> int:
     try:
         asyncio.run(setup_wizard())
@@ -123,10 +141,15 @@ def main() -> int:
         print("3. a test on a third fresh loop: same engine, no session_scope_fresh()")
         with engine.session() as session:
             sizes = report(session)
-            total = session.scalar(select(func.count()).select_from(Member))
-        print(f"4. report through run_sync (lazy loading on the bridge): {sizes}")
-        ok = total == REQUESTS + VIEWS and sizes == {"core": REQUESTS // 2, "web": REQUESTS // 2 + VIEWS}
-        print(f"verified: {total} members written, {REQUESTS + VIEWS} expected: {'OK' if ok else 'FAILED'}")
+            counted = session.scalar(select(func.count()).select_from(Member))
+        print(f"4. report through run_sync (lazy loading on the bridge): {sizes}, {counted} members")
+        total, on_server = asyncio.run(rows_on_the_server())
+        expected = {"core": REQUESTS // 2, "web": REQUESTS // 2 + VIEWS}
+        ok = total == REQUESTS + VIEWS and on_server == expected == sizes and counted == total
+        print(
+            f"verified over an independent connection: {total} members, {REQUESTS + VIEWS} expected, "
+            f"teams {on_server}: {'OK' if ok else 'FAILED'}"
+        )
         return 0 if ok else 1
     finally:
         engine.run_sync(Base.metadata.drop_all)

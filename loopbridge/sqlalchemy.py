@@ -27,42 +27,77 @@ Needs the ``loopbridge[sqlalchemy]`` extra; ``import loopbridge`` never imports 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from urllib.parse import unquote_plus
 
 import asyncpg
 import sqlalchemy.exc
-from sqlalchemy import URL
-from sqlalchemy.engine import Result, ScalarResult
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy import URL, event
+from sqlalchemy.engine import Result, Row, ScalarResult
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncResult,
+    AsyncScalarResult,
+    AsyncSession,
+    AsyncSessionTransaction,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import Executable
+from sqlalchemy.util import IdentitySet
 
-from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import GRACE
-from ._twins import OpenClose, twins
+from ._owner import Owner
+from ._stream import DEFAULT_PREFETCH
+from ._twins import OpenClose, twin_contexts, twins
 from .bridge import Bridge, default_bridge
 from .database import connect_failure
-from .errors import BridgeClosedError, ConfigurationError, ConnectError, DatabaseClosedError, LoopBridgeError
+from .errors import (
+    BridgeClosedError,
+    ConfigurationError,
+    ConnectError,
+    DatabaseClosedError,
+    DeadlockError,
+    LoopBridgeError,
+)
 
 if sys.version_info >= (3, 11):
     from typing import Self
 else:
     from typing_extensions import Self
 
-__all__ = ["AsyncBridgedSession", "BridgedSession", "Engine", "EngineClosedError", "LazyLoadError"]
+__all__ = [
+    "AsyncBridgedConnection",
+    "AsyncBridgedSession",
+    "BridgedConnection",
+    "BridgedSession",
+    "Engine",
+    "EngineClosedError",
+    "LazyLoadError",
+    "Savepoint",
+    "StreamResult",
+]
 
 logger = logging.getLogger("loopbridge")
 
 R = TypeVar("R")
 M = TypeVar("M")  # a mapped class
+T = TypeVar("T")  # what a stream yields
+C = TypeVar("C", bound="_ScopeConnection")  # the connection facade of a session facade
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -77,6 +112,27 @@ if TYPE_CHECKING:
 #: How much longer than its own timeout a close may take to cross to the bridge and back.
 _CLOSE_MARGIN = 5.0
 
+# The options of SQLAlchemy's asyncpg dialect itself (its adapter around each asyncpg connection), which
+# it takes from the URL's query and from connect_args, apart from asyncpg.connect's keywords.
+_DIALECT_OPTIONS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func"})
+# asyncpg.connect's keywords, for connect_args. (loop: the connection is always made on the bridge loop.)
+_CONNECT_OPTIONS = frozenset(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}
+# URL query options that are keywords, not what asyncpg's URL syntax makes of an unknown option (a
+# server setting): the dialect's, and asyncpg.connect's that a URL can spell, as SQLAlchemy passes them.
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "prepared_statement_cache_size": int,
+    "statement_cache_size": int,
+    "max_cached_statement_lifetime": int,
+    "max_cacheable_statement_size": int,
+    "command_timeout": float,
+    "timeout": float,
+    "ssl": str,
+}
+# asyncpg >= 0.31 keeps prepare() unnamed when its statement cache is off: SQLAlchemy's statements are
+# then re-parsed at each execution, which survives transaction pooling even outside a transaction, and
+# leaves nothing behind on the servers (see _transaction_pooling).
+_UNNAMED_PREPARE = tuple(int(part) for part in re.findall(r"\d+", asyncpg.__version__)[:2]) >= (0, 31)
+
 # Keywords the Engine manages itself: it connects with asyncpg on the bridge loop, from the URL.
 _RESERVED_ENGINE_OPTIONS = {
     "creator": "the Engine connects with asyncpg on the bridge loop itself; pass asyncpg.connect options "
@@ -87,6 +143,10 @@ _RESERVED_ENGINE_OPTIONS = {
 }
 # Keywords a session scope manages itself.
 _RESERVED_SESSION_OPTIONS = {"bind", "binds", "sync_session_class"}
+_STREAM_CLOSED = (
+    "this stream was closed (by close(), or by leaving its `with` block); run the statement again for "
+    "more rows"
+)
 
 
 class EngineClosedError(DatabaseClosedError):
@@ -124,28 +184,49 @@ class Engine(OpenClose):
 
     :param url: ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://user:password@host:port/db``,
         with asyncpg's URL syntax (multi-host and query options included: unknown query options become
-        server settings, ``?search_path=app``). A ``sqlalchemy.URL`` works too. Default:
+        server settings, ``?search_path=app``). The query options SQLAlchemy's asyncpg dialect reads as
+        keywords are keywords here too: ``prepared_statement_cache_size`` (the dialect's own),
+        ``statement_cache_size``, ``command_timeout``, ``timeout``, ``max_cached_statement_lifetime``,
+        ``max_cacheable_statement_size`` and ``ssl``. A ``sqlalchemy.URL`` works too. Default:
         ``$LOOPBRIDGE_DSN``, then ``$DATABASE_URL``.
     :param bridge: the bridge the engine lives on; default :func:`~loopbridge.default_bridge`.
+    :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
+        statement pooling mode: no prepared statement outlives its execution (no statement cache in
+        SQLAlchemy's dialect nor in asyncpg, and unnamed statements; unique names on asyncpg < 0.31).
     :param engine_kwargs: passed to ``create_async_engine`` (``pool_size``, ``max_overflow``,
-        ``pool_timeout``, ``pool_pre_ping``, ``echo``, ``poolclass``, ...). ``connect_args`` go to
-        ``asyncpg.connect``.
-    :raises ConfigurationError: for a malformed URL, a non-asyncpg driver, no URL at all, or an option
-        ``create_async_engine`` refuses.
+        ``pool_timeout``, ``pool_pre_ping``, ``echo``, ``poolclass``, ...). ``connect_args``, as in
+        SQLAlchemy, take the dialect's ``prepared_statement_cache_size`` and
+        ``prepared_statement_name_func`` and ``asyncpg.connect``'s keywords (``statement_cache_size``,
+        ``server_settings``, ``command_timeout``, ``ssl``, ...); they override the URL's.
+    :raises ConfigurationError: for a malformed URL, a non-asyncpg driver, no URL at all, an unknown or
+        malformed connect option, or an option ``create_async_engine`` refuses.
     """
 
     def __init__(
-        self, url: str | URL | None = None, *, bridge: Bridge | None = None, **engine_kwargs: Any
+        self,
+        url: str | URL | None = None,
+        *,
+        bridge: Bridge | None = None,
+        pgbouncer: bool = False,
+        **engine_kwargs: Any,
     ) -> None:
         if isinstance(url, URL):
             url = url.render_as_string(hide_password=False)
-        self._info: DsnInfo = _parse_url(resolve_dsn(url))
+        dsn, url_options = _lift_url_options(_normalize_url(resolve_dsn(url)))
+        self._info: DsnInfo = parse_dsn(dsn)
         for name, why in _RESERVED_ENGINE_OPTIONS.items():
             if name in engine_kwargs:
                 raise ConfigurationError(f"Engine does not take {name!r}: {why}")
-        self._connect_args: dict[str, Any] = dict(engine_kwargs.pop("connect_args", None) or {})
-        password = self._connect_args.get("password")
+        connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        password = connect_args.get("password")
         self._secrets = (self._info.password, password if isinstance(password, str) else None)
+        try:
+            # As in SQLAlchemy: connect_args override the URL's options.
+            self._dialect_args, self._connect_args = _split_connect_args({**url_options, **connect_args})
+            if pgbouncer:
+                _transaction_pooling(self._dialect_args, self._connect_args)
+        except ConfigurationError as exc:
+            raise ConfigurationError(redact(str(exc), *self._secrets)) from None
         # SQLAlchemy's URL only names the dialect and shows where we connect, in its logs: never a
         # password. The connections themselves come from _connect, with the full DSN.
         self._url = URL.create(
@@ -161,7 +242,7 @@ class Engine(OpenClose):
         # Closed is set from any thread and read everywhere; the rest is bridge-loop state.
         self._closed = False
         self._engine: AsyncEngine | None = None
-        self._scopes: set[_Scope] = set()
+        self._scopes: set[_Scope[Any]] = set()
         self._drained: asyncio.Event | None = None  # set when closing and the last scope ends
 
     # -- properties ---------------------------------------------------------------------------------
@@ -251,7 +332,19 @@ class Engine(OpenClose):
         """Dispose of the engine on the bridge loop. Session scopes still open may end within *timeout*
         seconds; those that do not are ended without committing (their owners get
         :class:`EngineClosedError`). Later use raises :class:`EngineClosedError`. Safe to call twice.
-        The bridge keeps running."""
+        The bridge keeps running.
+
+        :raises DeadlockError: if called on the bridge thread (await :meth:`aclose` there); the engine
+            is then left as it was, open.
+        """
+        # Before anything changes: marked closed but never disposed, the engine would refuse every
+        # caller while its pool kept its connections.
+        if self._bridge.in_bridge_thread():
+            raise DeadlockError(
+                f"Engine.close() was called on the bridge thread of {self._bridge.name!r}, where it would "
+                "wait forever for the loop that is running it; the engine is still open. On the bridge "
+                "loop, await engine.aclose() instead"
+            )
         if self._mark_closed():
             try:
                 self._bridge._run(
@@ -320,20 +413,34 @@ class Engine(OpenClose):
         if self._closed:
             raise EngineClosedError(f"{self!r} is closed; create a new Engine to keep working")
         # Registered at once, so that bridge close and fork know about it.
-        engine = create_async_engine(self._url, async_creator=self._connect, **self._engine_kwargs)
+        engine = create_async_engine(self._url, **self._engine_kwargs)
+        event.listen(engine.sync_engine, "do_connect", self._dbapi_connect)
         self._engine = engine
         self._bridge._register(self)
         logger.debug("%r: engine created", self)
         return engine
 
+    def _dbapi_connect(self, dialect: Dialect, record: object, cargs: object, cparams: object) -> Any:
+        """Each new pooled connection (SQLAlchemy's ``do_connect`` event, in its greenlet): the dialect's
+        adapter, with the dialect's own options, around the asyncpg connection :meth:`_connect` makes.
+        What ``async_creator`` cannot do: it passes the dialect no options."""
+        return dialect.loaded_dbapi.connect(async_creator_fn=self._connect, **self._dialect_args)
+
     async def _connect(self) -> asyncpg.Connection:
-        """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where."""
+        """Every new pooled connection: asyncpg's connect with the full DSN, failures made to say where
+        (and never with a password)."""
         try:
             return await asyncpg.connect(self._info.dsn, **self._connect_args)
         except Exception as exc:
-            raise ConnectError(connect_failure(self._info, exc, *self._secrets)) from exc
+            error = ConnectError(connect_failure(self._info, exc, *self._secrets))
+            if not _repeats_a_secret(exc, self._secrets):
+                raise error from exc
+        # The driver's own error repeats a password (one given to another option by mistake, say): raised
+        # out here, the ConnectError keeps it neither as its cause nor as its context, so no traceback
+        # shows it. The message has its type and its text, scrubbed.
+        raise error
 
-    def _forget_scope(self, scope: _Scope) -> None:
+    def _forget_scope(self, scope: _Scope[Any]) -> None:
         self._scopes.discard(scope)
         if self._drained is not None and not self._scopes:
             self._drained.set()
@@ -342,15 +449,25 @@ class Engine(OpenClose):
 _State = Literal["new", "open", "ended", "abandoned"]
 
 
-class _Scope:
+class _Scope(Generic[C]):
     """What the two session facades share: the ``AsyncSession`` that lives on the bridge loop, each of
     its I/O methods written once (as the coroutine that runs there), and the in-memory methods.
 
+    The facades have what an ORM user of ``AsyncSession`` reaches for. What they leave out is the
+    scope's own business (``begin()``: the scope is the transaction; ``close()``, ``reset()``,
+    ``invalidate()``: the scope ends the session) or would hand out objects that belong to the bridge
+    loop (``sync_session``, ``bind``, ``get_bind()``, ``identity_map``, ``get_transaction()``);
+    ``run_sync(fn)`` reaches all of it, with the real sync ``Session``.
+
     A scope is for one caller at a time, as a SQLAlchemy session is. Its calls are still serialized on
-    the bridge loop, so a call that is cancelled but still unwinding never overlaps the next one.
+    the bridge loop, so a call that is cancelled but still unwinding never overlaps the next one; and
+    the methods that need no database run in the caller's thread only while nothing holds the session on
+    the bridge (otherwise they wait their turn there), so the session is never used by two threads at
+    once.
     """
 
     _facade = "session"
+    _connection_class: type[C]
 
     def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
         self._engine = engine
@@ -359,8 +476,17 @@ class _Scope:
         self._state: _State = "new"
         # Bridge-loop state, created by _begin.
         self._session: AsyncSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task[Any] | None = None  # the call using the session now
+        self._streams: set[AsyncResult[Any] | AsyncScalarResult[Any]] = set()  # open cursors
+        # Which side holds the session, shared by the two threads (see _claim and _in_memory): the
+        # bridge (a call or the scope's end, under _lock) or the caller's thread (a method that needs
+        # no database). A caller that stopped waiting for a call may go on while it still unwinds.
+        self._guard = threading.Lock()
+        self._bridge_holds = 0
+        self._caller_holds = False
+        self._caller_left: asyncio.Event | None = None  # set when the caller's thread lets go
 
     @property
     def bridge(self) -> Bridge:
@@ -490,36 +616,241 @@ class _Scope:
         async with self._using() as session:
             return await session.run_sync(fn, *args, **kwargs)
 
-    # -- in memory: no I/O, so the caller's own thread does it --------------------------------------
+    async def _connection(
+        self,
+        /,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> C:
+        """The session's connection, in the scope's transaction, begun now if it was not yet: for Core
+        statements that bypass the ORM (no autoflush), and for connection-level execution options.
+
+        *execution_options* (``isolation_level="SERIALIZABLE"``, ...) apply only if the connection
+        is procured by this call, as in SQLAlchemy: call it first thing in the scope. The connection
+        object follows the scope's transaction; it is valid only inside the scope.
+        """
+        async with self._using() as session:
+            await session.connection(
+                bind_arguments=dict(bind_arguments) if bind_arguments is not None else None,
+                execution_options=dict(execution_options) if execution_options is not None else None,
+            )
+        return self._connection_class(self)
+
+    async def _stream(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        prefetch: int = DEFAULT_PREFETCH,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> StreamResult[Row[Any]]:
+        """Execute *statement* with a server-side cursor and return its rows as a :class:`StreamResult`
+        (``for row in ...`` / ``async for row in ...``), fetched *prefetch* at a time: memory stays
+        bounded whatever the number of rows. ORM statements load ``yield_per=prefetch`` objects at a
+        time. *kw*: ``execution_options``, ``bind_arguments``.
+
+        :raises ConfigurationError: if *prefetch* is not a positive integer.
+        """
+        return StreamResult(self, await self._open_stream(statement, params, prefetch, kw), prefetch)
+
+    async def _stream_scalars(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        prefetch: int = DEFAULT_PREFETCH,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> StreamResult[Any]:
+        """Like :meth:`stream`, yielding the first column of each row (ORM objects for
+        ``select(User)``)."""
+        result = await self._open_stream(statement, params, prefetch, kw, scalars=True)
+        return StreamResult(self, result, prefetch)
+
+    async def _open_stream(
+        self,
+        statement: Executable,
+        params: Params | None,
+        prefetch: int,
+        kw: dict[str, Any],
+        *,
+        scalars: bool = False,
+    ) -> AsyncResult[Any] | AsyncScalarResult[Any]:
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+            raise ConfigurationError(f"prefetch must be a positive number of rows, not {prefetch!r}")
+        # The ORM buffers every row of a result unless told yield_per; with it, both the ORM and the
+        # cursor hold about one batch.
+        options = {"yield_per": prefetch, **(kw.pop("execution_options", None) or {})}
+        async with self._using() as session:
+            rows = await session.stream(statement, params, execution_options=options, **kw)
+            result = rows.scalars() if scalars else rows
+            self._streams.add(result)
+        return result
+
+    async def _fetch_from(self, result: AsyncResult[Any] | AsyncScalarResult[Any], size: int) -> list[Any]:
+        """Up to *size* rows of an open stream; [] (and the cursor closed) at its end."""
+        async with self._using():
+            if result not in self._streams:
+                raise sqlalchemy.exc.ResourceClosedError(_STREAM_CLOSED)
+            rows = list(await result.fetchmany(size))
+            if not rows:
+                self._streams.discard(result)
+                await result.close()
+            return rows
+
+    async def _close_stream(self, result: AsyncResult[Any] | AsyncScalarResult[Any]) -> None:
+        """Close an open stream's cursor; nothing if it is closed already (the scope's end closes them)."""
+        if result not in self._streams or self._state != "open" or self._pid != os.getpid():
+            return
+        try:
+            async with self._using():
+                if result in self._streams:
+                    self._streams.discard(result)
+                    await result.close()
+        except Exception:
+            if self._state == "open":
+                raise
+            # The scope ended meanwhile, and its end closed the cursor.
+
+    async def _close_streams(self) -> None:
+        """At the scope's end: close the cursors still open, before the commit ends their transaction."""
+        streams, self._streams = list(self._streams), set()
+        for result in streams:
+            try:
+                await result.close()
+            except Exception as exc:  # the end's commit or rollback says what matters
+                logger.debug("%r: a stream's cursor did not close cleanly: %r", self, exc)
+
+    def begin_nested(self) -> Savepoint:
+        """A SAVEPOINT: ``with session.begin_nested():`` (sync) or ``async with session.begin_nested():``.
+
+        The block's end releases the savepoint (flushing first); an exception in the block rolls back
+        to it and propagates, and the scope goes on: catch it around the block to keep what came
+        before. Entering and leaving run on the bridge loop, in the scope's turn.
+        """
+        self._here()
+        return Savepoint(self)
+
+    # -- in memory: no I/O, so the caller's own thread does it (see _in_memory) ---------------------
 
     def add(self, instance: object) -> None:
         """Place *instance* in the session; it is inserted at the next flush, query or commit."""
-        self._here().add(instance)
+        self._in_memory("add", lambda session: session.add(instance))
 
     def add_all(self, instances: Iterable[object]) -> None:
         """:meth:`add` each of *instances*."""
-        self._here().add_all(instances)
+        self._in_memory("add_all", lambda session: session.add_all(instances))
 
     def expunge(self, instance: object) -> None:
         """Remove *instance* from the session (its pending changes are forgotten)."""
-        self._here().expunge(instance)
+        self._in_memory("expunge", lambda session: session.expunge(instance))
 
     def expire(self, instance: object, attribute_names: Iterable[str] | None = None) -> None:
         """Mark *instance*'s attributes as stale. Reading them later needs the database: do it inside
         :meth:`run_sync`, or :meth:`refresh` the object first (see :class:`LazyLoadError`)."""
-        self._here().expire(instance, attribute_names)
+        self._in_memory("expire", lambda session: session.expire(instance, attribute_names))
 
     def in_transaction(self) -> bool:
         """True if the session has begun a transaction (it does so at the first statement)."""
-        return self._here().in_transaction()
+        return self._in_memory("in_transaction", lambda session: session.in_transaction())
 
     def __contains__(self, instance: object) -> bool:
-        return instance in self._here()
+        return self._in_memory("__contains__", lambda session: instance in session)
+
+    def __iter__(self) -> Iterator[object]:
+        """The objects in the session (a snapshot: the pending ones and the identity map's)."""
+        return iter(self._in_memory("__iter__", lambda session: list(session)))
 
     @property
     def info(self) -> dict[Any, Any]:
         """The session's ``info`` dictionary, for your own use."""
-        return self._here().info
+        return self._in_memory("info", lambda session: session.info)
+
+    def expire_all(self) -> None:
+        """Mark every object in the session stale (see :meth:`expire`)."""
+        self._in_memory("expire_all", lambda session: session.expire_all())
+
+    def expunge_all(self) -> None:
+        """Remove every object from the session (their pending changes are forgotten)."""
+        self._in_memory("expunge_all", lambda session: session.expunge_all())
+
+    def is_modified(self, instance: object, include_collections: bool = True) -> bool:
+        """True if *instance* has changes the next flush would write (compares loaded attributes only,
+        as SQLAlchemy does: nothing is loaded)."""
+        return self._in_memory(
+            "is_modified", lambda session: session.is_modified(instance, include_collections)
+        )
+
+    def in_nested_transaction(self) -> bool:
+        """True inside a :meth:`begin_nested` block."""
+        return self._in_memory("in_nested_transaction", lambda session: session.in_nested_transaction())
+
+    @property
+    def new(self) -> IdentitySet:
+        """The objects added and not flushed yet."""
+        return self._in_memory("new", lambda session: session.new)
+
+    @property
+    def dirty(self) -> IdentitySet:
+        """The persistent objects with attributes changed since they were loaded or flushed (possibly
+        to equal values: :meth:`is_modified` tells)."""
+        return self._in_memory("dirty", lambda session: session.dirty)
+
+    @property
+    def deleted(self) -> IdentitySet:
+        """The objects marked deleted and not flushed yet."""
+        return self._in_memory("deleted", lambda session: session.deleted)
+
+    @property
+    def no_autoflush(self) -> AbstractContextManager[Self]:
+        """``with session.no_autoflush:``: no autoflush for the calls made in the block (a query that
+        must not see half-built objects, say)."""
+        return self._without_autoflush()
+
+    @contextmanager
+    def _without_autoflush(self) -> Iterator[Self]:
+        before = self._in_memory("no_autoflush", lambda session: _swap_autoflush(session, False))
+        try:
+            yield self
+        finally:
+            if self._state == "open":
+                self._in_memory("no_autoflush", lambda session: _swap_autoflush(session, before))
+
+    def _in_memory(self, name: str, op: Callable[[AsyncSession], R]) -> R:
+        """``op(session)`` for a method that needs no database: in the caller's thread, unless a call of
+        this scope still holds the session on the bridge loop (its caller was cancelled or timed out and
+        went on while it unwinds, or another task shares the scope). Then this waits for that call and
+        does *op* on the bridge loop, in turn: the session is never touched by two threads at once."""
+        session = self._here()
+        with self._guard:
+            free = self._bridge_holds == 0
+            if free:
+                self._caller_holds = True
+        if not free:
+            label = f"{type(self).__name__}.{name}()"
+            result: R = self.bridge._run(_Scope._in_turn, (self, op), None, None, label)
+            return result
+        try:
+            return op(session)
+        finally:
+            with self._guard:
+                self._caller_holds = False
+                left, self._caller_left = self._caller_left, None
+            if left is not None:  # the bridge side waits for us (see _claim)
+                assert self._loop is not None
+                try:
+                    self._loop.call_soon_threadsafe(left.set)
+                except RuntimeError:  # the bridge loop is closed, and the waiter with it
+                    pass
+
+    async def _in_turn(self, op: Callable[[AsyncSession], R]) -> R:
+        async with self._using() as session:
+            return op(session)
 
     # -- the scope ------------------------------------------------------------------------------------
 
@@ -533,6 +864,7 @@ class _Scope:
             )
         engine = self._engine._async_engine()
         self._session = AsyncSession(engine, sync_session_class=_HomeSession, **self._options)
+        self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._state = "open"
         self._engine._scopes.add(self)
@@ -555,20 +887,25 @@ class _Scope:
         assert self._lock is not None
         assert self._session is not None
         async with self._lock:
-            if self._state != "open":
-                if commit:
-                    raise self._unusable()
-                return  # the engine closed it: nothing left to roll back
-            session = self._session
-            self._state = "ended"
+            await self._claim()
             try:
-                if commit:
-                    await session.commit()
-            finally:
+                if self._state != "open":
+                    if commit:
+                        raise self._unusable()
+                    return  # the engine closed it: nothing left to roll back
+                session = self._session
+                self._state = "ended"
                 try:
-                    await session.close()  # rolls back whatever was not committed
+                    await self._close_streams()
+                    if commit:
+                        await session.commit()
                 finally:
-                    self._engine._forget_scope(self)
+                    try:
+                        await session.close()  # rolls back whatever was not committed
+                    finally:
+                        self._engine._forget_scope(self)
+            finally:
+                self._let_go()
 
     async def _abandon(self) -> None:
         """The engine is closing and this scope did not end in time: end it without committing."""
@@ -585,12 +922,21 @@ class _Scope:
         else:
             locked = True
         try:
+            await asyncio.wait_for(self._claim(), GRACE)
+        except (asyncio.TimeoutError, TimeoutError):  # the caller's thread is stuck in a method
+            claimed = False
+        else:
+            claimed = True
+        try:
             # Unless its owner's own end got there first (then it ends as the owner asked).
             if self._state == "abandoned" and self._session is not None:
+                self._streams = set()  # their cursors go with the connection
                 await self._session.invalidate()  # the server rolls back; the connection is discarded
         except Exception:
             logger.exception("%r: error while ending an abandoned session", self._engine)
         finally:
+            if claimed:
+                self._let_go()
             if locked:
                 self._lock.release()
             self._engine._forget_scope(self)
@@ -604,13 +950,34 @@ class _Scope:
             session = self._here()
             self._task = asyncio.current_task()
             try:
-                yield session
+                await self._claim()
+                try:
+                    yield session
+                finally:
+                    self._let_go()
             except asyncio.CancelledError:
                 if self._state == "abandoned":  # cancelled by Engine.close(): say so, not "cancelled"
                     raise self._unusable() from None
                 raise
             finally:
                 self._task = None
+
+    async def _claim(self) -> None:
+        """Take the session for the bridge side (under _lock), once the caller's thread has let go of it
+        (a method that needs no database, in progress there: see _in_memory)."""
+        while True:
+            with self._guard:
+                if not self._caller_holds:
+                    self._bridge_holds += 1
+                    return
+                if self._caller_left is None:
+                    self._caller_left = asyncio.Event()
+                left = self._caller_left
+            await left.wait()
+
+    def _let_go(self) -> None:
+        with self._guard:
+            self._bridge_holds -= 1
 
     def _here(self) -> AsyncSession:
         """The session, if this scope may use it now; any thread."""
@@ -669,6 +1036,286 @@ class _Scope:
         logger.warning("%r: could not roll back cleanly while handling an error: %s", self, exc)
 
 
+class _ScopeConnection:
+    """What the two connection facades share: the session's connection, in the scope's transaction,
+    each call made in the scope's turn on the bridge loop (see ``_Scope._connection``)."""
+
+    def __init__(self, scope: _Scope[Any]) -> None:
+        self._scope = scope
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._scope.bridge
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self._scope!r}>"
+
+    async def _execute(
+        self,
+        /,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> AnyResult:
+        """Execute a Core statement on the session's connection, in its transaction, without the ORM
+        (no autoflush); return its buffered ``Result``. *kw*: ``execution_options``."""
+        async with self._scope._using() as session:
+            connection = await session.connection()
+            return await connection.execute(statement, params, **kw)
+
+    async def _scalar(
+        self,
+        /,
+        statement: Executable,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Execute *statement* and return the first column of its first row, or None."""
+        async with self._scope._using() as session:
+            connection = await session.connection()
+            return await connection.scalar(statement, params, **kw)
+
+    async def _scalars(
+        self,
+        /,
+        statement: Executable,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> ScalarResult[Any]:
+        """Execute *statement* and return its first column as a buffered ``ScalarResult``."""
+        async with self._scope._using() as session:
+            connection = await session.connection()
+            return await connection.scalars(statement, params, **kw)
+
+    async def _exec_driver_sql(
+        self,
+        /,
+        statement: str,
+        parameters: Any = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> AnyResult:
+        """Execute a SQL string as the driver takes it (asyncpg's ``$1`` placeholders), on the session's
+        connection."""
+        async with self._scope._using() as session:
+            connection = await session.connection()
+            return await connection.exec_driver_sql(statement, parameters, **kw)
+
+    async def _run_sync(
+        self, /, fn: Callable[..., R], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Call ``fn(connection, *args, **kwargs)`` with the sync-style ``sqlalchemy.Connection`` of the
+        session, in its transaction, on the bridge loop (sync Core code, ``metadata.create_all``,
+        ``pandas.DataFrame.to_sql``, ...). The connection is only valid inside *fn*."""
+        _check_sync_fn(fn, f"{type(self).__name__}.run_sync()", "connection")
+        async with self._scope._using() as session:
+            connection = await session.connection()
+            return await connection.run_sync(fn, *args, **kwargs)
+
+
+_CONNECTIONS = ("BridgedConnection", "AsyncBridgedConnection")
+_c_execute = twins(_ScopeConnection._execute, owners=_CONNECTIONS)
+_c_scalar = twins(_ScopeConnection._scalar, owners=_CONNECTIONS)
+_c_scalars = twins(_ScopeConnection._scalars, owners=_CONNECTIONS)
+_c_exec_driver_sql = twins(_ScopeConnection._exec_driver_sql, owners=_CONNECTIONS)
+_c_run_sync = twins(_ScopeConnection._run_sync, owners=_CONNECTIONS)
+
+
+class BridgedConnection(_ScopeConnection):
+    """``session.connection()`` of a :class:`BridgedSession`: the session's connection, in the scope's
+    transaction. ``execute``, ``scalar``, ``scalars``, ``exec_driver_sql`` and ``run_sync`` block the
+    calling thread while they run on the bridge loop. Valid only inside the scope."""
+
+    execute = _c_execute[0]
+    scalar = _c_scalar[0]
+    scalars = _c_scalars[0]
+    exec_driver_sql = _c_exec_driver_sql[0]
+    run_sync = _c_run_sync[0]
+
+
+class AsyncBridgedConnection(_ScopeConnection):
+    """``await session.connection()`` of an :class:`AsyncBridgedSession`: the session's connection, in
+    the scope's transaction. ``execute``, ``scalar``, ``scalars``, ``exec_driver_sql`` and ``run_sync``
+    are awaited, from any loop, and run on the bridge loop. Valid only inside the scope."""
+
+    execute = _c_execute[1]
+    scalar = _c_scalar[1]
+    scalars = _c_scalars[1]
+    exec_driver_sql = _c_exec_driver_sql[1]
+    run_sync = _c_run_sync[1]
+
+
+class Savepoint:
+    """``session.begin_nested()``: a SAVEPOINT for ``with`` (sync session) or ``async with`` (async
+    session). Leaving the block normally releases it (after a flush); an exception rolls back to it and
+    propagates. The scope's own transaction goes on either way. Entered once."""
+
+    def __init__(self, scope: _Scope[Any]) -> None:
+        self._scope = scope
+        self._entered = False
+        self._transaction: AsyncSessionTransaction | None = None  # on the bridge loop
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._scope.bridge
+
+    def __repr__(self) -> str:
+        state = "active" if self._transaction is not None else "ended" if self._entered else "new"
+        return f"<Savepoint of {self._scope!r}, {state}>"
+
+    async def _begin(self, owner: Owner) -> Self:
+        if self._entered:
+            raise sqlalchemy.exc.InvalidRequestError(
+                "this savepoint was already used: call session.begin_nested() again for a new one"
+            )
+        self._entered = True
+        async with self._scope._using() as session:
+            self._transaction = await session.begin_nested()
+        return self
+
+    async def _end(self, error: BaseException | None) -> None:
+        transaction, self._transaction = self._transaction, None
+        if transaction is None:  # it never began
+            return
+        if self._scope._state != "open" and error is not None:
+            return  # the scope ended under it (the engine closed): the block's error says enough
+        async with self._scope._using():
+            # SQLAlchemy's own end of a nested block: release, or roll back to the savepoint (also when
+            # the release fails), and nothing if the block already ended it.
+            await transaction.__aexit__(
+                type(error) if error is not None else None,
+                error,
+                error.__traceback__ if error is not None else None,
+            )
+
+    __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_begin, _end)
+
+
+class StreamResult(Generic[T]):
+    """The rows of ``session.stream(...)`` (``Row`` objects) or ``session.stream_scalars(...)`` (the
+    first column: ORM objects for ``select(User)``): ``for row in result`` in sync code, ``async for
+    row in result`` in async code, on any loop.
+
+    Rows come from a server-side cursor on the bridge loop, *prefetch* at a time: about one batch is
+    in your hands and one on the bridge, whatever the size of the result. The cursor lives in the
+    scope's transaction, and other calls of the scope may run between batches. Stopping early (``break``,
+    an exception) closes the cursor when the object is garbage collected; ``with``/``async with`` or
+    ``close()``/``aclose()`` close it at once; the scope's end closes any still open.
+
+    :raises sqlalchemy.exc.ResourceClosedError: when iterated after :meth:`close`.
+    """
+
+    def __init__(
+        self, scope: _Scope[Any], result: AsyncResult[Any] | AsyncScalarResult[Any], prefetch: int
+    ) -> None:
+        self._scope = scope
+        self._result = result  # on the bridge loop only
+        self._prefetch = prefetch
+        self._batch: list[T] = []
+        self._index = 0
+        self._exhausted = False
+        self._closed = False
+        # Dropped unfinished: close the cursor on the bridge loop, without anyone waiting.
+        self._closer = weakref.finalize(self, _close_dropped_stream, scope, result)
+        self._closer.atexit = False
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._scope.bridge
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "exhausted" if self._exhausted else "open"
+        return f"<StreamResult of {self._scope!r}, prefetch={self._prefetch}, {state}>"
+
+    async def _fetchmany(self, size: int | None = None, *, timeout: float | None = None) -> list[T]:
+        """The next *size* rows (default: *prefetch*); fewer, then ``[]``, at the end."""
+        return await self._scope._fetch_from(self._result, size or self._prefetch)
+
+    async def _close(self, *, timeout: float | None = None) -> None:
+        """Close the stream now, dropping the rows not read yet; the scope goes on. Safe to call twice.
+        (As with SQLAlchemy's own ``stream()``, the server keeps the cursor's portal until the scope's
+        transaction ends.)"""
+        # Its caller waits for this (or, from the finalizer, is gone): no one else reads these now.
+        self._closed = True
+        self._batch, self._index = [], 0
+        self._closer.detach()
+        await self._scope._close_stream(self._result)
+
+    fetchmany, afetchmany = twins(_fetchmany)
+    close, aclose = twins(_close)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> T:
+        if self._index >= len(self._batch):
+            if self._exhausted:
+                raise StopIteration
+            self._check_open()
+            self._take(self.fetchmany())
+            if self._exhausted:
+                raise StopIteration
+        row = self._batch[self._index]
+        self._index += 1
+        return row
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._index >= len(self._batch):
+            if self._exhausted:
+                raise StopAsyncIteration
+            self._check_open()
+            self._take(await self.afetchmany())
+            if self._exhausted:
+                raise StopAsyncIteration
+        row = self._batch[self._index]
+        self._index += 1
+        return row
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise sqlalchemy.exc.ResourceClosedError(_STREAM_CLOSED)
+
+    def _take(self, rows: list[T]) -> None:
+        self._batch, self._index = rows, 0
+        if not rows:  # the bridge side closed the cursor at the end
+            self._exhausted = True
+            self._closer.detach()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _close_dropped_stream(scope: _Scope[Any], result: AsyncResult[Any] | AsyncScalarResult[Any]) -> None:
+    """A :class:`StreamResult` was garbage collected with its cursor open (``break``, an exception):
+    close the cursor on the bridge loop, in the scope's turn; nobody waits (this may run in any thread,
+    the bridge's too)."""
+    if scope._state != "open" or scope._pid != os.getpid():
+        return  # the scope's end closed it, or it is the parent process's
+    try:
+        scope.bridge.submit(_Scope._close_stream, scope, result)
+    except BridgeClosedError:  # the bridge closed, and the connection with it
+        pass
+
+
 _OWNERS = ("BridgedSession", "AsyncBridgedSession")
 _execute = twins(_Scope._execute, owners=_OWNERS)
 _scalar = twins(_Scope._scalar, owners=_OWNERS)
@@ -682,16 +1329,22 @@ _flush = twins(_Scope._flush, owners=_OWNERS)
 _commit = twins(_Scope._commit, owners=_OWNERS)
 _rollback = twins(_Scope._rollback, owners=_OWNERS)
 _run_sync = twins(_Scope._run_sync, owners=_OWNERS)
+_connection = twins(_Scope._connection, owners=_OWNERS)
+_stream = twins(_Scope._stream, owners=_OWNERS)
+_stream_scalars = twins(_Scope._stream_scalars, owners=_OWNERS)
 
 
-class BridgedSession(_Scope):
+class BridgedSession(_Scope[BridgedConnection]):
     """The session of ``with engine.session() as session:``, for sync code.
 
-    It reads like SQLAlchemy's ``Session``: ``execute``, ``scalar``, ``scalars``, ``get``, ``get_one``,
-    ``add``, ``add_all``, ``delete``, ``merge``, ``flush``, ``refresh``, ``expire``, ``expunge``,
-    ``commit``, ``rollback``, and ``run_sync`` for code that needs the real sync ``Session``. Each call
-    that needs the database blocks the calling thread while it runs on the bridge loop. Ending the block
-    commits; an exception rolls back.
+    It reads like SQLAlchemy's ``Session``. These need the database and block the calling thread while
+    they run on the bridge loop: ``execute``, ``scalar``, ``scalars``, ``get``, ``get_one``, ``delete``,
+    ``merge``, ``flush``, ``refresh``, ``commit``, ``rollback``, ``connection``, ``stream``,
+    ``stream_scalars``, ``with session.begin_nested():``, and ``run_sync`` for code that needs the real
+    sync ``Session`` (it reaches everything else). These are plain calls: ``add``, ``add_all``,
+    ``expire``, ``expire_all``, ``expunge``, ``expunge_all``, ``is_modified``, ``in_transaction``,
+    ``in_nested_transaction``, ``new``, ``dirty``, ``deleted``, ``info``, ``no_autoflush``. Ending the
+    block commits; an exception rolls back.
 
     :raises EngineClosedError: if the engine is (or gets) closed.
     :raises LazyLoadError: if an object of the session loads from the database outside the bridge loop.
@@ -699,6 +1352,7 @@ class BridgedSession(_Scope):
     """
 
     _facade = "session"
+    _connection_class = BridgedConnection
 
     execute = _execute[0]
     scalar = _scalar[0]
@@ -712,6 +1366,9 @@ class BridgedSession(_Scope):
     commit = _commit[0]
     rollback = _rollback[0]
     run_sync = _run_sync[0]
+    connection = _connection[0]
+    stream = _stream[0]
+    stream_scalars = _stream_scalars[0]
 
     def __enter__(self) -> Self:
         try:
@@ -735,14 +1392,17 @@ class BridgedSession(_Scope):
             self._exit_failed(failure)
 
 
-class AsyncBridgedSession(_Scope):
+class AsyncBridgedSession(_Scope[AsyncBridgedConnection]):
     """The session of ``async with engine.asession() as session:``, for async code on any loop.
 
-    It reads like SQLAlchemy's ``AsyncSession``: ``await session.execute(...)``, ``scalar``, ``scalars``,
-    ``get``, ``get_one``, ``delete``, ``merge``, ``flush``, ``refresh``, ``commit``, ``rollback`` and
-    ``run_sync`` are awaited and run on the bridge loop (cancelling the awaiting task cancels the work
-    there); ``add``, ``add_all``, ``expire`` and ``expunge`` are plain calls. Ending the block commits;
-    an exception (cancellation included) rolls back.
+    It reads like SQLAlchemy's ``AsyncSession``. These are awaited and run on the bridge loop (cancelling
+    the awaiting task cancels the work there): ``await session.execute(...)``, ``scalar``, ``scalars``,
+    ``get``, ``get_one``, ``delete``, ``merge``, ``flush``, ``refresh``, ``commit``, ``rollback``,
+    ``connection``, ``stream``, ``stream_scalars``, ``async with session.begin_nested():``, and
+    ``run_sync`` (it reaches everything else, with the real sync ``Session``). These are plain calls:
+    ``add``, ``add_all``, ``expire``, ``expire_all``, ``expunge``, ``expunge_all``, ``is_modified``,
+    ``in_transaction``, ``in_nested_transaction``, ``new``, ``dirty``, ``deleted``, ``info``,
+    ``no_autoflush``. Ending the block commits; an exception (cancellation included) rolls back.
 
     :raises EngineClosedError: if the engine is (or gets) closed.
     :raises LazyLoadError: if an object of the session loads from the database outside the bridge loop.
@@ -750,6 +1410,7 @@ class AsyncBridgedSession(_Scope):
     """
 
     _facade = "asession"
+    _connection_class = AsyncBridgedConnection
 
     execute = _execute[1]
     scalar = _scalar[1]
@@ -763,6 +1424,9 @@ class AsyncBridgedSession(_Scope):
     commit = _commit[1]
     rollback = _rollback[1]
     run_sync = _run_sync[1]
+    connection = _connection[1]
+    stream = _stream[1]
+    stream_scalars = _stream_scalars[1]
 
     async def __aenter__(self) -> Self:
         try:
@@ -813,7 +1477,8 @@ class _HomeSession(Session):
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _parse_url(url: str) -> DsnInfo:
+def _normalize_url(url: str) -> str:
+    """*url* for asyncpg, checked (parse_dsn refuses what asyncpg cannot read)."""
     scheme = url.partition("://")[0].lower()
     dialect, plus, driver = scheme.partition("+")
     if plus and dialect in ("postgresql", "postgres") and driver != "asyncpg":
@@ -821,7 +1486,113 @@ def _parse_url(url: str) -> DsnInfo:
             f"Engine runs SQLAlchemy's asyncpg dialect on the bridge loop, not {driver!r}: write the URL as "
             "'postgresql+asyncpg://user:password@host:5432/dbname' (or 'postgresql://...')"
         )
-    return parse_dsn(f"postgresql{url[len(scheme) :]}" if scheme == "postgres+asyncpg" else url)
+    return parse_dsn(f"postgresql{url[len(scheme) :]}" if scheme == "postgres+asyncpg" else url).dsn
+
+
+def _lift_url_options(dsn: str) -> tuple[str, dict[str, Any]]:
+    """Take the query options that SQLAlchemy's asyncpg dialect reads as keywords (``_URL_OPTIONS``) out
+    of *dsn*, as keywords of their type; the rest of the URL stays as it was, for asyncpg.
+
+    :raises ConfigurationError: for a value of the wrong type, or ``prepared_statement_name_func``
+        (a function, which a URL cannot hold).
+    """
+    base, question, rest = dsn.partition("?")
+    if not question:
+        return dsn, {}
+    query, hash_, fragment = rest.partition("#")
+    kept: list[str] = []
+    lifted: dict[str, Any] = {}
+    for item in query.split("&"):
+        key, _, raw = item.partition("=")
+        name = unquote_plus(key)
+        if name == "prepared_statement_name_func":
+            raise ConfigurationError(
+                "prepared_statement_name_func is a function, which a URL cannot hold: pass it as "
+                "connect_args={'prepared_statement_name_func': ...}"
+            )
+        convert = _URL_OPTIONS.get(name)
+        if convert is None:
+            kept.append(item)
+            continue
+        value = unquote_plus(raw)
+        try:
+            lifted[name] = convert(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"URL option {name}={value!r} is not a{'n integer' if convert is int else ' number'}"
+            ) from None
+    query = "&".join(kept)
+    return f"{base}{'?' if query else ''}{query}{hash_}{fragment}", lifted
+
+
+def _split_connect_args(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split connect options into the dialect's (for its connection adapter) and asyncpg.connect's.
+
+    :raises ConfigurationError: for an unknown option, or a dialect option of the wrong type.
+    """
+    dialect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in _DIALECT_OPTIONS:
+            dialect_args[name] = value
+        elif name in _CONNECT_OPTIONS:
+            connect_args[name] = value
+        elif name == "loop":
+            raise ConfigurationError(
+                "connect_args cannot take 'loop': connections are made on the bridge loop"
+            )
+        else:
+            close = difflib.get_close_matches(name, _DIALECT_OPTIONS | _CONNECT_OPTIONS, n=1)
+            raise ConfigurationError(
+                f"unknown connect option {name!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+                "(connect_args take SQLAlchemy's asyncpg dialect options, prepared_statement_cache_size and "
+                "prepared_statement_name_func, and asyncpg.connect's keywords)"
+            )
+    cache = dialect_args.get("prepared_statement_cache_size", 0)
+    if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+        raise ConfigurationError(
+            f"prepared_statement_cache_size must be a number of statements (0 turns the cache off), "
+            f"not {cache!r}"
+        )
+    name_func = dialect_args.get("prepared_statement_name_func")
+    if name_func is not None and not callable(name_func):
+        raise ConfigurationError(
+            "prepared_statement_name_func must be a function returning a statement name, such as "
+            f"lambda: f'__asyncpg_{{uuid.uuid4()}}__', not {type(name_func).__name__}"
+        )
+    return dialect_args, connect_args
+
+
+def _transaction_pooling(dialect_args: dict[str, Any], connect_args: dict[str, Any]) -> None:
+    """Adjust the options for PgBouncer in transaction pooling mode (``pgbouncer=True``), in place.
+
+    There a server connection is lent for one transaction, so a prepared statement must not outlive its
+    execution: no statement cache in SQLAlchemy's adapter nor in asyncpg. SQLAlchemy's dialect then
+    prepares each statement anew, and asyncpg (>= 0.31, with its cache off) keeps it unnamed and parses
+    it again with its execution, in one exchange: that works inside and outside a transaction
+    (autocommit) and leaves nothing on the servers. Older asyncpg names every prepared statement, so
+    names are made unique instead (SQLAlchemy's documented recipe; it still needs a transaction).
+
+    :raises ConfigurationError: if the options ask for a statement cache.
+    """
+    for name, options in (
+        ("statement_cache_size", connect_args),
+        ("prepared_statement_cache_size", dialect_args),
+    ):
+        value = options.get(name, 0)
+        if value != 0:
+            raise ConfigurationError(
+                f"pgbouncer=True turns the prepared statement caches off, but {name}={value!r} was given: "
+                "cached statements do not survive transaction pooling. Drop "
+                f"{name} (or pgbouncer=True if the pooler runs in session mode)"
+            )
+        options[name] = 0
+    if not _UNNAMED_PREPARE:
+        dialect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4()}__"
 
 
 def _check_engine_options(url: URL, options: dict[str, Any]) -> None:
@@ -862,6 +1633,25 @@ def _check_sync_fn(fn: object, label: str, first: str) -> None:
             f"incorrect: {label.replace('()', f'({_name(fn)})')}; correct: define it with 'def', "
             "or await the async API directly"
         )
+
+
+def _repeats_a_secret(exc: BaseException, secrets: Iterable[str | None]) -> bool:
+    """Does *exc*, or an exception it chains, show one of *secrets* in its message or repr?"""
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        shown = f"{chained}\n{chained!r}"
+        if any(secret and secret in shown for secret in secrets):
+            return True
+        chained = chained.__cause__ or chained.__context__
+    return False
+
+
+def _swap_autoflush(session: AsyncSession, autoflush: bool) -> bool:
+    before = session.sync_session.autoflush
+    session.sync_session.autoflush = autoflush
+    return before
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

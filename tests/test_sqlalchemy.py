@@ -14,16 +14,29 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import asyncpg
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import Connection, ForeignKey, Table, column, insert, make_url, select, table, text
+from sqlalchemy import Connection, ForeignKey, Table, column, event, insert, make_url, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import await_only
 
 from loopbridge import (
     Bridge,
@@ -32,17 +45,24 @@ from loopbridge import (
     ConfigurationError,
     ConnectError,
     DatabaseClosedError,
+    DeadlockError,
     LoopBridgeError,
 )
 from loopbridge.sqlalchemy import (
+    AsyncBridgedConnection,
     AsyncBridgedSession,
+    BridgedConnection,
     BridgedSession,
     Engine,
     EngineClosedError,
     LazyLoadError,
+    Savepoint,
+    StreamResult,
 )
+from tests.pgbouncer import PgBouncer
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
+from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script, with_query
+from tests.test_pgbouncer import _need_pgbouncer
 
 T = TypeVar("T")
 
@@ -112,32 +132,88 @@ def in_session(
     return run_loop(inside_a_running_loop)
 
 
-# What AsyncBridgedSession awaits; everything else is a plain call on both sessions.
+# What AsyncBridgedSession (and AsyncBridgedConnection) await; everything else is a plain call.
 _AWAITED = {
     "execute", "scalar", "scalars", "get", "get_one", "merge", "delete", "refresh", "flush", "commit",
-    "rollback", "run_sync",
+    "rollback", "run_sync", "connection", "stream", "stream_scalars",
 }  # fmt: skip
+_AWAITED_ON_CONNECTIONS = {"execute", "scalar", "scalars", "exec_driver_sql", "run_sync"}
 
 
 class _Blocking:
-    """A BridgedSession seen through AsyncBridgedSession's interface: each blocking call wrapped in a
-    coroutine that never suspends."""
+    """A BridgedSession (or BridgedConnection) seen through the async facade's interface: each blocking
+    call wrapped in a coroutine that never suspends, and what it returns seen the same way."""
 
-    def __init__(self, session: BridgedSession) -> None:
-        self._session = session
+    def __init__(self, target: BridgedSession | BridgedConnection, awaited: set[str] = _AWAITED) -> None:
+        self._target = target
+        self._awaited = awaited
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._session, name)
-        if name not in _AWAITED:
+        method = getattr(self._target, name)
+        if name == "begin_nested":
+            return lambda: _BlockingContext(method())
+        if name not in self._awaited:
             return method
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
+            if isinstance(result, BridgedConnection):
+                return _Blocking(result, _AWAITED_ON_CONNECTIONS)
+            if isinstance(result, StreamResult):
+                return _BlockingStream(result)
+            return result
 
         return call
 
     def __contains__(self, instance: object) -> bool:
-        return instance in self._session
+        return instance in self._target  # type: ignore[operator]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._target)  # type: ignore[arg-type]
+
+
+class _BlockingContext:
+    """``async with`` over a context manager whose enter and exit block."""
+
+    def __init__(self, context: Savepoint) -> None:
+        self._context = context
+
+    async def __aenter__(self) -> Any:
+        return self._context.__enter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._context.__exit__(*exc_info)
+
+
+class _BlockingStream:
+    """A StreamResult read with ``for`` and ``close()``, seen through ``async for`` and ``aclose()``."""
+
+    def __init__(self, stream: StreamResult[Any]) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __repr__(self) -> str:
+        return repr(self._stream)
+
+    def __aiter__(self) -> _BlockingStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._stream)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._stream.close()
+
+    async def __aenter__(self) -> _BlockingStream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._stream.close()
 
 
 def _drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -302,6 +378,258 @@ class TestEngine:
             _ = engine.run_sync(create)
 
 
+class TestConnectOptions:
+    """SQLAlchemy's asyncpg dialect options and asyncpg.connect's, from the URL and from connect_args, as
+    with create_async_engine (regression, audit of issue 7: the dialect's options never reached it)."""
+
+    @pytest.mark.parametrize("where", ["url", "connect_args"])
+    def test_the_dialects_and_asyncpgs_options_reach_every_connection(
+        self, dsn: str, bridge: Bridge, where: str
+    ) -> None:
+        options = {"prepared_statement_cache_size": 0, "statement_cache_size": 0, "command_timeout": 0.5}
+        server_settings = {"server_settings": {"statement_timeout": "12345"}}
+        if where == "url":
+            url = with_query(dsn, **{name: str(value) for name, value in options.items()})
+            engine = Engine(url, bridge=bridge, pool_size=1, connect_args=server_settings)
+        else:
+            engine = Engine(dsn, bridge=bridge, pool_size=1, connect_args={**options, **server_settings})
+        control = Engine(dsn, bridge=bridge, pool_size=1)
+        prepared = text("SELECT count(*) FROM pg_prepared_statements")
+        try:
+            for each in (engine, control):
+                with each.session() as session:
+                    for n in range(3):
+                        assert session.scalar(text("SELECT CAST(:n AS int)"), {"n": n}) == n
+                    left = session.scalar(prepared)
+                    if each is control:  # SQLAlchemy's and asyncpg's caches keep named statements...
+                        assert left > 0
+                    else:  # ... and with both turned off nothing outlives its execution
+                        assert left == 0
+                        assert session.scalar(text("SHOW statement_timeout")) == "12345ms"
+            with pytest.raises(TimeoutError), engine.session() as session:
+                session.execute(text("SELECT pg_sleep(10)"))  # command_timeout
+        finally:
+            engine.close()
+            control.close()
+
+    def test_prepared_statement_name_func_names_the_dialects_statements(
+        self, dsn: str, bridge: Bridge
+    ) -> None:
+        names: list[str] = []
+
+        def name_func() -> str:
+            names.append(f"__lb_{uuid.uuid4().hex}__")
+            return names[-1]
+
+        with (
+            Engine(
+                dsn, bridge=bridge, pool_size=1, connect_args={"prepared_statement_name_func": name_func}
+            ) as engine,
+            engine.session() as session,
+        ):
+            assert session.scalar(text("SELECT CAST(:n AS int)"), {"n": 7}) == 7
+            statements = session.scalars(text("SELECT name FROM pg_prepared_statements")).all()
+        assert names
+        assert set(names) <= set(statements)
+
+    @pytest.mark.parametrize(
+        ("url_query", "connect_args", "message"),
+        [
+            ("", {"prepared_statement_cache_sise": 0}, "did you mean 'prepared_statement_cache_size'"),
+            ("", {"statment_cache_size": 0}, "did you mean 'statement_cache_size'"),
+            ("", {"loop": None}, "made on the bridge loop"),
+            ("", {"prepared_statement_cache_size": -1}, "must be a number of statements"),
+            ("", {"prepared_statement_name_func": "__mine__"}, "must be a function"),
+            ("?prepared_statement_cache_size=none", {}, "is not an integer"),
+            ("?command_timeout=soon", {}, "is not a number"),
+            ("?prepared_statement_name_func=x", {}, "a URL cannot hold"),
+        ],
+    )
+    def test_unknown_or_malformed_connect_options_are_refused_at_construction(
+        self, url_query: str, connect_args: dict[str, Any], message: str
+    ) -> None:
+        with pytest.raises(ConfigurationError, match=message) as info:
+            Engine(f"postgresql://app:hunter2@db.invalid/app{url_query}", connect_args=connect_args)
+        assert "hunter2" not in str(info.value)
+
+    def test_pgbouncer_true_refuses_a_statement_cache(self) -> None:
+        for connect_args in ({"statement_cache_size": 100}, {"prepared_statement_cache_size": 100}):
+            with pytest.raises(ConfigurationError, match="cached statements do not survive"):
+                Engine("postgresql://app@db.invalid/app", pgbouncer=True, connect_args=connect_args)
+        with pytest.raises(ConfigurationError, match="prepared_statement_cache_size=50"):
+            Engine("postgresql://app@db.invalid/app?prepared_statement_cache_size=50", pgbouncer=True)
+
+
+def admin_execute(dsn: str, command: str) -> None:
+    """A command that cannot run in a transaction (CREATE/DROP DATABASE), over a connection of its own."""
+
+    async def go() -> None:
+        con = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await con.execute(command)
+        finally:
+            await con.close()
+
+    run_loop(go)
+
+
+@pytest.fixture
+def bounced_dsn(cluster: PrivateCluster) -> Iterator[str]:
+    """A database of the test's own on the private cluster, reached through a PgBouncer of its own in
+    transaction pooling mode with 2 server connections (so which server serves whom is known)."""
+    _need_pgbouncer()
+    database = f"lbsa_{uuid.uuid4().hex[:12]}"
+    admin_execute(cluster.dsn(), f"CREATE DATABASE {database}")
+    bouncer = PgBouncer(cluster, pool_size=2)
+    try:
+        bouncer.start()
+        yield bouncer.dsn(database=database)
+    finally:
+        bouncer.destroy()
+        admin_execute(cluster.dsn(), f"DROP DATABASE {database} WITH (FORCE)")
+
+
+async def autocommit_value(async_engine: AsyncEngine, n: int) -> int:
+    """A statement outside any transaction: prepared and executed in separate exchanges, each of which
+    PgBouncer may send to another server connection."""
+    async with async_engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return int((await autocommit.execute(text("SELECT CAST(:n AS int)"), {"n": n})).scalar_one())
+
+
+class TestPgBouncer:
+    """Engine(pgbouncer=True) behind a real PgBouncer in transaction pooling mode."""
+
+    def hold_a_transaction(self, engine: Engine) -> tuple[threading.Thread, threading.Event]:
+        """A scope of *engine* holding a transaction, so PgBouncer pins the server connection it ran on
+        last (the most recently used) to it; set the event to end it."""
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with engine.session() as session:
+                session.execute(text("SELECT 1"))
+                holding.set()
+                release.wait(WAIT)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(WAIT)
+        return holder, release
+
+    def test_without_the_option_sqlalchemys_cached_statements_break(self, bounced_dsn: str) -> None:
+        """The control: this PgBouncer really pools by transaction, so SQLAlchemy's statement cache fails."""
+        with Bridge("sa-pgb-control") as bridge:
+            first = Engine(bounced_dsn, bridge=bridge, pool_size=1, max_overflow=0)
+            second = Engine(bounced_dsn, bridge=bridge, pool_size=1, max_overflow=0)
+            query = text("SELECT CAST(:n AS int)")
+            with first.session() as session:
+                assert session.scalar(query, {"n": 1}) == 1  # prepared, named, on server connection S1
+            holder, release = self.hold_a_transaction(second)  # pins S1
+            try:
+                with (
+                    pytest.raises(sqlalchemy.exc.DBAPIError, match="does not exist"),
+                    first.session() as session,
+                ):
+                    session.scalar(query, {"n": 2})  # on S2, where that statement was never prepared
+            finally:
+                release.set()
+                holder.join(WAIT)
+
+    def test_with_pgbouncer_true_the_same_sequence_works_in_and_out_of_transactions(
+        self, bounced_dsn: str
+    ) -> None:
+        with Bridge("sa-pgb-option") as bridge:
+            first = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=1, max_overflow=0)
+            second = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=1, max_overflow=0)
+            first.run_sync(Base.metadata.create_all)
+            query = text("SELECT CAST(:n AS int)")
+            with first.session() as session:
+                assert session.scalar(query, {"n": 1}) == 1
+                session.add_all([User(name=f"user-{n}") for n in range(30)])
+            assert first.run(autocommit_value, 1) == 1
+            holder, release = self.hold_a_transaction(second)
+            try:
+                with first.session() as session:
+                    assert session.scalar(query, {"n": 2}) == 2
+                    streamed = list(session.stream_scalars(select(User.name), prefetch=7))
+                assert len(streamed) == 30
+                assert [first.run(autocommit_value, n) for n in range(3, 6)] == [3, 4, 5]
+            finally:
+                release.set()
+                holder.join(WAIT)
+
+    def test_every_kind_of_caller_shares_one_engine_and_nothing_is_left_on_the_servers(
+        self, bounced_dsn: str, cluster: PrivateCluster
+    ) -> None:
+        per_caller = 10
+        errors: list[BaseException] = []
+        with Bridge("sa-pgb-load") as bridge:
+            # More client connections (6) than PgBouncer's server connections (2).
+            engine = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=6, max_overflow=0)
+            engine.run_sync(Base.metadata.create_all)
+
+            def view(i: int) -> None:
+                for n in range(per_caller):
+                    with engine.session() as session:
+                        session.add(User(name=f"view-{i}-{n}", addresses=[Address(email=f"{i}-{n}@v")]))
+                        session.flush()
+                        found = session.scalars(
+                            select(User)
+                            .options(selectinload(User.addresses))
+                            .where(User.name == f"view-{i}-{n}")
+                        ).one()
+                        assert found.addresses[0].email == f"{i}-{n}@v"
+                    assert engine.run(autocommit_value, n) == n
+
+            def loop(i: int) -> None:
+                async def task(t: int) -> None:
+                    for n in range(per_caller):
+                        async with engine.asession() as session:
+                            session.add(User(name=f"loop-{i}-{t}-{n}"))
+                            await session.flush()
+                            assert await session.scalar(
+                                select(User.id).where(User.name == f"loop-{i}-{t}-{n}")
+                            )
+                        assert await engine.arun(autocommit_value, n) == n
+
+                async def main() -> None:
+                    await asyncio.gather(*(task(t) for t in range(4)))
+
+                asyncio.run(main())
+
+            def running_loop() -> None:
+                async def main() -> None:
+                    for n in range(per_caller):
+                        with engine.session() as session:  # a sync call blocking a running loop
+                            session.add(User(name=f"running-{n}"))
+
+                asyncio.run(main())
+
+            def guarded(fn: Callable[..., None], *args: Any) -> None:
+                try:
+                    fn(*args)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            workers = [threading.Thread(target=guarded, args=(view, i)) for i in range(4)]
+            workers += [threading.Thread(target=guarded, args=(loop, i)) for i in range(2)]
+            workers.append(threading.Thread(target=guarded, args=(running_loop,)))
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(90)
+            assert not any(worker.is_alive() for worker in workers), "a caller hung"
+            assert errors == []
+            left = []
+            for _ in range(4):  # whichever server connections PgBouncer lends
+                with engine.session() as session:
+                    left.append(session.scalar(text("SELECT count(*) FROM pg_prepared_statements")))
+            assert left == [0, 0, 0, 0]
+        database = bounced_dsn.rpartition("/")[2]
+        count = independent(cluster.dsn(database=database), "SELECT count(*) FROM users")[0][0]
+        assert count == (4 + 2 * 4 + 1) * per_caller
+
+
 class TestConnectErrors:
     def test_a_refused_connection_names_the_place_but_never_the_password(
         self, bridge: Bridge, caller: Caller
@@ -316,26 +644,68 @@ class TestConnectErrors:
             assert "hunter2" not in text_
         engine.close()
 
-    def test_a_wrong_password_never_shows_in_errors_reprs_or_logs(
-        self, cluster: PrivateCluster, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    def test_a_wrong_password_never_shows_in_errors_reprs_tracebacks_or_logs(
+        self,
+        cluster: PrivateCluster,
+        bridge: Bridge,
+        caller: Caller,
+        caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         caplog.set_level(logging.DEBUG)
         wrong = "not-the-" + PASSWORD
-        engine = Engine(cluster.dsn(password=wrong), bridge=bridge, echo="debug", pool_size=1)
-        with (
-            pytest.raises(ConnectError, match="check the user name and password") as info,
-            engine.session() as s,
-        ):
-            s.execute(text("SELECT 1"))
-        for text_ in (str(info.value), repr(engine), engine.url, caplog.text):
+        engine = Engine(
+            cluster.dsn(password=wrong), bridge=bridge, echo="debug", echo_pool="debug", pool_size=1
+        )
+        with pytest.raises(ConnectError, match="check the user name and password") as info:
+            caller.call(engine, "open")
+        assert f"database 'postgres' on 127.0.0.1:{cluster.port} as user 'postgres'" in str(info.value)
+        assert isinstance(info.value.__cause__, asyncpg.InvalidPasswordError)  # scram said no
+        with pytest.raises(ConnectError) as in_a_scope, engine.session() as session:
+            session.execute(text("SELECT 1"))
+        engine.close()
+        shown = [engine.url, repr(engine), caplog.text, capsys.readouterr().out]
+        for error in (info.value, in_a_scope.value):
+            shown += [str(error), repr(error), "".join(traceback.format_exception(error))]
+        for text_ in shown:
             assert wrong not in text_
             assert PASSWORD not in text_
-        engine.close()
         good = Engine(cluster.dsn(), bridge=bridge, echo="debug", pool_size=1)
-        with good.session() as s:
-            assert s.scalar(text("SELECT 1")) == 1
+        with good.session() as session:
+            assert session.scalar(text("SELECT 1")) == 1
         good.close()
-        assert PASSWORD not in caplog.text
+        assert PASSWORD not in caplog.text + capsys.readouterr().out
+
+    def test_a_driver_error_that_repeats_the_password_is_scrubbed_from_message_and_traceback(
+        self,
+        cluster: PrivateCluster,
+        bridge: Bridge,
+        caller: Caller,
+        caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Regression (audit of issue 7): no test reached the scrubbing of the Engine's connect errors,
+        and the driver's own error, kept as the ConnectError's cause, showed the password in tracebacks."""
+        caplog.set_level(logging.DEBUG)
+        # Two settings swapped by mistake: the password given as the port. asyncpg's error repeats it.
+        engine = Engine(
+            cluster.dsn(), bridge=bridge, echo="debug", pool_size=1, connect_args={"port": PASSWORD}
+        )
+        with pytest.raises(ConnectError, match=r"ValueError: invalid literal for int\(\).*'\*\*\*'") as info:
+            caller.call(engine, "open")
+        engine.close()
+        error = info.value
+        assert error.__cause__ is None
+        assert error.__suppress_context__ or error.__context__ is None
+        for text_ in (
+            str(error),
+            repr(error),
+            "".join(traceback.format_exception(error)),
+            repr(engine),
+            caplog.text,
+            capsys.readouterr().out,
+        ):
+            assert PASSWORD not in text_
 
 
 # -- the session scopes ----------------------------------------------------------------------------
@@ -489,15 +859,189 @@ class TestSessionScopes:
 
         run_loop(reuse)
 
-    def test_both_sessions_take_each_method_from_one_implementation(self) -> None:
-        for name in sorted(_AWAITED):
-            sync, async_ = getattr(BridgedSession, name), getattr(AsyncBridgedSession, name)
-            assert sync.__qualname__ == f"BridgedSession.{name}"
-            assert async_.__qualname__ == f"AsyncBridgedSession.{name}"
+    @pytest.mark.parametrize(
+        ("sync_class", "async_class", "names"),
+        [
+            (BridgedSession, AsyncBridgedSession, _AWAITED),
+            (BridgedConnection, AsyncBridgedConnection, _AWAITED_ON_CONNECTIONS),
+        ],
+    )
+    def test_both_facades_take_each_method_from_one_implementation(
+        self, sync_class: type[Any], async_class: type[Any], names: set[str]
+    ) -> None:
+        for name in sorted(names):
+            sync, async_ = getattr(sync_class, name), getattr(async_class, name)
+            assert sync.__qualname__ == f"{sync_class.__name__}.{name}"
+            assert async_.__qualname__ == f"{async_class.__name__}.{name}"
             assert asyncio.iscoroutinefunction(async_)
             assert not asyncio.iscoroutinefunction(sync)
             assert sync.__doc__.split("\n\n")[0] == async_.__doc__.split("\n\n")[0]
-            assert f"awaits ``AsyncBridgedSession.{name}``" in sync.__doc__
+            assert f"awaits ``{async_class.__name__}.{name}``" in sync.__doc__
+
+
+# -- the rest of the session API ---------------------------------------------------------------------
+
+
+class TestSessionAPI:
+    """What an ORM user of AsyncSession reaches for beyond queries: savepoints, the session's state,
+    no_autoflush, its connection, streaming."""
+
+    def test_begin_nested_rolls_back_to_its_savepoint_and_the_scope_goes_on(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def add_bob_then_fail(session: AsyncBridgedSession) -> None:
+            async with session.begin_nested():
+                session.add(User(name="bob"))
+                await session.flush()
+                assert session.in_nested_transaction()
+                raise ValueError("not bob")
+
+        async def work(session: AsyncBridgedSession) -> list[str]:
+            session.add(User(name="ada"))
+            with pytest.raises(ValueError, match="not bob"):
+                await add_bob_then_fail(session)
+            assert not session.in_nested_transaction()
+            with pytest.raises(sqlalchemy.exc.IntegrityError, match="unique"):
+                async with session.begin_nested():
+                    session.add(User(name="ada"))  # found at the savepoint's release (its flush)
+            async with session.begin_nested() as savepoint:
+                session.add(User(name="cy"))
+            assert isinstance(savepoint, Savepoint)
+            assert "ended" in repr(savepoint)
+            return list(await session.scalars(select(User.name).order_by(User.name)))
+
+        assert in_session(caller, engine, work) == ["ada", "cy"]
+        assert names_in_db(dsn) == ["ada", "cy"]
+
+    def test_new_dirty_deleted_is_modified_expire_all_and_expunge_all(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> str:
+            ada, bob = User(name="ada"), User(name="bob")
+            session.add_all([ada, bob])
+            assert set(session.new) == {ada, bob}
+            assert not session.dirty
+            await session.flush()
+            assert not session.new
+            assert set(session) == {ada, bob}
+            ada.name = "ada lovelace"
+            assert list(session.dirty) == [ada]
+            assert session.is_modified(ada)
+            assert not session.is_modified(bob)
+            await session.delete(bob)
+            assert list(session.deleted) == [bob]
+            await session.flush()
+            session.expire_all()
+            with pytest.raises(LazyLoadError):
+                _ = ada.name
+            await session.refresh(ada)
+            session.expunge_all()
+            assert ada not in session
+            assert list(session) == []
+            return ada.name
+
+        assert in_session(caller, engine, work) == "ada lovelace"
+        assert names_in_db(dsn) == ["ada lovelace"]
+
+    def test_no_autoflush_keeps_pending_objects_out_of_queries_in_its_block(
+        self, engine: Engine, tables: None, caller: Caller
+    ) -> None:
+        count = select(sqlalchemy.func.count()).select_from(User)
+
+        async def work(session: AsyncBridgedSession) -> list[int]:
+            session.add(User(name="ada"))
+            with session.no_autoflush:
+                inside = await session.scalar(count)
+                assert len(session.new) == 1
+            return [inside, await session.scalar(count)]
+
+        assert in_session(caller, engine, work) == [0, 1]
+
+    def test_connection_runs_core_in_the_scopes_transaction_with_its_options(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        def count_users(connection: Connection) -> int:
+            return int(connection.execute(text("SELECT count(*) FROM users")).scalar_one())
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            connection = await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+            level = await connection.scalar(text("SHOW transaction_isolation"))
+            await connection.execute(insert(users_table), [{"name": "ada"}, {"name": "bob"}])
+            session.add(User(name="cy"))
+            before_flush = await connection.run_sync(count_users)  # the connection does not autoflush
+            await session.flush()
+            by_driver = await connection.exec_driver_sql("SELECT name FROM users WHERE name > $1", ("b",))
+            names = (await connection.scalars(text("SELECT name FROM users ORDER BY name"))).all()
+            return [level, before_flush, sorted(by_driver.scalars()), names]
+
+        assert in_session(caller, engine, work) == [
+            "serializable",
+            2,
+            ["bob", "cy"],
+            ["ada", "bob", "cy"],
+        ]
+        assert names_in_db(dsn) == ["ada", "bob", "cy"]
+
+    def test_stream_yields_every_row_prefetch_rows_per_crossing(
+        self, engine: Engine, tables: None, bridge: Bridge, caller: Caller
+    ) -> None:
+        rows = [{"name": f"user-{n:04}"} for n in range(1050)]
+        engine.run_sync(lambda connection: connection.execute(insert(users_table), rows))
+
+        async def work(session: AsyncBridgedSession) -> list[Any]:
+            started = bridge.stats().calls_started
+            names = await session.stream_scalars(select(User.name).order_by(User.id), prefetch=100)
+            read = [name async for name in names]
+            crossings = bridge.stats().calls_started - started
+            users = [u async for u in await session.stream_scalars(select(User).order_by(User.id))]
+            first = [tuple(r) async for r in await session.stream(select(User.id, User.name).limit(2))]
+            return [read, crossings, [type(u) for u in users[:1]], len(users), first]
+
+        read, crossings, kinds, count, first = in_session(caller, engine, work)
+        assert read == [row["name"] for row in rows]
+        # Opening, 11 batches (10 of 100, one of 50), and the empty one that ends it: never more than
+        # one batch of rows crosses at a time, whatever the size of the result.
+        assert crossings == 1 + 11 + 1
+        assert (kinds, count) == ([User], 1050)
+        assert first == [(1, "user-0000"), (2, "user-0001")]
+
+    def test_a_stream_left_early_is_closed_and_the_scope_goes_on(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        engine.run_sync(
+            lambda connection: connection.execute(insert(users_table), [{"name": f"u{n}"} for n in range(50)])
+        )
+        query = select(User.name).order_by(User.id)
+
+        async def work(session: AsyncBridgedSession) -> Any:
+            # Closed by its block, at once: reading on says so.
+            async with await session.stream_scalars(query, prefetch=10) as names:
+                async for name in names:
+                    if name == "u2":
+                        break
+            assert "closed" in repr(names)
+            with pytest.raises(sqlalchemy.exc.ResourceClosedError, match="stream was closed"):
+                async for _ in names:
+                    pass
+            # Dropped unfinished: closed on the bridge when garbage collected.
+            dropped = await session.stream_scalars(query, prefetch=10)
+            async for _ in dropped:
+                break
+            dropped_result = dropped._result
+            del dropped
+            session.add(User(name="after"))
+            await session.flush()  # the scope goes on...
+            wait_until(lambda: bool(dropped_result.closed))
+            # ... and a stream still open when the scope ends is closed by its end.
+            left_open = await session.stream_scalars(query, prefetch=10)
+            async for _ in left_open:
+                break
+            return left_open._result
+
+        left_open_result = in_session(caller, engine, work)
+        assert left_open_result.closed
+        assert "after" in names_in_db(dsn)
+        assert engine.run(checked_out) == 0
 
 
 # -- lazy loading ----------------------------------------------------------------------------------
@@ -544,6 +1088,37 @@ class TestLazyLoading:
 
         assert in_session(caller, engine, work) == "ada"
 
+    def test_a_deferred_column_cannot_be_loaded_outside_the_bridge(
+        self, engine: Engine, ada: None, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> str:
+            user: User = (await session.scalars(select(User).options(defer(User.name)))).one()
+            with pytest.raises(LazyLoadError, match="loading User"):
+                _ = user.name
+            await session.refresh(user, ["name"])  # what the message says to do
+            return user.name
+
+        assert in_session(caller, engine, work) == "ada"
+
+    def test_appending_to_an_unloaded_collection_cannot_load_it_outside_the_bridge(
+        self, engine: Engine, ada: None, dsn: str, caller: Caller
+    ) -> None:
+        async def work(session: AsyncBridgedSession) -> list[str]:
+            user = (await session.scalars(select(User))).one()
+            with pytest.raises(LazyLoadError, match="loading Address"):
+                user.addresses.append(Address(email="a@3"))  # the ORM loads the collection first
+            assert not session.new  # nothing was added half-way
+            await session.refresh(user, ["addresses"])
+            user.addresses.append(Address(email="a@3"))
+            return [address.email for address in user.addresses]
+
+        assert in_session(caller, engine, work) == ["a@1", "a@2", "a@3"]
+        assert [row[0] for row in independent(dsn, "SELECT email FROM addresses ORDER BY id")] == [
+            "a@1",
+            "a@2",
+            "a@3",
+        ]
+
     def test_eager_loading_and_refresh_load_what_the_caller_reads(
         self, engine: Engine, ada: None, caller: Caller
     ) -> None:
@@ -570,17 +1145,26 @@ class TestLazyLoading:
 
 
 class TestCancellationAndClose:
-    def test_cancelling_an_awaiting_caller_releases_the_connection(
-        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str
+    @pytest.mark.parametrize("where", ["in a statement", "between statements"])
+    def test_cancelling_an_awaiting_caller_closes_the_scope_and_returns_its_connection(
+        self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str, where: str
     ) -> None:
+        """The scope's end closes its session whatever cancels the caller (audit of issue 7: this test
+        passed with the close removed, since a statement cancelled mid-way makes SQLAlchemy discard the
+        connection anyway; cancelled between statements, only the close gives the connection back)."""
         started = threading.Event()
+        scopes: list[AsyncBridgedSession] = []
 
         async def handler() -> None:
             async with engine.asession() as session:
+                scopes.append(session)
                 session.add(User(name="ada"))
-                await session.flush()
+                await session.flush()  # the INSERT holds a transaction open on the server
                 started.set()
-                await session.execute(text("SELECT pg_sleep(30)"))
+                if where == "in a statement":
+                    await session.execute(text("SELECT pg_sleep(30)"))
+                else:
+                    await asyncio.sleep(30)  # the handler's own await, between two statements
 
         async def main() -> None:
             task = asyncio.ensure_future(handler())
@@ -591,11 +1175,69 @@ class TestCancellationAndClose:
                 await task
 
         run_loop(main)
+        (scope,) = scopes
+        assert scope._session is not None
+        assert scope._session.sync_session.get_transaction() is None  # closed: no transaction left
         assert engine.run(checked_out) == 0
         wait_until(lambda: not {"active", "idle in transaction"} & set(backend_states(admin_dsn, schema)))
+        if where == "between statements":  # rolled back and pooled, not discarded
+            assert backend_states(admin_dsn, schema) == ["idle"]
         assert names_in_db(dsn) == []
         with engine.session() as session:  # and the engine serves on
             assert session.scalar(text("SELECT 1")) == 1
+
+    def test_a_method_without_io_waits_for_a_call_still_unwinding_on_the_bridge(
+        self, engine: Engine, tables: None, dsn: str, caller: Caller
+    ) -> None:
+        """Regression (audit of issue 7): add() and the other methods that need no database used the
+        Session in the caller's thread even while a call whose caller had given up still unwound on the
+        bridge with it: one Session in two threads at once. Now they wait their turn."""
+        timed_out, release = threading.Event(), threading.Event()
+        events: list[str] = []
+
+        def slow_to_unwind(session: Session) -> None:
+            try:
+                await_only(asyncio.sleep(WAIT))
+            except asyncio.CancelledError:
+                # Like a statement whose cancellation the server is slow to confirm: the call holds the
+                # session after its caller stopped waiting (through the caller's second cancel too).
+                while not release.is_set():
+                    try:
+                        await_only(asyncio.sleep(0.02))
+                    except asyncio.CancelledError:
+                        pass
+                events.append("unwound")
+                raise
+
+        def watch_attach(session: Session) -> None:
+            event.listen(session, "before_attach", lambda session, instance: events.append("attach"))
+
+        async def work(session: AsyncBridgedSession) -> None:
+            await session.run_sync(watch_attach)
+            with pytest.raises(CallTimeoutError):
+                await session.run_sync(slow_to_unwind, timeout=0.2)
+            timed_out.set()
+            session.add(User(name="bob"))  # must wait until slow_to_unwind has let go of the session
+            events.append("added")
+
+        errors: list[BaseException] = []
+
+        def scoped() -> None:
+            try:
+                in_session(caller, engine, work)
+            except BaseException as exc:
+                errors.append(exc)
+
+        scope = threading.Thread(target=scoped)
+        scope.start()
+        assert timed_out.wait(WAIT)
+        time.sleep(0.3)  # the caller is in add() by now (or, on a loaded machine, about to be)
+        release.set()
+        scope.join(WAIT)
+        assert not scope.is_alive()
+        assert errors == []
+        assert events == ["unwound", "attach", "added"]
+        assert names_in_db(dsn) == ["bob"]
 
     def test_a_caller_cancelled_while_opening_leaves_no_scope_open(
         self, engine: Engine, tables: None
@@ -656,6 +1298,32 @@ class TestCancellationAndClose:
         assert isinstance(info.value, DatabaseClosedError)
         with pytest.raises(EngineClosedError), engine.session():
             pass
+
+    def test_close_on_the_bridge_thread_raises_deadlock_error_and_leaves_the_engine_open(
+        self, engine: Engine, bridge: Bridge, schema: str, admin_dsn: str
+    ) -> None:
+        """Regression (audit of issue 7): close() marked the engine closed before it found out it could
+        not cross to the bridge, leaving an engine that refused every caller and never released its
+        pool's connections."""
+        engine.open()
+
+        async def on_the_bridge() -> str:
+            with pytest.raises(DeadlockError), engine.session():
+                pass
+            with pytest.raises(DeadlockError) as info:
+                engine.close()
+            return str(info.value)
+
+        message = bridge.run(on_the_bridge)
+        assert not engine.closed
+        assert "await engine.aclose() instead" in message
+        assert "still open" in message
+        assert engine._scopes == set()
+        with engine.session() as session:  # it serves on...
+            assert session.scalar(text("SELECT 1")) == 1
+        engine.close()  # ... and closes normally, releasing its connections
+        assert repr(engine).endswith(", closed>")
+        assert backend_states(admin_dsn, schema) == []
 
     def test_closing_the_bridge_disposes_of_the_engine(self, dsn: str, schema: str, admin_dsn: str) -> None:
         with Bridge("sa-close") as bridge:
@@ -766,6 +1434,41 @@ class TestDF501:
                 session.add(User(name="ada"))
 
         run_loop(lifespan)
+        assert tables_in(dsn, schema) == {"users", "addresses"}
+        assert names_in_db(dsn) == ["ada"]
+
+    def test_create_all_from_a_real_fastapi_lifespan(self, engine: Engine, dsn: str, schema: str) -> None:
+        """A FastAPI app whose lifespan creates the tables, driven by TestClient on a loop of its own (not
+        the engine's, not the test's), verified from an independent connection."""
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+
+        created: list[set[str]] = []
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            # DF-501's create_tables(): a sync call while the server's loop runs...
+            engine.run_sync(Base.metadata.create_all, tables=[users_table])
+            # ... and its ensure_table_exists(): an await on that loop.
+            await engine.arun_sync(Base.metadata.create_all)
+            created.append(tables_in(dsn, schema))  # before the app takes its first request
+            yield
+
+        app = FastAPI(lifespan=lifespan)
+
+        @app.post("/users/{name}")
+        async def create_user(name: str) -> dict[str, Any]:
+            async with engine.asession() as session:
+                user = User(name=name)
+                session.add(user)
+                await session.flush()
+                return {"id": user.id, "name": user.name}
+
+        with TestClient(app) as client:
+            assert created == [{"users", "addresses"}]
+            response = client.post("/users/ada")
+            assert response.status_code == 200
+            assert response.json() == {"id": 1, "name": "ada"}
         assert tables_in(dsn, schema) == {"users", "addresses"}
         assert names_in_db(dsn) == ["ada"]
 
@@ -985,5 +1688,5 @@ class TestExample:
     def test_the_example_app_runs_and_verifies_its_rows(self, dsn: str) -> None:
         example = Path(__file__).parent.parent / "examples" / "sqlalchemy_app.py"
         out = run_script(example.read_text(), env={"LOOPBRIDGE_DSN": dsn}, timeout=90)
-        assert "verified" in out
+        assert "verified over an independent connection: 44 members, 44 expected" in out
         assert out.rstrip().endswith("OK")
