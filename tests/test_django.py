@@ -21,6 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client
 
 from loopbridge import Database
+from loopbridge.contrib import _held
 from loopbridge.contrib.django import Databases, build, databases
 from tests.servers import Served, free_port, python, serve
 from tests.support import WAIT, independent, run_loop, with_query
@@ -126,6 +127,21 @@ class TestSettings:
     def test_an_unknown_name_lists_the_configured_ones(self, django_dsn: str) -> None:
         with pytest.raises(KeyError, match="defines 'default'"):
             databases["analytics"]
+
+    def test_close_all_leaves_the_database_the_pytest_plugin_holds_to_the_plugin(self, dsn: str) -> None:
+        # loopbridge_app_db may be a Django app's Database; the plugin closes it when the session ends.
+        registry = Databases()
+        registry.configure({"default": {"dsn": dsn}, "other": {"dsn": dsn}})
+        held, other = registry["default"], registry["other"]
+        _held.hold(held)
+        try:
+            registry.close_all()
+            assert not held.closed
+            assert held.fetchval("SELECT 1") == 1
+            assert other.closed
+        finally:
+            assert _held.release(held)  # the close it asked for is the plugin's to do now
+            held.close()
 
 
 @pytest.fixture
