@@ -13,8 +13,10 @@ import re
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from loopbridge import Database
+from loopbridge.contrib import pytest_plugin
 from loopbridge.contrib.pytest_plugin import PREFIX
 from tests.support import WAIT, in_thread, independent
 
@@ -46,6 +48,50 @@ class TestFreshDatabase:
     async def test_loopbridge_db_from_an_async_test(self, loopbridge_db: Database) -> None:
         assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
         assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None  # not the last test's
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+
+    @pytest.mark.asyncio(loop_scope="module")
+    async def test_loopbridge_db_from_a_module_scoped_loop(self, loopbridge_db: Database) -> None:
+        assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
+        assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+        assert loopbridge_db.fetchval("SELECT count(*) FROM mine") == 0  # blocking, inside the loop
+
+    @pytest.mark.asyncio(loop_scope="session")
+    async def test_loopbridge_db_from_a_session_scoped_loop(self, loopbridge_db: Database) -> None:
+        assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
+        assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+
+    @pytest.mark.asyncio(loop_scope="module")
+    async def test_an_async_fixture_on_a_module_scoped_loop(self, seeded: Database) -> None:
+        assert await seeded.afetchval("SELECT n FROM seeded") == 100
+        assert await seeded.afetchval("SELECT to_regclass('mine')") is None
+
+
+@pytest.mark.parametrize("isolation", ["schema", "database"])
+def test_generated_names_are_quoted_with_asyncpgs_quoting(
+    isolation: str, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any prefix works, quotes and capitals included: the identifiers go through asyncpg's quoting.
+    monkeypatch.setattr(pytest_plugin, "PREFIX", 'Odd "Prefix" ')
+    catalog = {
+        "schema": ("SELECT current_schema()", "SELECT count(*) FROM pg_namespace WHERE nspname = $1"),
+        "database": ("SELECT current_database()", "SELECT count(*) FROM pg_database WHERE datname = $1"),
+    }[isolation]
+    with pytest_plugin._fresh(admin_dsn, isolation) as dsn:
+        name = independent(dsn, catalog[0])[0][0]
+        assert name.startswith('Odd "Prefix" ')
+        assert independent(admin_dsn, catalog[1], name)[0][0] == 1
+    assert independent(admin_dsn, catalog[1], name)[0][0] == 0  # dropped
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def seeded(loopbridge_db: Database) -> Database:
+    """An async fixture on the module's loop, over the (sync, function-scoped) ``loopbridge_db``."""
+    await loopbridge_db.aexecute("CREATE TABLE seeded (n int)")
+    await loopbridge_db.aexecute("INSERT INTO seeded VALUES (100)")
+    return loopbridge_db
 
 
 @pytest.mark.usefixtures("rolled")
@@ -173,6 +219,18 @@ async def test_session_loop():
 def test_fresh_schema(loopbridge_db):
     print("SCHEMA", loopbridge_db.fetchval("SELECT current_schema()"))
     loopbridge_db.execute("CREATE TABLE t (x int)")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_fresh_schema_module_loop(loopbridge_db):
+    assert await loopbridge_db.afetchval("SELECT to_regclass('t')") is None
+    await loopbridge_db.aexecute("CREATE TABLE t (x int)")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_fresh_schema_session_loop(loopbridge_db):
+    assert await loopbridge_db.afetchval("SELECT to_regclass('t')") is None
+    await loopbridge_db.aexecute("CREATE TABLE t (x int)")
 """
 
 INI = """
@@ -205,7 +263,7 @@ class TestInAProjectOfItsOwn:
         self, project: pytest.Pytester, dsn: str, admin_dsn: str
     ) -> None:
         result = project.runpytest_subprocess(f"--loopbridge-dsn={admin_dsn}", "-s", timeout=120)
-        result.assert_outcomes(passed=6)
+        result.assert_outcomes(passed=8)
         assert independent(dsn, "SELECT count(*) FROM visits")[0][0] == 0
         name = printed("SCHEMA", result)
         assert name.startswith(PREFIX)
@@ -227,12 +285,22 @@ class TestInAProjectOfItsOwn:
             async def test_two(loopbridge_db):
                 name = await loopbridge_db.afetchval("SELECT current_database()")
                 assert name.startswith("loopbridge_test_")
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_module_loop(loopbridge_db):
+                name = await loopbridge_db.afetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
+
+            @pytest.mark.asyncio(loop_scope="session")
+            async def test_session_loop(loopbridge_db):
+                name = await loopbridge_db.afetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
             """
         )
         result = pytester.runpytest_subprocess(
             f"--loopbridge-dsn={admin_dsn}", "-o", "loopbridge_isolation=database", "-s", timeout=120
         )
-        result.assert_outcomes(passed=2)
+        result.assert_outcomes(passed=4)
         name = printed("DATABASE", result)
         assert independent(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name)[0][0] == 0
 

@@ -49,6 +49,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 from asyncpg.transaction import Transaction
+from asyncpg.utils import _quote_ident
 
 from loopbridge._dsn import parse_dsn
 from loopbridge.database import Database
@@ -223,26 +224,27 @@ async def _roll_back(db: Database, transaction: Transaction) -> bool:
 @contextmanager
 def _fresh(dsn: str, isolation: str) -> Iterator[str]:
     """``with _fresh(dsn, isolation) as fresh_dsn``: a new schema or database, dropped afterwards."""
-    name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    fresh = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    name = _quote_ident(fresh)  # asyncpg's quoting: the identifier in SQL and in search_path
     # A one-connection Database of its own for the DDL: CREATE DATABASE cannot run in a transaction, and
     # the Database under test may be pinned to one.
     admin = Database(dsn, min_size=0, max_size=1)
     try:
         if isolation == "database":
-            admin.execute(f'CREATE DATABASE "{name}"', timeout=TIMEOUT)
+            admin.execute(f"CREATE DATABASE {name}", timeout=TIMEOUT)
             try:
-                yield _with(dsn, path=f"/{name}")
+                yield _with(dsn, path=f"/{fresh}")
             finally:
                 # FORCE (PostgreSQL 13+) ends sessions the test left open.
                 force = int(admin.fetchval("SHOW server_version_num", timeout=TIMEOUT)) >= 130000
                 option = " WITH (FORCE)" if force else ""
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"{option}', timeout=TIMEOUT)
+                admin.execute(f"DROP DATABASE IF EXISTS {name}{option}", timeout=TIMEOUT)
         else:
-            admin.execute(f'CREATE SCHEMA "{name}"', timeout=TIMEOUT)
+            admin.execute(f"CREATE SCHEMA {name}", timeout=TIMEOUT)
             try:
                 yield _with(dsn, search_path=name)
             finally:
-                admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE', timeout=TIMEOUT)
+                admin.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE", timeout=TIMEOUT)
     finally:
         admin.close()
 
