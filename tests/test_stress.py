@@ -9,6 +9,7 @@ The real runs are ``python -m stress`` (60 s) and CI's 25 s pass; the PgBouncer 
 from __future__ import annotations
 
 import gc
+import re
 import subprocess
 import sys
 import textwrap
@@ -87,6 +88,35 @@ class TestLedger:
         assert not verdict.ok
         assert "; abandoned 1; " in verdict.line()
         assert verdict.line().startswith("stress: FAIL: ")
+
+
+#: The Verdict's counters; each must be 0 for the run to pass.
+COUNTERS = (
+    "lost",
+    "duplicated",
+    "torn",
+    "phantom",
+    "unseen_reads",
+    "hung",
+    "leaked",
+    "abandoned",
+    "undocumented",
+)
+
+
+def test_the_readme_lists_exactly_the_conditions_that_fail_a_run() -> None:
+    fields = {name for name, kind in Verdict.__annotations__.items() if kind == "int"}
+    assert fields == set(COUNTERS)
+    for name in COUNTERS:
+        verdict = Verdict(bridge_alive=True)
+        setattr(verdict, name, 1)
+        assert not verdict.ok, name
+    assert not Verdict(bridge_alive=False).ok
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    found = re.search(r"exits non-zero \(1\) if any of (.+?) is not 0, or if the bridge is dead", readme)
+    assert found is not None
+    listed = re.split(r", | or ", found[1])
+    assert sorted(listed) == sorted(name.replace("_", " ") for name in COUNTERS)
 
 
 def test_an_unclosed_transaction_reported_by_the_library_counts_as_abandoned(db: Database) -> None:
