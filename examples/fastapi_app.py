@@ -21,7 +21,9 @@ db = Database(max_size=4)  # $LOOPBRIDGE_DSN; one pool for the whole process
 
 async def create_tables(db: Database) -> None:
     # DDL in the lifespan, on uvicorn's loop: the case that failed in DF-501.
-    await db.aexecute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, text text NOT NULL)")
+    await db.aexecute(
+        "CREATE TABLE IF NOT EXISTS example_fastapi_notes (id serial PRIMARY KEY, text text NOT NULL)"
+    )
 
 
 app = FastAPI(lifespan=lifespan(db, setup=create_tables))
@@ -29,10 +31,10 @@ app = FastAPI(lifespan=lifespan(db, setup=create_tables))
 
 @app.post("/notes")
 async def add_note(text: str, db: DatabaseDep) -> dict[str, Any]:
-    row = await db.afetchrow("INSERT INTO notes (text) VALUES ($1) RETURNING id, text", text)
+    row = await db.afetchrow("INSERT INTO example_fastapi_notes (text) VALUES ($1) RETURNING id, text", text)
     return dict(row) if row else {}
 
 
 @app.get("/notes")
 def list_notes(db: DatabaseDep) -> list[dict[str, Any]]:  # a sync handler, in FastAPI's threadpool
-    return [dict(row) for row in db.fetch("SELECT id, text FROM notes ORDER BY id")]
+    return [dict(row) for row in db.fetch("SELECT id, text FROM example_fastapi_notes ORDER BY id")]

@@ -22,16 +22,18 @@ app = Flask(__name__)
 app.config["LOOPBRIDGE_OPTIONS"] = {"max_size": 4}  # the DSN from $LOOPBRIDGE_DSN
 lb = LoopBridge(app)
 
-lb.database.execute("CREATE TABLE IF NOT EXISTS visits (id serial PRIMARY KEY, worker int NOT NULL)")
+lb.database.execute(
+    "CREATE TABLE IF NOT EXISTS example_flask_visits (id serial PRIMARY KEY, worker int NOT NULL)"
+)
 
 
 @app.post("/visit")
 def visit() -> dict[str, Any]:
-    lb.database.execute("INSERT INTO visits (worker) VALUES ($1)", os.getpid())
+    lb.database.execute("INSERT INTO example_flask_visits (worker) VALUES ($1)", os.getpid())
     return {"worker": os.getpid()}
 
 
 @app.get("/visits")
 async def visits() -> dict[str, Any]:  # async views need flask[async]
-    rows = await lb.database.afetch("SELECT worker, count(*) AS n FROM visits GROUP BY worker")
+    rows = await lb.database.afetch("SELECT worker, count(*) AS n FROM example_flask_visits GROUP BY worker")
     return {"by_worker": {str(row["worker"]): row["n"] for row in rows}}

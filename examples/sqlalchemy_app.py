@@ -35,7 +35,7 @@ class Base(DeclarativeBase):
 
 
 class Team(Base):
-    __tablename__ = "lb_example_team"
+    __tablename__ = "example_sqlalchemy_team"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
@@ -43,11 +43,11 @@ class Team(Base):
 
 
 class Member(Base):
-    __tablename__ = "lb_example_member"
+    __tablename__ = "example_sqlalchemy_member"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
-    team_id: Mapped[int] = mapped_column(ForeignKey("lb_example_team.id"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("example_sqlalchemy_team.id"))
     team: Mapped[Team] = relationship(back_populates="members")
 
 

@@ -6,22 +6,30 @@ after the commit and before the reply), but never twice and never half of a tran
 
 Every failure must be of a type the README documents for a server that goes away, restarts, or a call that
 times out or is cancelled (:data:`EXPECTED`). Anything else is counted as *undocumented* and fails the run.
+
+A call that took longer than its bound is *hung*, whether it is still running at the end or returned
+late. And the load closes everything it opens, so a transaction (or stream, or subscription) that the
+library reports as left open, garbage collected or its owner gone, is *abandoned*: the library lost
+track of it (:meth:`Ledger.watch_log`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import loopbridge
 
-__all__ = ["EXPECTED", "EXPECTED_IN_BLOCKS", "Attempt", "Ledger", "describe_failure"]
+__all__ = ["ABANDONED", "EXPECTED", "EXPECTED_IN_BLOCKS", "Attempt", "Ledger", "describe_failure"]
 
 #: The failures a call may legitimately end with under the stress suite's faults, and why. The README's
 #: "Reliability" section lists the same types. A type not covered here is a bug.
@@ -37,6 +45,11 @@ EXPECTED: dict[type[BaseException], str] = {
 EXPECTED_IN_BLOCKS: dict[type[BaseException], str] = {
     loopbridge.TransactionClosedError: "the transaction's connection was lost: nothing was committed",
 }
+
+#: What the ``loopbridge`` logger says when it releases something a caller left open (``_owner.guard``:
+#: garbage collected; ``_owner.OwnerWatch``: the thread or loop that opened it ended). The load closes
+#: everything it opens, so each of these is a transaction (stream, subscription) the library abandoned.
+ABANDONED = ("was garbage collected without being closed", "ended without closing it")
 
 #: Outcomes that are not failures of the library: the caller itself gave up on the call.
 CANCELLED = "cancelled-by-caller"
@@ -97,6 +110,9 @@ class Ledger:
     hung_seen: set[int] = field(default_factory=set)
     lost_processes: int = 0
     """Forked workers that hung or died before reporting: each counts as hung."""
+    abandoned: int = 0
+    """Warnings of the ``loopbridge`` logger about something left open (:data:`ABANDONED`)."""
+    abandoned_examples: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def begin(self, key: str, kind: str, bound: float) -> Attempt:
@@ -131,7 +147,9 @@ class Ledger:
         with self._lock:
             self.inflight.pop(id(attempt), None)
 
-    def merge(self, attempts: list[Attempt], examples: dict[str, str], bad_reads: int) -> None:
+    def merge(
+        self, attempts: list[Attempt], examples: dict[str, str], bad_reads: int, abandoned: int
+    ) -> None:
         """Add what a forked worker process recorded."""
         with self._lock:
             self.attempts.extend(attempts)
@@ -139,6 +157,24 @@ class Ledger:
             for name, text in examples.items():
                 self.examples.setdefault(name, text)
             self.bad_reads += bad_reads
+            self.abandoned += abandoned
+
+    @contextmanager
+    def watch_log(self) -> Iterator[None]:
+        """Count the ``loopbridge`` logger's warnings about something left open, while the block runs."""
+        handler = _AbandonedCounter(self)
+        library = logging.getLogger("loopbridge")
+        library.addHandler(handler)
+        try:
+            yield
+        finally:
+            library.removeHandler(handler)
+
+    def _abandon(self, message: str) -> None:
+        with self._lock:
+            self.abandoned += 1
+            if len(self.abandoned_examples) < 3:
+                self.abandoned_examples.append(message[:300])
 
     def overdue(self) -> list[Attempt]:
         """Calls still running past their bound: hung. Each is reported once."""
@@ -151,10 +187,12 @@ class Ledger:
         return late
 
     def hung(self) -> int:
-        """Calls that were overdue at some point, or never ended."""
+        """Calls that ran longer than their bound: still running, seen overdue, or returned late."""
         self.overdue()
         with self._lock:
-            return len(self.hung_seen | set(self.inflight)) + self.lost_processes
+            # Never ended covers a forked worker's calls too (its in-flight set stays in the child).
+            late = {id(a) for a in self.attempts if a.ended is None or a.ended - a.started > a.bound}
+            return len(self.hung_seen | late) + self.lost_processes
 
     def counts(self) -> tuple[Counter[str], Counter[str], int]:
         """(acknowledged by kind, failures by outcome, undocumented failures)."""
@@ -170,3 +208,16 @@ class Ledger:
                 failed[attempt.outcome] += 1
                 undocumented += not attempt.documented
         return acknowledged, failed, undocumented
+
+
+class _AbandonedCounter(logging.Handler):
+    """Counts, into a ledger, the records that say something was left open (:data:`ABANDONED`)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(logging.WARNING)
+        self.ledger = ledger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(text in message for text in ABANDONED):
+            self.ledger._abandon(message)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import json
 import os
 import random
@@ -258,7 +259,7 @@ class Load:
             return f"child {pid} hung or died (exit {status})"
         report = json.loads(payload)
         attempts = [Attempt(**fields) for fields in report["attempts"]]
-        self.ledger.merge(attempts, report["examples"], report["bad_reads"])
+        self.ledger.merge(attempts, report["examples"], report["bad_reads"], report["abandoned"])
         return f"child exit {status}, {len(attempts)} calls"
 
     def _child(self, fd: int) -> None:
@@ -266,20 +267,23 @@ class Load:
         rng = random.Random(f"{self.plan.seed}-fork")
         acked: list[tuple[str, int]] = []
         half = self.plan.fork_calls // 2
-        for n in range(half):
-            self._sync_call(rng, self._next(rng, "fork-sync", n, acked), acked)
 
         async def main() -> None:
             await asyncio.gather(
                 *(self._async_call(rng, self._next(rng, "fork-async", n, acked), acked) for n in range(half))
             )
 
-        asyncio.run(main())
-        self.db.close(timeout=5)
+        with ledger.watch_log():
+            for n in range(half):
+                self._sync_call(rng, self._next(rng, "fork-sync", n, acked), acked)
+            asyncio.run(main())
+            gc.collect()  # a transaction left unclosed is reported now, not after the report is sent
+            self.db.close(timeout=5)
         report = {
             "attempts": [asdict(a) for a in ledger.attempts],
             "examples": ledger.examples,
             "bad_reads": ledger.bad_reads,
+            "abandoned": ledger.abandoned,
         }
         data = json.dumps(report).encode()
         while data:

@@ -6,14 +6,16 @@ restart the server without disturbing anyone. ``--pgbouncer`` puts a PgBouncer i
 front of it. ``--dsn`` runs against an existing server instead: no restart, and only the backends this
 run opened are terminated (selected by their ``application_name``).
 
-Exit status: 0 if nothing was lost, duplicated, torn, hung or leaked, every failure was of a documented
-type and the bridge is alive; 1 otherwise; 2 if the run could not be set up.
+Exit status: 0 if nothing was lost, duplicated, torn, phantom, hung, leaked or abandoned, every read of
+an acknowledged key saw it, every failure was of a documented type and the bridge is alive (see
+:class:`~stress.verify.Verdict`); 1 otherwise; 2 if the run could not be set up.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -223,58 +225,70 @@ def run(setup: Setup, plan: Plan, args: argparse.Namespace) -> Verdict:
     )
     ledger = Ledger()
     try:
-        db.open()
-        load = Load(db, ledger, plan)
-        started = time.monotonic()
-        faults = Faults(
-            admin_dsn=setup.admin_dsn,
-            target=setup.target,
-            deadline=load.deadline,
-            interval=args.interval,
-            restart=setup.restart,
-            restart_at=started + plan.duration * 0.5,
-            fork=None if args.no_fork else load.fork_worker,
-            fork_at=started + plan.duration * 0.3,
-        )
-        threads = load.start()
-        faults.start()
-        _watch(ledger, load.deadline, started)
-        join_deadline = time.monotonic() + plan.hang_bound + 10
-        for thread in threads:
-            thread.join(max(0.0, join_deadline - time.monotonic()))
-        stuck = [thread.name for thread in threads if thread.is_alive()]
-        faults_done = faults.join(max(1.0, join_deadline - time.monotonic()))
-        elapsed = time.monotonic() - started
-
-        verdict = Verdict()
-        verdict.acknowledged, verdict.failed, verdict.undocumented = ledger.counts()
-        verdict.hung = ledger.hung()
-        verdict.unseen_reads = ledger.bad_reads
-        rows = asyncio.run(_rows(setup.admin_dsn if not args.dsn else setup.dsn, setup))
-        check_rows(verdict, ledger, rows)
-        check_bridge(verdict, db)
-        stats = db.bridge.stats()
-        check_leaks(verdict, db, setup.admin_dsn, setup.target, setup.clients)
-        calls = sum(verdict.acknowledged.values()) + sum(verdict.failed.values())
-        print(
-            f"stress: {calls} calls in {elapsed:.1f} s ({calls / elapsed:.0f}/s); faults: "
-            f"{faults.terminated} backends terminated in {faults.rounds} rounds, {faults.restarts} restart "
-            f"({faults.restart_seconds:.1f} s), fork: {faults.fork_outcome}; bridge: max loop lag "
-            f"{stats.max_loop_lag:.2f} s, {stats.blocked_episodes} blocked episodes",
-            flush=True,
-        )
-        print(f"stress: leak check: {verdict.leak_detail}", flush=True)
-        if stuck or not faults_done:
-            verdict.notes.append(f"threads still running: {stuck or ['stress-faults']}")
-        for name, example in sorted(ledger.examples.items()):
-            print(f"stress: failure {name}: e.g. {example}", flush=True)
-        if ledger.undocumented:
-            print(f"stress: UNDOCUMENTED failures: {', '.join(sorted(ledger.undocumented))}", flush=True)
-        for note in verdict.notes:
-            print(f"stress: note: {note}", flush=True)
-        return verdict
+        with ledger.watch_log():
+            return _run(setup, plan, args, db, ledger)
     finally:
         bridge.close(timeout=5)
+
+
+def _run(setup: Setup, plan: Plan, args: argparse.Namespace, db: Database, ledger: Ledger) -> Verdict:
+    """The load and the faults, then the verification; *ledger* counts abandoned objects meanwhile."""
+    db.open()
+    load = Load(db, ledger, plan)
+    started = time.monotonic()
+    faults = Faults(
+        admin_dsn=setup.admin_dsn,
+        target=setup.target,
+        deadline=load.deadline,
+        interval=args.interval,
+        restart=setup.restart,
+        restart_at=started + plan.duration * 0.5,
+        fork=None if args.no_fork else load.fork_worker,
+        fork_at=started + plan.duration * 0.3,
+    )
+    threads = load.start()
+    faults.start()
+    _watch(ledger, load.deadline, started)
+    join_deadline = time.monotonic() + plan.hang_bound + 10
+    for thread in threads:
+        thread.join(max(0.0, join_deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    faults_done = faults.join(max(1.0, join_deadline - time.monotonic()))
+    elapsed = time.monotonic() - started
+
+    # Anything a caller dropped unclosed is reported now (it would hold a connection in the leak check).
+    gc.collect()
+
+    verdict = Verdict()
+    verdict.acknowledged, verdict.failed, verdict.undocumented = ledger.counts()
+    verdict.hung = ledger.hung()
+    verdict.unseen_reads = ledger.bad_reads
+    rows = asyncio.run(_rows(setup.admin_dsn if not args.dsn else setup.dsn, setup))
+    check_rows(verdict, ledger, rows)
+    check_bridge(verdict, db)
+    stats = db.bridge.stats()
+    check_leaks(verdict, db, setup.admin_dsn, setup.target, setup.clients)
+    verdict.abandoned = ledger.abandoned  # after the leak check: the bridge has run every release
+    calls = sum(verdict.acknowledged.values()) + sum(verdict.failed.values())
+    print(
+        f"stress: {calls} calls in {elapsed:.1f} s ({calls / elapsed:.0f}/s); faults: "
+        f"{faults.terminated} backends terminated in {faults.rounds} rounds, {faults.restarts} restart "
+        f"({faults.restart_seconds:.1f} s), fork: {faults.fork_outcome}; bridge: max loop lag "
+        f"{stats.max_loop_lag:.2f} s, {stats.blocked_episodes} blocked episodes",
+        flush=True,
+    )
+    print(f"stress: leak check: {verdict.leak_detail}", flush=True)
+    if stuck or not faults_done:
+        verdict.notes.append(f"threads still running: {stuck or ['stress-faults']}")
+    for name, example in sorted(ledger.examples.items()):
+        print(f"stress: failure {name}: e.g. {example}", flush=True)
+    if ledger.undocumented:
+        print(f"stress: UNDOCUMENTED failures: {', '.join(sorted(ledger.undocumented))}", flush=True)
+    for example in ledger.abandoned_examples:
+        print(f"stress: ABANDONED: {example}", flush=True)
+    for note in verdict.notes:
+        print(f"stress: note: {note}", flush=True)
+    return verdict
 
 
 def _watch(ledger: Ledger, deadline: float, started: float) -> None:

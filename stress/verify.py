@@ -5,7 +5,10 @@
   retried write would show here instead of being refused);
 * **torn**: a transaction with one of its two rows only; **phantom**: a row whose key no call wrote;
 * **unseen reads**: a read of an acknowledged key that did not see it;
-* **hung**: a call still running past its bound, or a forked worker that never reported;
+* **hung**: a call that ran past its bound (still running at the end, or returned late), or a forked
+  worker that never reported;
+* **abandoned**: a transaction (or stream, subscription) the library reported as left open by its
+  caller (garbage collected unclosed, or its owner gone): the load closes everything it opens;
 * **leaked**: once the load stops, every server session of the Database must be one of the pool's idle
   connections and none ``idle in transaction``; every connection back in the pool; and after
   ``close()``, no session left at all.
@@ -43,6 +46,7 @@ class Verdict:
     unseen_reads: int = 0
     hung: int = 0
     leaked: int = 0
+    abandoned: int = 0
     leak_detail: str = ""
     bridge_alive: bool = False
     notes: list[str] = field(default_factory=list)
@@ -51,7 +55,7 @@ class Verdict:
     def ok(self) -> bool:
         return (
             self.lost == self.duplicated == self.torn == self.phantom == 0
-            and self.unseen_reads == self.hung == self.leaked == self.undocumented == 0
+            and self.unseen_reads == self.hung == self.leaked == self.abandoned == self.undocumented == 0
             and self.bridge_alive
         )
 
@@ -64,6 +68,7 @@ class Verdict:
             f"stress: {'PASS' if self.ok else 'FAIL'}: acknowledged {acked} ({kinds}); "
             f"failed {sum(self.failed.values())} ({failures or 'none'}); "
             f"lost {self.lost}; duplicated {self.duplicated}; hung {self.hung}; leaked {self.leaked}; "
+            f"abandoned {self.abandoned}; "
             f"torn {self.torn}; phantom {self.phantom}; unseen reads {self.unseen_reads}; "
             f"undocumented {self.undocumented}; bridge {'alive' if self.bridge_alive else 'DEAD'}"
         )

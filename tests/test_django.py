@@ -8,6 +8,7 @@ by real servers in subprocesses: uvicorn for ASGI, gunicorn (threaded workers) f
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -21,9 +22,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client
 
 from loopbridge import Database
+from loopbridge.contrib import _held
 from loopbridge.contrib.django import Databases, build, databases
 from tests.servers import Served, free_port, python, serve
-from tests.support import WAIT, independent, run_loop, with_query
+from tests.support import WAIT, independent, run_loop, run_script, with_query
 
 SETTINGS = "tests.apps.djangoproject.settings"
 HITS = "CREATE TABLE hits (id serial PRIMARY KEY, kind text NOT NULL)"
@@ -126,6 +128,97 @@ class TestSettings:
     def test_an_unknown_name_lists_the_configured_ones(self, django_dsn: str) -> None:
         with pytest.raises(KeyError, match="defines 'default'"):
             databases["analytics"]
+
+    def test_close_all_leaves_the_database_the_pytest_plugin_holds_to_the_plugin(self, dsn: str) -> None:
+        # loopbridge_app_db may be a Django app's Database; the plugin closes it when the session ends.
+        registry = Databases()
+        registry.configure({"default": {"dsn": dsn}, "other": {"dsn": dsn}})
+        held, other = registry["default"], registry["other"]
+        _held.hold(held)
+        try:
+            registry.close_all()
+            assert not held.closed
+            assert held.fetchval("SELECT 1") == 1
+            assert other.closed
+        finally:
+            assert _held.release(held)  # the close it asked for is the plugin's to do now
+            held.close()
+
+
+AT_EXIT = """
+import asyncio, atexit, json, os, time
+
+import asyncpg
+
+import loopbridge  # its own exit handler (closing every bridge) is registered now, so it runs last
+
+
+def after_the_apps_hook():
+    # Registered before django.setup(): at exit it runs after the app's close_all and before
+    # loopbridge's own exit handler, while the bridge still runs and could still hold the pools.
+    from loopbridge.contrib.django import databases
+
+    async def sessions():
+        conn = await asyncpg.connect(os.environ["ADMIN_DSN"])
+        try:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            name, deadline = os.environ["APP_NAME"], time.monotonic() + 10
+            while (left := await conn.fetchval(query, name)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # a backend leaves pg_stat_activity shortly after it ends
+            return left
+        finally:
+            await conn.close()
+
+    report = {
+        "closed": {name: db.closed for name, db in databases.items()},
+        "bridge_running": databases["default"].bridge.running,
+        "sessions": asyncio.run(sessions()),
+    }
+    print("AT EXIT", json.dumps(report), flush=True)
+
+
+atexit.register(after_the_apps_hook)
+
+from django.conf import settings
+
+settings.configure(
+    INSTALLED_APPS=["loopbridge.contrib.django"],
+    LOOPBRIDGE={"default": {"min_size": 2}, "reports": {"max_size": 1}},  # the DSN from $LOOPBRIDGE_DSN
+)
+import django
+
+django.setup()
+from loopbridge.contrib.django import databases
+
+databases["reports"].fetchval("SELECT 1")
+query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+print("OPEN", databases["default"].fetchval(query, os.environ["APP_NAME"]), flush=True)
+"""
+
+
+def test_the_apps_exit_hook_closes_every_database_and_the_server_sees_its_sessions_end(
+    dsn: str, admin_dsn: str, schema: str
+) -> None:
+    out = run_script(AT_EXIT, env={"LOOPBRIDGE_DSN": dsn, "ADMIN_DSN": admin_dsn, "APP_NAME": schema})
+    assert "OPEN 3" in out  # default's two, reports' one
+    report = json.loads(out.split("AT EXIT ", 1)[1])
+    assert report == {"closed": {"default": True, "reports": True}, "bridge_running": True, "sessions": 0}
+
+
+def test_the_dsn_defaults_to_loopbridge_dsn_then_database_url(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LOOPBRIDGE_DSN", raising=False)
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    db = build({"default": {"max_size": 1}})["default"]
+    try:
+        assert db.fetchval("SELECT current_schema()") == schema
+    finally:
+        db.close()
+    monkeypatch.setenv("LOOPBRIDGE_DSN", "postgresql://first@h/wins")
+    db = build({"default": {}})["default"]
+    assert db.dsn == "postgresql://first@h/wins"
+    db.close()
 
 
 @pytest.fixture

@@ -93,6 +93,15 @@ class TestExtension:
         with pytest.raises(ConfigurationError, match=r"LOOPBRIDGE_OPTIONS'\] must be a dict"):
             LoopBridge(app)
 
+    def test_a_dsn_among_the_options_says_to_use_loopbridge_dsn(self) -> None:
+        # Regression: Database(dsn, **{"dsn": ...}) raised a bare TypeError ("multiple values").
+        app = Flask("dsn-in-options")
+        app.config["LOOPBRIDGE_OPTIONS"] = {"dsn": "postgresql://u:hunter2secret@h/db", "max_size": 2}
+        with pytest.raises(ConfigurationError, match=r"goes in app\.config\['LOOPBRIDGE_DSN'\]") as caught:
+            LoopBridge(app)
+        assert "hunter2secret" not in str(caught.value)
+        assert "dsn-in-options" in str(caught.value)
+
     def test_an_app_without_the_extension_says_what_to_do(self) -> None:
         with Flask("bare").app_context(), pytest.raises(RuntimeError, match=r"call LoopBridge\(app\)"):
             get_database()

@@ -1,9 +1,12 @@
 """Jupyter: a notebook executed headless by nbclient on the ipykernel kernel, cells re-run.
 
 The kernel's event loop runs while every cell executes. Plain cells make blocking calls on it; cells
-with a top-level ``await`` await the async twins on it; a cell streams a result through a server-side
-cursor; then cells are run again, the one creating the Database included. The kernel's loop never
-owns a pool: the bridge's does. When the kernel shuts down, every pool it opened is closed.
+with a top-level ``await`` await the async twins on it; cells stream a result with the library's own
+``db.iterate()`` (a plain cell) and ``async for ... in db.aiterate()`` (a top-level-await cell), and
+through a raw server-side cursor inside ``db.run``; then every cell is run again, several times, the one
+creating the Database included. The kernel's loop never owns a pool: the bridge's does. However often
+the setup cell re-runs, the server sees the sessions of one pool only: a Database the cell's re-run
+replaced does not keep its pool. When the kernel shuts down, every pool it opened is closed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ SETUP = """\
 import asyncio, json
 from loopbridge import Database
 
-db = Database(max_size=2)  # $LOOPBRIDGE_DSN
+db = Database(min_size=1, max_size=1)  # $LOOPBRIDGE_DSN; one connection: one pool is one session
 """
 
 SYNC = """\
@@ -60,6 +63,25 @@ awaited = await db.arun(stream, 250)
 print(json.dumps({"blocking": blocking, "awaited": awaited}))
 """
 
+ITERATE = """\
+total = count = 0
+for row in db.iterate("SELECT n FROM events ORDER BY n", prefetch=128):  # a plain cell: blocking
+    total += row["n"]
+    count += 1
+print(json.dumps({"total": total, "count": count}))
+"""
+
+AITERATE = """\
+total = count = 0
+async for row in db.aiterate("SELECT n FROM events ORDER BY n", prefetch=64):  # top-level await
+    total += row["n"]
+    count += 1
+print(json.dumps({"total": total, "count": count, "loop_running": asyncio.get_running_loop() is not None}))
+"""
+
+#: How many times every cell runs, the setup cell (a new Database bound to ``db``) included.
+RUNS = 4
+
 
 def notebook_of(*sources: str) -> Any:
     """A notebook of code cells, validated by nbformat."""
@@ -94,24 +116,36 @@ def backends(admin_dsn: str, application_name: str) -> int:
     return int(rows[0][0])
 
 
+def sessions_settle_at(admin_dsn: str, application_name: str, want: int, timeout: float = 10) -> int:
+    """The number of the kernel's sessions once it is *want*, or after *timeout* seconds (a pool being
+    closed takes a moment to leave ``pg_stat_activity``)."""
+    deadline = time.monotonic() + timeout
+    while (found := backends(admin_dsn, application_name)) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
 @pytest.mark.slow
-def test_a_notebook_runs_and_reruns_sync_and_await_cells(
+def test_a_notebook_runs_and_reruns_sync_await_and_streaming_cells(
     dsn: str, admin_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)  # the kernel inherits it
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # jupyter_core's own deprecation notice, silenced
-    notebook = notebook_of(SETUP, SYNC, AWAIT, STREAM)
+    notebook = notebook_of(SETUP, SYNC, AWAIT, STREAM, ITERATE, AITERATE)
     client = NotebookClient(notebook, timeout=60, startup_timeout=60, kernel_name="python3")
     reports: list[list[dict[str, Any]]] = []
+    sessions: list[int] = []
     with client.setup_kernel():
-        for _ in range(2):  # the second time re-runs every cell, the Database's creation included
+        for _ in range(RUNS):  # each run re-runs every cell, the Database's creation included
             for index, cell in enumerate(notebook.cells):
                 client.execute_cell(cell, index)
             reports.append([last_json(cell) for cell in notebook.cells[1:]])
-        assert backends(admin_dsn, schema) >= 1  # both Databases' pools are open in the kernel
+            # One pool of one connection is open, whatever the number of runs: not one per run.
+            sessions.append(sessions_settle_at(admin_dsn, schema, want=1))
 
     total = sum(range(1000))
-    for sync, awaited, streamed in reports:
+    assert len(reports) == RUNS
+    for sync, awaited, streamed, iterated, aiterated in reports:
         assert sync == {"loop_running": True, "count": 1000}
         assert awaited == {
             "rows": [0, 1, 2, 3, 4],
@@ -119,9 +153,9 @@ def test_a_notebook_runs_and_reruns_sync_and_await_cells(
             "bridge_thread": "loopbridge-default",
         }
         assert streamed == {"blocking": [total, 10], "awaited": [total, 4]}
+        assert iterated == {"total": total, "count": 1000}
+        assert aiterated == {"total": total, "count": 1000, "loop_running": True}
+    assert sessions == [1] * RUNS, f"sessions of the kernel after each run: {sessions}"
 
     # The kernel exited normally: loopbridge closed every pool on its way out.
-    deadline = time.monotonic() + 15
-    while backends(admin_dsn, schema) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert backends(admin_dsn, schema) == 0
+    assert sessions_settle_at(admin_dsn, schema, want=0) == 0

@@ -232,7 +232,8 @@ def test_the_stress_mixed_load_passes_through_pgbouncer() -> None:
     assert proc.returncode == 0, output
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("stress: PASS: acknowledged "), output
-    assert "lost 0; duplicated 0; hung 0; leaked 0" in summary
+    assert "lost 0; duplicated 0; hung 0; leaked 0; abandoned 0" in summary
+    assert "torn 0; phantom 0; unseen reads 0; undocumented 0; bridge alive" in summary
     assert "through PgBouncer (transaction mode)" in proc.stdout
     assert PASSWORD not in output
 

@@ -13,8 +13,10 @@ import re
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from loopbridge import Database
+from loopbridge.contrib import pytest_plugin
 from loopbridge.contrib.pytest_plugin import PREFIX
 from tests.support import WAIT, in_thread, independent
 
@@ -46,6 +48,50 @@ class TestFreshDatabase:
     async def test_loopbridge_db_from_an_async_test(self, loopbridge_db: Database) -> None:
         assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
         assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None  # not the last test's
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+
+    @pytest.mark.asyncio(loop_scope="module")
+    async def test_loopbridge_db_from_a_module_scoped_loop(self, loopbridge_db: Database) -> None:
+        assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
+        assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+        assert loopbridge_db.fetchval("SELECT count(*) FROM mine") == 0  # blocking, inside the loop
+
+    @pytest.mark.asyncio(loop_scope="session")
+    async def test_loopbridge_db_from_a_session_scoped_loop(self, loopbridge_db: Database) -> None:
+        assert (await loopbridge_db.afetchval("SELECT current_schema()")).startswith(PREFIX)
+        assert await loopbridge_db.afetchval("SELECT to_regclass('mine')") is None
+        await loopbridge_db.aexecute("CREATE TABLE mine (x int)")
+
+    @pytest.mark.asyncio(loop_scope="module")
+    async def test_an_async_fixture_on_a_module_scoped_loop(self, seeded: Database) -> None:
+        assert await seeded.afetchval("SELECT n FROM seeded") == 100
+        assert await seeded.afetchval("SELECT to_regclass('mine')") is None
+
+
+@pytest.mark.parametrize("isolation", ["schema", "database"])
+def test_generated_names_are_quoted_with_asyncpgs_quoting(
+    isolation: str, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any prefix works, quotes and capitals included: the identifiers go through asyncpg's quoting.
+    monkeypatch.setattr(pytest_plugin, "PREFIX", 'Odd "Prefix" ')
+    catalog = {
+        "schema": ("SELECT current_schema()", "SELECT count(*) FROM pg_namespace WHERE nspname = $1"),
+        "database": ("SELECT current_database()", "SELECT count(*) FROM pg_database WHERE datname = $1"),
+    }[isolation]
+    with pytest_plugin._fresh(admin_dsn, isolation) as dsn:
+        name = independent(dsn, catalog[0])[0][0]
+        assert name.startswith('Odd "Prefix" ')
+        assert independent(admin_dsn, catalog[1], name)[0][0] == 1
+    assert independent(admin_dsn, catalog[1], name)[0][0] == 0  # dropped
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def seeded(loopbridge_db: Database) -> Database:
+    """An async fixture on the module's loop, over the (sync, function-scoped) ``loopbridge_db``."""
+    await loopbridge_db.aexecute("CREATE TABLE seeded (n int)")
+    await loopbridge_db.aexecute("INSERT INTO seeded VALUES (100)")
+    return loopbridge_db
 
 
 @pytest.mark.usefixtures("rolled")
@@ -173,6 +219,18 @@ async def test_session_loop():
 def test_fresh_schema(loopbridge_db):
     print("SCHEMA", loopbridge_db.fetchval("SELECT current_schema()"))
     loopbridge_db.execute("CREATE TABLE t (x int)")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_fresh_schema_module_loop(loopbridge_db):
+    assert await loopbridge_db.afetchval("SELECT to_regclass('t')") is None
+    await loopbridge_db.aexecute("CREATE TABLE t (x int)")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_fresh_schema_session_loop(loopbridge_db):
+    assert await loopbridge_db.afetchval("SELECT to_regclass('t')") is None
+    await loopbridge_db.aexecute("CREATE TABLE t (x int)")
 """
 
 INI = """
@@ -205,7 +263,7 @@ class TestInAProjectOfItsOwn:
         self, project: pytest.Pytester, dsn: str, admin_dsn: str
     ) -> None:
         result = project.runpytest_subprocess(f"--loopbridge-dsn={admin_dsn}", "-s", timeout=120)
-        result.assert_outcomes(passed=6)
+        result.assert_outcomes(passed=8)
         assert independent(dsn, "SELECT count(*) FROM visits")[0][0] == 0
         name = printed("SCHEMA", result)
         assert name.startswith(PREFIX)
@@ -227,12 +285,22 @@ class TestInAProjectOfItsOwn:
             async def test_two(loopbridge_db):
                 name = await loopbridge_db.afetchval("SELECT current_database()")
                 assert name.startswith("loopbridge_test_")
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_module_loop(loopbridge_db):
+                name = await loopbridge_db.afetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
+
+            @pytest.mark.asyncio(loop_scope="session")
+            async def test_session_loop(loopbridge_db):
+                name = await loopbridge_db.afetchval("SELECT current_database()")
+                assert name.startswith("loopbridge_test_")
             """
         )
         result = pytester.runpytest_subprocess(
             f"--loopbridge-dsn={admin_dsn}", "-o", "loopbridge_isolation=database", "-s", timeout=120
         )
-        result.assert_outcomes(passed=2)
+        result.assert_outcomes(passed=4)
         name = printed("DATABASE", result)
         assert independent(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name)[0][0] == 0
 
@@ -273,3 +341,141 @@ class TestInAProjectOfItsOwn:
         pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
         result = pytester.runpytest_subprocess("--loopbridge-dsn=postgresql://h:1/x", timeout=120)
         result.assert_outcomes(passed=1)
+
+
+# -- the README's recipe with the README's FastAPI quickstart -----------------------------------------
+
+FASTAPI_APP = """
+from fastapi import FastAPI
+
+from loopbridge import Database
+from loopbridge.contrib.fastapi import DatabaseDep, lifespan
+
+db = Database()   # reads $LOOPBRIDGE_DSN
+
+
+async def create_tables(db: Database) -> None:
+    await db.aexecute("CREATE TABLE IF NOT EXISTS users (id serial PRIMARY KEY, name text)")
+
+
+app = FastAPI(lifespan=lifespan(db, setup=create_tables))  # closes db at shutdown
+
+
+@app.post("/users/{name}")
+async def signup(name: str, db: DatabaseDep):
+    return {"id": await db.afetchval("INSERT INTO users (name) VALUES ($1) RETURNING id", name)}
+
+
+@app.get("/count")
+def count(db: DatabaseDep):
+    return db.fetchval("SELECT count(*) FROM users")
+"""
+
+FASTAPI_CONFTEST = """
+import atexit
+
+import pytest
+
+from app import db
+
+
+@pytest.fixture(scope="session")
+def loopbridge_app_db():
+    yield db
+    # Its own teardown may still use it: the plugin closes it only once the session is over.
+    with open("app_db_at_teardown.txt", "w") as out:
+        out.write(repr(db.fetchval("SELECT 42")))
+
+
+@atexit.register
+def closed_by_then():
+    # After pytest is done, before loopbridge's own exit handler (registered earlier, when app imported
+    # loopbridge): did the plugin close the app's Database, as its lifespan asked?
+    with open("app_db_closed.txt", "w") as out:
+        out.write(repr(db.closed))
+"""
+
+FASTAPI_TESTS = """
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app import app, db
+
+pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")
+
+
+def signup_with_a_test_client(name):
+    with TestClient(app) as client:  # runs the lifespan: opens db, creates the table; closes db
+        client.post(f"/users/{name}").raise_for_status()
+        return client.get("/count").json()
+
+
+@asynccontextmanager
+async def served(app):
+    # The lifespan on the test's own loop, and requests through httpx's ASGI transport.
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope, receive, send):
+            scope["state"] = dict(state)
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            yield client
+
+
+async def signup_with_an_async_client(name):
+    async with served(app) as client:
+        (await client.post(f"/users/{name}")).raise_for_status()
+        return (await client.get("/count")).json()
+
+
+def test_sync_first():
+    assert signup_with_a_test_client("ada") == 1
+
+
+def test_sync_second():
+    assert signup_with_a_test_client("bob") == 1
+    assert db.fetchval("SELECT count(*) FROM users") == 1
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_async_function_loop():
+    assert await signup_with_an_async_client("cy") == 1
+    assert await db.afetchval("SELECT count(*) FROM users") == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_async_module_loop():
+    assert await signup_with_an_async_client("di") == 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_async_session_loop_with_a_test_client():
+    assert signup_with_a_test_client("ed") == 1
+    assert await db.afetchval("SELECT count(*) FROM users") == 1
+
+
+def test_sync_last():
+    assert signup_with_a_test_client("flo") == 1
+"""
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_works_with_the_readme_fastapi_quickstart(
+    pytester: pytest.Pytester, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the quickstart's lifespan(db) closed the Database at the end of the first TestClient
+    # block, the session-wide one loopbridge_app_db had pinned: every later test raised
+    # DatabaseClosedError. The plugin owns its lifetime now, and closes it when the session ends.
+    monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+    pytester.makeini(INI)
+    pytester.makepyfile(app=FASTAPI_APP, conftest=FASTAPI_CONFTEST, test_app=FASTAPI_TESTS)
+    result = pytester.runpytest_subprocess(timeout=120)
+    result.assert_outcomes(passed=6)
+    assert (pytester.path / "app_db_at_teardown.txt").read_text() == "42"
+    assert (pytester.path / "app_db_closed.txt").read_text() == "True"
+    assert independent(dsn, "SELECT to_regclass('users')")[0][0] is None  # created in rolled-back tests

@@ -54,7 +54,8 @@ class LoopBridge:
         """Build the app's Database from ``LOOPBRIDGE_DSN`` (default ``$LOOPBRIDGE_DSN``, then
         ``$DATABASE_URL``) and ``LOOPBRIDGE_OPTIONS`` (keywords of :class:`~loopbridge.Database`).
 
-        :raises ConfigurationError: for a malformed DSN or option, naming the config key.
+        :raises ConfigurationError: for a malformed DSN or option, or a DSN given among the options,
+            naming the config key.
         """
         if _EXTENSION in app.extensions:
             raise RuntimeError(f"LoopBridge is already set up on the Flask app {app.name!r}")
@@ -66,9 +67,15 @@ class LoopBridge:
                     "app.config['LOOPBRIDGE_OPTIONS'] must be a dict of Database keywords such as "
                     f"{{'max_size': 10}}, not {type(options).__name__}"
                 )
+            if "dsn" in options:  # Database(dsn, dsn=...) would be a bare TypeError
+                raise ConfigurationError(
+                    f"Flask app {app.name!r}: the DSN goes in app.config['LOOPBRIDGE_DSN'] (default "
+                    "$LOOPBRIDGE_DSN, then $DATABASE_URL), not in app.config['LOOPBRIDGE_OPTIONS'], which "
+                    "holds the other Database keywords, such as {'max_size': 10}"
+                )
             try:
                 database = Database(app.config.get("LOOPBRIDGE_DSN"), **options)
-            except ConfigurationError as exc:
+            except (ConfigurationError, TypeError) as exc:
                 raise ConfigurationError(
                     f"Flask app {app.name!r} (LOOPBRIDGE_DSN / LOOPBRIDGE_OPTIONS): {exc}"
                 ) from exc

@@ -29,6 +29,13 @@ Fixtures:
     any thread or loop), runs on the connection holding the transaction; a transaction begun inside it
     is a savepoint. Use it for every test of a module with
     ``pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")``.
+
+From the first test using ``loopbridge_rollback_db`` to the end of the session, the plugin owns the
+lifetime of ``loopbridge_app_db``: the application's shutdown hooks in ``loopbridge.contrib`` (the
+Starlette/FastAPI ``lifespan`` at the end of every ``with TestClient(app)`` block, Django's
+``close_all``) leave it open, and the plugin closes it once the session is over (after every fixture's
+teardown) if one of them asked. Without that, the first ``TestClient`` block would close it for every
+later test.
 """
 
 from __future__ import annotations
@@ -42,10 +49,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 from asyncpg.transaction import Transaction
+from asyncpg.utils import _quote_ident
 
 from loopbridge._dsn import parse_dsn
 from loopbridge.database import Database
 from loopbridge.errors import ConfigurationError
+
+from . import _held
 
 __all__ = [
     "loopbridge_app_db",
@@ -129,15 +139,33 @@ def loopbridge_app_db(loopbridge_dsn: str) -> Iterator[Database]:
             db.close(timeout=TIMEOUT / 2)
 
 
-@pytest.fixture
-def loopbridge_rollback_db(loopbridge_app_db: Database) -> Iterator[Database]:
-    """``loopbridge_app_db``, with this test inside a transaction rolled back at its end."""
+@pytest.fixture(scope="session")
+def _loopbridge_app_db_held(loopbridge_app_db: Database, pytestconfig: pytest.Config) -> Database:
+    """``loopbridge_app_db``, whose lifetime the plugin owns until the session ends: the application's
+    shutdown hooks (an app's lifespan at the end of each ``TestClient`` block) leave it open meanwhile
+    (see :mod:`loopbridge.contrib._held`). If one of them asked to close it, it is closed once the
+    session is over, after every fixture's teardown, ``loopbridge_app_db``'s own included (which may
+    still use it)."""
     db = loopbridge_app_db
     if not isinstance(db, Database):
         raise TypeError(
             "the loopbridge_app_db fixture must return the loopbridge.Database your application uses, "
             f"not {type(db).__name__}"
         )
+    _held.hold(db)
+
+    def let_go() -> None:
+        if _held.release(db):
+            db.close(timeout=TIMEOUT / 2)
+
+    pytestconfig.add_cleanup(let_go)
+    return db
+
+
+@pytest.fixture
+def loopbridge_rollback_db(_loopbridge_app_db_held: Database) -> Iterator[Database]:
+    """``loopbridge_app_db``, with this test inside a transaction rolled back at its end."""
+    db = _loopbridge_app_db_held
     transaction = db.bridge.run(_begin, db, timeout=TIMEOUT)
     try:
         yield db
@@ -196,26 +224,27 @@ async def _roll_back(db: Database, transaction: Transaction) -> bool:
 @contextmanager
 def _fresh(dsn: str, isolation: str) -> Iterator[str]:
     """``with _fresh(dsn, isolation) as fresh_dsn``: a new schema or database, dropped afterwards."""
-    name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    fresh = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    name = _quote_ident(fresh)  # asyncpg's quoting: the identifier in SQL and in search_path
     # A one-connection Database of its own for the DDL: CREATE DATABASE cannot run in a transaction, and
     # the Database under test may be pinned to one.
     admin = Database(dsn, min_size=0, max_size=1)
     try:
         if isolation == "database":
-            admin.execute(f'CREATE DATABASE "{name}"', timeout=TIMEOUT)
+            admin.execute(f"CREATE DATABASE {name}", timeout=TIMEOUT)
             try:
-                yield _with(dsn, path=f"/{name}")
+                yield _with(dsn, path=f"/{fresh}")
             finally:
                 # FORCE (PostgreSQL 13+) ends sessions the test left open.
                 force = int(admin.fetchval("SHOW server_version_num", timeout=TIMEOUT)) >= 130000
                 option = " WITH (FORCE)" if force else ""
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"{option}', timeout=TIMEOUT)
+                admin.execute(f"DROP DATABASE IF EXISTS {name}{option}", timeout=TIMEOUT)
         else:
-            admin.execute(f'CREATE SCHEMA "{name}"', timeout=TIMEOUT)
+            admin.execute(f"CREATE SCHEMA {name}", timeout=TIMEOUT)
             try:
                 yield _with(dsn, search_path=name)
             finally:
-                admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE', timeout=TIMEOUT)
+                admin.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE", timeout=TIMEOUT)
     finally:
         admin.close()
 

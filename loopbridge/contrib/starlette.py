@@ -32,6 +32,8 @@ from starlette.requests import HTTPConnection
 from loopbridge.database import Database
 from loopbridge.errors import DatabaseClosedError
 
+from . import _held
+
 __all__ = ["STATE_KEY", "get_database", "lifespan"]
 
 #: The key of the Database in the lifespan state (``request.state.loopbridge_database``).
@@ -57,7 +59,8 @@ def lifespan(
     :param setup: called with the Database at startup, before the first request.
     :param close: close a given Database at shutdown. Pass False when the lifespan may run again in
         this process (several ``TestClient`` blocks on one app) or the Database outlives the app. A
-        Database made by a factory is always closed.
+        Database made by a factory is always closed. Under the pytest plugin, the Database it holds for
+        the session (``loopbridge_app_db``) is left open and closed at the session's end instead.
     :raises TypeError: if *database* is neither a Database nor a callable.
     """
     if not isinstance(database, Database) and not callable(database):
@@ -82,7 +85,8 @@ def lifespan(
                     await outcome
             yield {STATE_KEY: db}
         finally:
-            if close or not isinstance(database, Database):
+            # The pytest plugin's loopbridge_app_db outlives every TestClient block of the session.
+            if (close or not isinstance(database, Database)) and not _held.defer_close(db):
                 await db.aclose()
 
     return run

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from loopbridge.contrib import _held
 from loopbridge.database import Database
 from loopbridge.errors import ConfigurationError
 
@@ -88,12 +89,18 @@ class Databases(Mapping[str, Database]):
         with self._lock:
             old, self._databases = self._databases, built
         for db in (old or {}).values():
-            db.close()
+            if not _held.defer_close(db):
+                db.close()
 
     def close_all(self, timeout: float = 10.0) -> None:
-        """Close every Database (safe twice); Django calls it at process exit."""
+        """Close every Database (safe twice); the app registers it to run at process exit.
+
+        A Database the pytest plugin holds for its session (``loopbridge_app_db``) is left open, and
+        closed by the plugin at the session's end.
+        """
         for db in (self._databases or {}).values():
-            db.close(timeout)
+            if not _held.defer_close(db):
+                db.close(timeout)
 
 
 def build(settings: object) -> dict[str, Database]:
