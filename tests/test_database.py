@@ -19,6 +19,7 @@ from loopbridge import (
     DatabaseClosedError,
     PoolTimeoutError,
 )
+from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, in_thread, independent, run_loop
@@ -192,15 +193,19 @@ class TestLifecycle:
         assert results == ["done"]
 
     def test_dsn_defaults_to_loopbridge_dsn_then_database_url(
-        self, dsn: str, monkeypatch: pytest.MonkeyPatch
+        self, dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        """Regression: this compared ``db.dsn`` with the server's DSN, which fails for any server DSN
+        with a password (the embedded server's ``postgres:@``, testcontainers' ``test:test@``): ``db.dsn``
+        is redacted. What matters is which DSN the Database connects with."""
         monkeypatch.delenv("LOOPBRIDGE_DSN", raising=False)
         monkeypatch.setenv("DATABASE_URL", "postgresql://from-database-url@h/d")
         assert "from-database-url" in Database().dsn
         monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
         db = Database()
-        assert db.dsn == dsn
-        assert db.fetchval("SELECT 1") == 1
+        assert db.dsn == parse_dsn(dsn).redacted
+        # Connected with LOOPBRIDGE_DSN: its application_name is this test's schema.
+        assert db.fetchval("SELECT current_setting('application_name')") == schema
         db.close()
 
     def test_no_dsn_at_all_says_what_to_set(self, monkeypatch: pytest.MonkeyPatch) -> None:
