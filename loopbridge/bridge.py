@@ -315,6 +315,12 @@ class Bridge:
             "loopbridge.default_bridge(), which replaces a closed default bridge"
         )
 
+    def _refuse_blocking_call(self, label: str) -> None:
+        """Raise :class:`DeadlockError` if called on the bridge thread, where *label* (a blocking call)
+        would wait forever; for callers that must check before they change any state."""
+        if self.in_bridge_thread():
+            raise DeadlockError(_deadlock_message(label, self._name))
+
     def _register(self, resource: Resource) -> None:
         """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop.
 

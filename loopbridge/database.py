@@ -324,7 +324,13 @@ class Database(OpenClose, CopyMethods, StreamMethods):
     def close(self, timeout: float = 10.0) -> None:
         """Close the pool on the bridge loop: calls in flight may finish within *timeout* seconds, then
         their connections are terminated. Later calls raise :class:`DatabaseClosedError`. Safe to call
-        twice. The bridge keeps running (other Databases may share it)."""
+        twice. The bridge keeps running (other Databases may share it).
+
+        :raises DeadlockError: if called on the bridge thread (await :meth:`aclose` there); the Database
+            stays open, so a later close() still closes it.
+        """
+        # Before marking it closed: a close() that cannot run must not leave a pool nobody closes.
+        self._bridge._refuse_blocking_call("Database.close()")
         if self._mark_closed():
             try:
                 self._bridge._run(

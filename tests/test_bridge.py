@@ -407,6 +407,13 @@ class TestDeadlockGuard:
 
         with pytest.raises(DeadlockError, match="close the bridge from another thread"):
             bridge.run(close_myself)
+        # Nothing changed: the bridge still serves, and a close from another thread still closes it.
+        assert not bridge.closed
+        assert bridge.run(asyncio.sleep, 0, "still serving") == "still serving"
+        thread = bridge.thread
+        assert thread is not None
+        bridge.close()
+        assert not thread.is_alive()
 
 
 class TestClose:

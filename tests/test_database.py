@@ -17,10 +17,12 @@ from loopbridge import (
     ConnectError,
     Database,
     DatabaseClosedError,
+    DeadlockError,
     PoolTimeoutError,
 )
 from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
+from tests.boundary import sessions
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, in_thread, independent, run_loop
 
@@ -191,6 +193,24 @@ class TestLifecycle:
         db.close(timeout=10)
         thread.join(WAIT)
         assert results == ["done"]
+
+    def test_close_on_the_bridge_thread_raises_deadlock_error_and_leaves_the_database_open(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str
+    ) -> None:
+        """Regression: close() marked the Database closed before it found it was on the bridge thread, so
+        the DeadlockError left a pool that a later, proper close() no longer closed."""
+        db = Database(dsn, bridge=bridge, min_size=2)
+        db.open()
+
+        async def close_inside(con: asyncpg.Connection) -> None:
+            db.close()
+
+        with pytest.raises(DeadlockError, match=r"Database.close\(\)"):
+            db.run(close_inside)
+        assert not db.closed
+        assert db.fetchval("SELECT 1") == 1
+        db.close()
+        wait_until(lambda: sessions(admin_dsn, schema) == 0)
 
     def test_dsn_defaults_to_loopbridge_dsn_then_database_url(
         self, dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
