@@ -29,12 +29,15 @@ from typing import Any, NoReturn, Protocol
 from ._call import Call, CancelReason, Ledger, Mailbox
 from .errors import BridgeClosedError
 
-__all__ = ["LoopThread", "Resource", "abandon", "park_at_exit"]
+__all__ = ["GRACE", "STOP_MARGIN", "LoopThread", "Resource", "abandon", "park_at_exit"]
 
 logger = logging.getLogger("loopbridge")
 
 #: How long close() waits for cancelled work and stray tasks to unwind, beyond its own timeout.
 GRACE = 1.0
+#: How much longer than its timeout :meth:`LoopThread.stop` takes at most: the shutdown's own bound,
+#: then joining the watchdog and the loop thread.
+STOP_MARGIN = 5 * GRACE
 
 
 class Resource(Protocol):

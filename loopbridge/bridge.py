@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -30,7 +31,7 @@ from ._call import (
     describe,
     invoke,
 )
-from ._loop import GRACE, LoopThread, Resource, abandon, park_at_exit
+from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -85,6 +86,8 @@ class Bridge:
         self._state: _State = "idle"
         self._live: LoopThread | None = None
         self._stopping: LoopThread | None = None  # the generation close() is stopping right now
+        self._stopped = threading.Event()  # set when the first close() is done stopping
+        self._stop_deadline = 0.0  # by when that close() is done at the latest (time.monotonic())
         self._lock = threading.Lock()
         _bridges.add(self)
 
@@ -136,9 +139,13 @@ class Bridge:
         )
 
     def in_bridge_thread(self) -> bool:
-        """True when called on the bridge's own thread (where blocking calls would deadlock)."""
-        live = self._live
-        return live is not None and live.thread_id == threading.get_ident() and live.pid == os.getpid()
+        """True when called on the bridge's own thread (where blocking calls would deadlock), also while
+        close() is stopping it."""
+        ident, pid = threading.get_ident(), os.getpid()
+        return any(
+            generation is not None and generation.thread_id == ident and generation.pid == pid
+            for generation in (self._live, self._stopping)
+        )
 
     # -- calls --------------------------------------------------------------------------------------
 
@@ -339,7 +346,8 @@ class Bridge:
     def close(self, timeout: float | None = None) -> None:
         """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
         close every resource registered on it (pools) on the bridge loop, stop the loop and join the
-        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`.
+        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`. A close() made while
+        another is stopping the bridge returns once that one is done.
 
         :raises DeadlockError: if called on the bridge thread (it cannot join itself).
         """
@@ -351,22 +359,30 @@ class Bridge:
                 f"Bridge.close() was called on the bridge thread of {self._name!r}, which it would have "
                 "to join: close the bridge from another thread, or await bridge.aclose() elsewhere"
             )
+        timeout = self._close_timeout if timeout is None else timeout
         with self._lock:
-            if self._state == "closed":
-                return
-            self._state = "closed"
-            # In one step, so that work on the loop always finds the generation it runs on.
-            live, self._live = self._live, None
-            self._stopping = live
+            first = self._state != "closed"
+            if first:
+                self._state = "closed"
+                self._stop_deadline = time.monotonic() + timeout + STOP_MARGIN
+                # In one step, so that work on the loop always finds the generation it runs on.
+                live, self._live = self._live, None
+                self._stopping = live
+        if not first:
+            # Another close() may still be stopping the bridge: "closed" means the same to every
+            # caller (nothing runs on it any more), so wait for that one, as long as it can take.
+            self._stopped.wait(max(0.0, self._stop_deadline - time.monotonic()))
+            return
         try:
             if live is None:
                 return
             if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
                 abandon(live)
                 return
-            live.stop(self._close_timeout if timeout is None else timeout, at_exit=at_exit)
+            live.stop(timeout, at_exit=at_exit)
         finally:
             self._stopping = None
+            self._stopped.set()
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code: runs the blocking close in a worker thread."""
@@ -390,6 +406,9 @@ class Bridge:
         # In the child: the loop thread does not exist here. Abandon its generation untouched; the
         # next call starts a fresh thread, loop and pools.
         self._lock = threading.Lock()  # another thread may have held it at fork time
+        self._stopped = threading.Event()  # its lock too; and no close() of the parent's goes on here
+        if self._state == "closed":
+            self._stopped.set()
         live, self._live = self._live, None
         stopping, self._stopping = self._stopping, None  # a close() the parent was in the middle of
         for generation in (live, stopping):

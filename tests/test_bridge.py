@@ -46,6 +46,13 @@ async def fail_deep() -> None:
     raise ValueError("raised on the bridge")
 
 
+def wait_for(predicate: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
 class Recorder:
     """A coroutine that sleeps and records whether it finished or was cancelled (thread-safe)."""
 
@@ -457,6 +464,58 @@ class TestClose:
         assert recorder.started.wait(WAIT)
         bridge.close(timeout=10)
         assert future.result(timeout=0) == "slept"
+
+    def test_a_concurrent_close_returns_only_once_the_first_has_stopped_the_bridge(self) -> None:
+        """Regression: a second close() found the bridge marked closed and returned at once, while the
+        first was still letting a call finish and the loop thread still ran."""
+        bridge = Bridge("closed-twice-at-once")
+        started, release = threading.Event(), threading.Event()
+
+        async def finish_when_released() -> str:
+            started.set()
+            await asyncio.to_thread(release.wait, WAIT)
+            return "finished"
+
+        future = bridge.submit(finish_when_released)
+        assert started.wait(WAIT)
+        loop_thread = bridge.thread
+        assert loop_thread is not None
+        first = threading.Thread(target=bridge.close, args=(WAIT,), name="first-close")
+        first.start()
+        wait_for(lambda: bridge.closed)
+        second = threading.Thread(target=bridge.close, args=(WAIT,), name="second-close")
+        second.start()
+        second.join(0.3)
+        assert second.is_alive(), "the second close() returned while the first was still stopping"
+        release.set()
+        second.join(WAIT)
+        assert not second.is_alive()
+        assert future.done()
+        assert future.result(timeout=0) == "finished"
+        assert not loop_thread.is_alive()
+        first.join(WAIT)
+
+    def test_a_close_on_the_bridge_thread_while_the_bridge_is_stopping_raises_deadlock_error(self) -> None:
+        bridge = Bridge("closing-itself-while-closing")
+        started, release = threading.Event(), threading.Event()
+
+        async def close_from_inside() -> str:
+            started.set()
+            await asyncio.to_thread(release.wait, WAIT)
+            try:
+                bridge.close()
+            except DeadlockError:
+                return "refused"
+            return "returned"
+
+        future = bridge.submit(close_from_inside)
+        assert started.wait(WAIT)
+        closer = threading.Thread(target=bridge.close, args=(WAIT,), name="closer")
+        closer.start()
+        wait_for(lambda: bridge.closed)
+        release.set()
+        closer.join(WAIT)
+        assert future.result(timeout=0) == "refused"
 
     def test_calls_still_running_after_the_timeout_get_bridge_closed_error(self) -> None:
         bridge = Bridge("impatient")
