@@ -158,15 +158,19 @@ class Bridge:
     def run(self, fn: Any, /, *args: Any, timeout: float | None = None) -> Any:  # type: ignore[misc]  # mypy: overloads with TypeVarTuple
         """Run ``fn(*args)`` on the bridge loop and block until it returns; from sync code.
 
-        *fn* is an async function (or any function returning an awaitable); an awaitable (such as
-        ``asyncpg.create_pool(...)``) may be passed instead, with no arguments. Pass keyword
-        arguments with ``functools.partial``.
+        *fn* is an async function (or any function returning an awaitable), called on the bridge loop.
+        An awaitable that no loop owns yet, such as a coroutine object, may be passed instead, with no
+        arguments. Whatever binds itself to the loop it is made on must be made on the bridge loop:
+        pass the function, ``bridge.run(asyncpg.create_pool, dsn)``, never
+        ``bridge.run(asyncpg.create_pool(dsn))``. Pass keyword arguments with ``functools.partial``.
 
         :param timeout: seconds; on expiry the work is cancelled on the bridge loop.
         :returns: what *fn* returned. Exceptions it raised are raised here unchanged.
         :raises CallTimeoutError: (a ``TimeoutError``) if *timeout* expired.
         :raises DeadlockError: if called on the bridge thread itself (await :meth:`arun` there).
         :raises BridgeClosedError: if the bridge is closed, or closed while the call ran.
+        :raises TypeError: for something that cannot be run: not async, or an awaitable bound to another
+            event loop (a future or task of that loop, an asyncpg pool made there). Nothing is queued.
         :raises KeyboardInterrupt: re-raised after cancelling the work when Ctrl-C interrupts the wait.
         """
         return self._run(fn, args, None, timeout, None)
@@ -212,7 +216,10 @@ class Bridge:
         _check_fn(fn, args, label)
         if timeout is not None:
             _check_timeout(timeout, label)
-        return label, self._generation()
+        generation = self._generation()
+        if not callable(fn):
+            _check_loop(fn, generation.loop, label)
+        return label, generation
 
     # The internal entry points below take keyword arguments for fn and a label for messages; the
     # Database facade and friends use them. They are the only two ways into the loop thread.
@@ -487,6 +494,24 @@ def _check_fn(fn: object, args: tuple[Any, ...], label: str) -> None:
             f"function and its arguments separately: incorrect: {label.split('(')[0]}(fetch_rows(), 42); "
             f"correct: {label.split('(')[0]}(fetch_rows, 42)"
         )
+
+
+def _check_loop(awaitable: object, bridge_loop: asyncio.AbstractEventLoop, label: str) -> None:
+    """Refuse an awaitable that belongs to another event loop: awaited on the bridge loop it fails deep
+    inside ("Future attached to a different loop", or a hang), far from the mistake."""
+    if asyncio.isfuture(awaitable):
+        loop: object = awaitable.get_loop()
+    else:  # an asyncpg Pool not yet awaited keeps the loop it was made on, as others do, in _loop
+        loop = getattr(awaitable, "_loop", None)
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop is bridge_loop:
+        return
+    name = label.split("(")[0]
+    raise TypeError(
+        f"{label} got an awaitable bound to another event loop than the bridge's ({loop!r}): it was made "
+        "in the caller's thread, and only that loop can await it. Pass the function that makes it, with "
+        f"its arguments, so that it is made on the bridge loop: incorrect: "
+        f"{name}(asyncpg.create_pool(dsn)); correct: {name}(asyncpg.create_pool, dsn)"
+    )
 
 
 def _check_timeout(timeout: object, label: str) -> None:

@@ -246,6 +246,36 @@ class TestErrors:
         with pytest.raises(TypeError, match=r"correct: Bridge.run\(fetch_rows, 42\)"):
             bridge.run(add(1, 2), 42)  # type: ignore[call-overload]
 
+    def test_an_awaitable_bound_to_another_loop_is_refused_before_anything_is_queued(
+        self, bridge: Bridge, caller: Caller, dsn: str
+    ) -> None:
+        """Regression: ``bridge.run(asyncpg.create_pool(dsn))`` (which the docstring recommended) failed
+        on the bridge loop with asyncpg's "Future attached to a different loop"."""
+        other = asyncio.new_event_loop()
+        try:
+            pool = asyncpg.create_pool(dsn, loop=other)  # made in the caller's thread: bound to `other`
+            future = other.create_future()
+            for awaitable in (pool, future):
+                with pytest.raises(TypeError, match="bound to another event loop") as refused:
+                    caller.call(bridge, "run", awaitable)
+                assert "(asyncpg.create_pool(dsn)); correct: " in str(refused.value)
+                assert "(asyncpg.create_pool, dsn)" in str(refused.value)
+            assert bridge.stats().calls_started == 0  # nothing was queued
+            # Made on the bridge loop, the same pool works.
+            made_there = bridge.run(asyncpg.create_pool, dsn)
+            assert bridge.run(made_there.fetchval, "SELECT 1") == 1
+            bridge.run(made_there.close)
+        finally:
+            other.close()
+
+    def test_a_future_of_the_bridge_loop_itself_is_accepted(self, bridge: Bridge) -> None:
+        async def make_future() -> asyncio.Future[str]:
+            future = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_result, "resolved")
+            return future
+
+        assert bridge.run(bridge.run(make_future)) == "resolved"
+
     def test_an_already_awaited_coroutine_is_refused(self, bridge: Bridge) -> None:
         coro = add(1, 2)
         assert bridge.run(coro) == 3
