@@ -24,12 +24,21 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NoReturn, Protocol
 
 from ._call import Call, CancelReason, Ledger, Mailbox
 from .errors import BridgeClosedError
 
-__all__ = ["GRACE", "STOP_MARGIN", "LoopThread", "Resource", "abandon", "park_at_exit"]
+__all__ = [
+    "GRACE",
+    "STOP_MARGIN",
+    "LoopThread",
+    "Resource",
+    "abandon",
+    "park_at_exit",
+    "stranded_log_level",
+]
 
 logger = logging.getLogger("loopbridge")
 
@@ -38,6 +47,13 @@ GRACE = 1.0
 #: How much longer than its timeout :meth:`LoopThread.stop` takes at most: the shutdown's own bound,
 #: then joining the watchdog and the loop thread.
 STOP_MARGIN = 5 * GRACE
+
+#: Set in the shutdown task once no call runs and none can start any more. A connection still leased
+#: then is held across calls (an open transaction, a row stream) by a caller the bridge will never
+#: serve again, so nothing can give it back, and a pool that closes need not wait for it. The value is
+#: the level at which ending such connections is logged: a warning on close(), which cut the holder's
+#: work short; debug at interpreter exit, where the holders are daemon threads the interpreter stops.
+stranded_log_level: ContextVar[int | None] = ContextVar("loopbridge_stranded_log_level", default=None)
 
 
 class Resource(Protocol):
@@ -236,6 +252,8 @@ class LoopThread:
         running = self._running_tasks()
         if running:
             await asyncio.wait(running, timeout=max(left(), GRACE))
+        if not self._running_tasks():  # this task's context only: what it awaits below sees it
+            stranded_log_level.set(logging.DEBUG if self.at_exit else logging.WARNING)
 
         # Pools close on the loop that owns them, never anywhere else.
         for resource in reversed(list(self.resources)):  # closing unregisters: iterate a copy

@@ -29,7 +29,7 @@ from ._dead import (
     sent_so_far,
 )
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
-from ._loop import Resource
+from ._loop import Resource, stranded_log_level
 from ._pgbouncer import transaction_pooling_options
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
@@ -376,11 +376,47 @@ class Database(OpenClose, CopyMethods, StreamMethods):
                 return
         if pool is None:
             return
+        level = stranded_log_level.get()
+        if level is not None:  # the bridge is closing and serves nobody any more: see stranded_log_level
+            await self._end_stranded_connections(pool, level, timeout)
         try:
             await asyncio.wait_for(pool.close(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("%r: connections still in use after %g s; terminating them", self, timeout)
             pool.terminate()
+
+    async def _end_stranded_connections(self, pool: asyncpg.Pool, level: int, timeout: float) -> None:
+        """Terminate the connections still leased while the bridge closes with no call left running.
+
+        Their holders (an open transaction or row stream) can never give them back: the bridge no longer
+        takes the calls that would. Waiting for them would only delay the close by its whole timeout.
+        Connections being reset after a finished call are back in a moment: those are waited for.
+        """
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=timeout)
+        holders: list[Any] = getattr(pool, "_holders", [])  # asyncpg's own list; not in its stubs
+        stranded = [
+            holder._con
+            for holder in holders
+            if holder._in_use is not None and holder._con is not None and not holder._con.is_closed()
+        ]
+        if not stranded:
+            return
+        # A statement the shutdown cancelled may still have its cancel request on the way to the server.
+        # Terminating the connection would cancel that request too, and the server, which notices a
+        # closed socket only between statements, would run the statement to its end (pg_sleep(30)).
+        cancelling = {task for con in stranded for task in con._cancellations}
+        if cancelling:
+            await asyncio.wait(cancelling, timeout=timeout)
+        logger.log(
+            level,
+            "%r: %d connection(s) still held across calls (an open transaction or row stream) by callers "
+            "the closing bridge no longer serves; terminating them (the server rolls their work back)",
+            self,
+            len(stranded),
+        )
+        for con in stranded:
+            con.terminate()
 
     def _forget_after_fork(self) -> list[object]:
         dropped: list[object] = [obj for obj in (self._pool, self._opening, self._pinned) if obj is not None]
