@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import inspect
 import logging
 import os
@@ -87,6 +88,7 @@ class Bridge:
         self._live: LoopThread | None = None
         self._stopping: LoopThread | None = None  # the generation close() is stopping right now
         self._stopped = threading.Event()  # set when the first close() is done stopping
+        self._finalizer: weakref.finalize[..., Bridge] | None = None  # stops the thread if self is dropped
         self._stop_deadline = 0.0  # by when that close() is done at the latest (time.monotonic())
         self._lock = threading.Lock()
         _bridges.add(self)
@@ -321,6 +323,9 @@ class Bridge:
                 live.start()
                 self._live = live
                 self._state = "running"
+                # Dropped without close(): the thread must not run on forever (see _stop_dropped).
+                self._finalizer = weakref.finalize(self, _stop_dropped, live, self._close_timeout)
+                self._finalizer.atexit = False  # at exit, _close_all_at_exit closes what is left
                 return live
         if _exiting and threading.current_thread() is not threading.main_thread():
             park_at_exit()  # a daemon thread calling in while the interpreter exits
@@ -336,18 +341,19 @@ class Bridge:
             raise DeadlockError(_deadlock_message(label, self._name))
 
     def _register(self, resource: Resource) -> None:
-        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop.
+        """Close *resource* on the bridge loop when the bridge closes, or when it becomes unreachable
+        (see ``loopbridge._loop.Resources``). Call on the bridge loop.
 
         Registers with the generation running this loop, also while close() is stopping it: a pool
         first opened by a call racing close() is closed with the rest, never left open on a dead loop.
         """
         generation = self._live or self._stopping
-        if generation is not None and resource not in generation.resources:
-            generation.resources.append(resource)
+        if generation is not None:
+            generation.resources.add(resource)
 
     def _unregister(self, resource: Resource) -> None:
         for generation in (self._live, self._stopping):
-            if generation is not None and resource in generation.resources:
+            if generation is not None:
                 generation.resources.remove(resource)
 
     def close(self, timeout: float | None = None) -> None:
@@ -375,6 +381,8 @@ class Bridge:
                 # In one step, so that work on the loop always finds the generation it runs on.
                 live, self._live = self._live, None
                 self._stopping = live
+        if first and self._finalizer is not None:
+            self._finalizer.detach()
         if not first:
             # Another close() may still be stopping the bridge: "closed" means the same to every
             # caller (nothing runs on it any more), so wait for that one, as long as it can take.
@@ -595,6 +603,43 @@ def _close_all_at_exit() -> None:
             bridge._close(min(bridge._close_timeout, EXIT_TIMEOUT), at_exit=True)
         except Exception:  # pragma: no cover - close() logs its own problems
             logger.exception("error while closing %r at exit", bridge)
+    # Bridges dropped without close() are stopping by themselves: let them finish closing their pools.
+    deadline = time.monotonic() + EXIT_TIMEOUT + STOP_MARGIN
+    for generation in list(_dropped):
+        generation.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+#: Generations whose Bridge was garbage collected while they ran, until their threads end.
+_dropped: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+#: Generations to stop once the garbage collection in progress is over (see _stop_dropped).
+_to_stop: list[tuple[LoopThread, float]] = []
+_collecting = False
+
+
+def _stop_dropped(generation: LoopThread, timeout: float) -> None:
+    """A Bridge was garbage collected without close(): stop its thread, without blocking whoever
+    collected it (any thread, the bridge's own included).
+
+    During a collection, not before it is over: the collector runs this (a weakref callback) before the
+    finalizers of the same garbage, among them the keepers of the Databases on this bridge, which hand
+    them to the loop to be closed (``loopbridge._loop.Resources``). Stopping at once could seal the
+    loop's shutdown before they arrive, leaving their pools open.
+    """
+    if generation.pid != os.getpid() or not generation.accepting:
+        return
+    _dropped.add(generation)
+    if _collecting:
+        _to_stop.append((generation, timeout))
+    else:
+        generation.stop_soon(timeout)
+
+
+def _on_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+    while not _collecting and _to_stop:
+        generation, timeout = _to_stop.pop()
+        generation.stop_soon(timeout)
 
 
 def _after_fork_in_child() -> None:
@@ -605,4 +650,5 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_close_all_at_exit)
+gc.callbacks.append(_on_collection)
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -452,7 +454,9 @@ class Database(OpenClose, CopyMethods, StreamMethods):
                 self._info.dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                connect=self._connect,
+                # Not self._connect: the pool is reachable from the loop (its idle connections' timers),
+                # and must not keep the Database alive, or a Database nobody holds would never be closed.
+                connect=functools.partial(_connect_weakly, weakref.ref(self)),
                 **self._pool_options,
             )
         except BaseException:
@@ -806,6 +810,14 @@ def _check_callable(fn: object) -> None:
             f"{type(fn).__name__}; incorrect: db.run(work(conn)); correct: db.run(work, 42) with "
             "async def work(conn, n): ..."
         )
+
+
+async def _connect_weakly(database: weakref.ref[Database], *args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``Database._connect`` for its pool, through a weak reference (see ``_create_pool``)."""
+    db = database()
+    if db is None:  # pragma: no cover - a pool outliving its Database is being closed
+        raise DatabaseClosedError("the Database of this pool was garbage collected")
+    return await db._connect(*args, **kwargs)
 
 
 async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:

@@ -27,6 +27,7 @@ from loopbridge import (
     Database,
     DeadlockError,
 )
+from tests.boundary import sessions
 from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
@@ -51,6 +52,14 @@ def wait_for(predicate: Any, timeout: float = WAIT) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.005)
+
+
+def collected_until(predicate: Any, timeout: float = WAIT) -> None:
+    """Run the garbage collector until *predicate* holds (objects may still be in use for a moment)."""
+    deadline = time.monotonic() + timeout
+    while not (gc.collect() >= 0 and predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 class Recorder:
@@ -486,6 +495,48 @@ class TestClose:
         with Bridge("ctx") as bridge:
             bridge.run(add, 1, 1)
         assert bridge.closed
+
+    def test_a_bridge_dropped_without_close_stops_its_threads(self) -> None:
+        """Regression: a Bridge garbage collected while its thread ran left the loop and watchdog threads
+        running for the life of the process."""
+
+        def use_and_drop() -> list[threading.Thread]:
+            bridge = Bridge("dropped")
+            assert bridge.run(add, 1, 1) == 2
+            return [t for t in threading.enumerate() if t.name.startswith("loopbridge-dropped")]
+
+        threads = use_and_drop()
+        assert len(threads) == 2  # the loop and its watchdog
+        collected_until(lambda: not any(thread.is_alive() for thread in threads))
+
+    def test_a_dropped_bridge_closes_the_pools_on_it(self, dsn: str, admin_dsn: str, schema: str) -> None:
+        db = Database(dsn, bridge=Bridge("dropped-with-pool"), min_size=2)
+        assert db.fetchval("SELECT 1") == 1
+        thread = db.bridge.thread
+        assert thread is not None
+        del db
+        # Collected once its last connection is back (the reset after a call finishes in the background).
+        collected_until(lambda: not thread.is_alive())
+        assert sessions(admin_dsn, schema) == 0  # closed before the thread ended
+
+    def test_a_bridge_collected_on_its_own_thread_stops_without_blocking_it(self) -> None:
+        bridge = Bridge("collected-on-itself")
+        bridge.cycle = bridge  # type: ignore[attr-defined]  # only the cyclic collector frees it
+        dropped = threading.Event()
+
+        async def collect() -> str:
+            await asyncio.to_thread(dropped.wait, WAIT)
+            gc.collect()  # on the bridge thread: the Bridge's finalizer runs here, and must not block
+            return "collected"
+
+        future = bridge.submit(collect)
+        thread = bridge.thread
+        assert thread is not None
+        del bridge
+        dropped.set()
+        assert future.result(WAIT) == "collected"
+        thread.join(WAIT)
+        assert not thread.is_alive()
 
     def test_calls_in_flight_finish_within_the_close_timeout(self) -> None:
         bridge = Bridge("graceful")

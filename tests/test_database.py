@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from typing import Any
@@ -233,6 +234,40 @@ class TestLifecycle:
         monkeypatch.delenv("DATABASE_URL", raising=False)
         with pytest.raises(ConfigurationError, match="set LOOPBRIDGE_DSN"):
             Database()
+
+
+class TestUnreachable:
+    """A Database nobody holds any more is closed on the bridge loop (a notebook re-running its
+    ``db = Database(dsn)`` cell); one that a call, the caller or a transaction still uses is not."""
+
+    def test_recreating_a_database_in_a_loop_leaves_one_pool_on_the_server(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Regression: the bridge's registry held every Database strongly, so each one dropped this way
+        kept its pool open until the bridge closed (six re-runs: six pools)."""
+        with caplog.at_level(logging.INFO, logger="loopbridge"):
+            for _ in range(6):
+                db = Database(dsn, bridge=bridge, min_size=2, max_size=2)
+                assert db.fetchval("SELECT 1") == 1
+            # Each is collected once its last connection is back (a reset may finish in the background).
+            wait_until(lambda: gc.collect() >= 0 and sessions(admin_dsn, schema) == 2)  # the last one's
+        assert caplog.text.count("was garbage collected while open; closing it on the bridge loop") == 5
+        assert db.fetchval("SELECT 2") == 2
+        db.close()
+        wait_until(lambda: sessions(admin_dsn, schema) == 0)
+
+    def test_a_call_in_flight_keeps_its_database_open(self, dsn: str, bridge: Bridge) -> None:
+        # Nothing but the call refers to this Database.
+        future = bridge.submit(Database(dsn, bridge=bridge)._fetchval, "SELECT 7 FROM pg_sleep(0.3)")
+        gc.collect()
+        assert future.result(WAIT) == 7
+
+    def test_a_transaction_keeps_its_database_open(self, dsn: str, bridge: Bridge) -> None:
+        with Database(dsn, bridge=bridge).transaction() as tx:  # the handle alone holds the Database
+            tx.execute("CREATE TABLE t (n int)")
+            gc.collect()
+            tx.execute("INSERT INTO t VALUES (1)")
+            assert tx.fetchval("SELECT count(*) FROM t") == 1
 
 
 class TestPool:

@@ -492,6 +492,48 @@ class TestExitVariants:
         )
         connections_closed(admin_dsn, schema)
 
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_databases_and_bridges_dropped_without_close_are_closed_quietly(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        """A notebook re-running ``db = Database(dsn)``, a Bridge dropped with a pool on it: each pool is
+        closed on its loop when found unreachable, a dropped bridge's threads end, and neither the
+        collection nor the exit that follows prints anything."""
+        out = exit_in_time(
+            """
+            import gc
+
+            def backends():
+                return db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = current_setting('application_name')")
+
+            for _ in range(5):  # the re-run cell
+                db = Database(DSN, min_size=2, max_size=2)
+                db.fetchval("SELECT 1")
+
+            def drop_a_bridge():
+                other = Database(DSN, bridge=Bridge("dropped"), min_size=2)
+                other.fetchval("SELECT 1")
+                return other.bridge.thread
+
+            dropped_thread = drop_a_bridge()
+            deadline = time.monotonic() + 30
+            while (backends() > 2 or dropped_thread.is_alive()) and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.05)
+            print("backends:", backends(), "dropped bridge alive:", dropped_thread.is_alive(), flush=True)
+            names = sorted(t.name for t in threading.enumerate() if t.name.startswith("loopbridge"))
+            print("threads:", names)
+            exiting()
+            """,
+            dsn,
+            flags=flags,
+        )
+        assert "backends: 2 dropped bridge alive: False" in out
+        assert "threads: ['loopbridge-default', 'loopbridge-default-watchdog']" in out
+        connections_closed(admin_dsn, schema)
+
     def test_uvloop_bridge_exits_quietly_with_calls_in_flight(
         self, dsn: str, admin_dsn: str, schema: str
     ) -> None:
