@@ -378,11 +378,15 @@ class Database(OpenClose, CopyMethods, StreamMethods):
                 return
         if pool is None:
             return
+        closing = asyncio.ensure_future(pool.close())
         level = stranded_log_level.get()
         if level is not None:  # the bridge is closing and serves nobody any more: see stranded_log_level
+            # Once close() has begun, a connection ended below is not replaced to keep min_size: a
+            # replacement still connecting when the loop stops would be left unclosed.
+            await asyncio.sleep(0)
             await self._end_stranded_connections(pool, level, timeout)
         try:
-            await asyncio.wait_for(pool.close(), timeout)
+            await asyncio.wait_for(closing, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("%r: connections still in use after %g s; terminating them", self, timeout)
             pool.terminate()
@@ -573,7 +577,9 @@ class Database(OpenClose, CopyMethods, StreamMethods):
         self._leased -= 1
         task = asyncio.get_running_loop().create_task(pool.release(con))
         self._releasing.add(task)
-        task.add_done_callback(self._released)
+        # Through a weak reference: the task is reachable from the loop, and a Database nobody holds
+        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
+        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
 
     def _may_release_in_background(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> bool:
         pinned = self._pinned
@@ -582,6 +588,7 @@ class Database(OpenClose, CopyMethods, StreamMethods):
         return pool.get_idle_size() > 0
 
     def _released(self, task: asyncio.Task[None]) -> None:
+        """A background release is done (see :meth:`_release_in_background`)."""
         self._releasing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # As in _Lease.__aexit__: asyncpg has terminated the connection and the pool opens a new one.
@@ -810,6 +817,14 @@ def _check_callable(fn: object) -> None:
             f"{type(fn).__name__}; incorrect: db.run(work(conn)); correct: db.run(work, 42) with "
             "async def work(conn, n): ..."
         )
+
+
+def _released(database: weakref.ref[Database], task: asyncio.Task[None]) -> None:
+    db = database()
+    if db is not None:
+        db._released(task)
+    elif not task.cancelled():
+        task.exception()  # retrieved: the Database, and whoever would have cared, are gone
 
 
 async def _connect_weakly(database: weakref.ref[Database], *args: Any, **kwargs: Any) -> asyncpg.Connection:
