@@ -30,6 +30,7 @@ from ._dsn import parse_dsn
 from ._servers import NoServerError, Server, start_embedded
 from .bridge import Bridge
 from .database import Database
+from .errors import ConfigurationError, ConnectError, LoopBridgeError
 
 __all__ = ["run_demo"]
 
@@ -77,17 +78,43 @@ def run_demo(dsn: str | None = None, *, threads: int = 8, calls: int = 50, out: 
         dsn, origin = server.dsn, server.origin
     table = f"loopbridge_demo_{os.getpid()}"
     bridge = Bridge("demo")
-    db = Database(dsn, bridge=bridge, max_size=8)
+    try:
+        db = Database(dsn, bridge=bridge, max_size=8)
+        db.open()  # connect before anything else: a server that cannot be reached is all there is to say
+    except (ConfigurationError, ConnectError) as exc:
+        say(_cannot_start(exc, origin))
+        bridge.close()
+        if server is not None:
+            server.stop()
+        return 2
     try:
         return _run(db, dsn, table, origin, threads, calls, say)
+    except ConnectError as exc:  # the server went away during the demo
+        say(_cannot_start(exc, origin))
+        return 2
     finally:
+        # Cleaning up must not hide what went wrong: a failed DROP is one line, never a traceback.
         try:
             db.execute(f"DROP TABLE IF EXISTS {table}", timeout=30)
-        finally:
-            db.close()
-            bridge.close()
-            if server is not None:
-                server.stop()
+        except (LoopBridgeError, asyncpg.PostgresError, OSError) as exc:
+            say(f"(could not drop the demo table {table}: {type(exc).__name__})")
+        db.close()
+        bridge.close()
+        if server is not None:
+            server.stop()
+
+
+def _cannot_start(exc: Exception, origin: str) -> str:
+    """What a person needs when the demo cannot use the server: what failed, where, and what to do."""
+    if origin in ("--dsn", "LOOPBRIDGE_DSN"):
+        todo = (
+            f"Fix the DSN given by {origin} (postgresql://user:password@host:5432/dbname) or start "
+            "PostgreSQL there; or leave out --dsn and LOOPBRIDGE_DSN to run the demo on an embedded "
+            "PostgreSQL (pip install 'loopbridge[embedded]')."
+        )
+    else:
+        todo = "Pass --dsn postgresql://user:password@host:5432/dbname to use a server of yours instead."
+    return f"loopbridge demo: {exc}.\n{todo}"
 
 
 def _run(

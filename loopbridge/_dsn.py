@@ -11,7 +11,7 @@ import getpass
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigurationError
 
@@ -22,6 +22,7 @@ DSN_ENV_VARS = ("LOOPBRIDGE_DSN", "DATABASE_URL")
 
 _SCHEMES = {"postgres": "postgresql", "postgresql": "postgresql", "postgresql+asyncpg": "postgresql"}
 _REDACTED = "***"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986
 
 
 def resolve_dsn(dsn: str | None) -> str:
@@ -72,8 +73,24 @@ def parse_dsn(dsn: str) -> DsnInfo:
     """Check *dsn* and describe it; asyncpg still does the authoritative parsing when connecting.
 
     :raises ConfigurationError: for a DSN asyncpg could not use (wrong scheme, libpq keyword form,
-        bad port). The message never contains the password.
+        bad port, malformed host), whatever is wrong with it. The message never contains the password.
     """
+    try:
+        return _parse(dsn)
+    except ConfigurationError:
+        raise
+    except ValueError as exc:  # urlsplit's own complaints, such as "Invalid IPv6 URL"
+        # Its message may quote a piece of the DSN, password included: leave the quotes out.
+        detail = re.sub(r"'.*'", "(a part of it)", str(exc), flags=re.DOTALL)
+        raise ConfigurationError(
+            f"invalid DSN {_redact_any(dsn)!r} ({detail}): expected "
+            "'postgresql://user:password@host:5432/dbname', with an IPv6 host in brackets "
+            "('[::1]:5432') and special characters in the user name or password percent-encoded ('/' as "
+            "%2F, '?' as %3F, '#' as %23, '@' as %40)"
+        ) from None
+
+
+def _parse(dsn: str) -> DsnInfo:
     if "://" not in dsn:
         hint = (
             " (libpq 'key=value' strings are not supported by asyncpg; write it as a URL)"
@@ -81,10 +98,13 @@ def parse_dsn(dsn: str) -> DsnInfo:
             else ""
         )
         raise ConfigurationError(
-            f"invalid DSN {_scrub_keyword_dsn(dsn)!r}{hint}: expected "
-            "'postgresql://user:password@host:5432/dbname'"
+            f"invalid DSN {_redact_any(dsn)!r}{hint}: expected 'postgresql://user:password@host:5432/dbname'"
         )
     scheme, _, rest = dsn.partition("://")
+    if not _SCHEME.fullmatch(scheme):  # "postgresql:/user:pw@h/db://": not a URL, and not a scheme to show
+        raise ConfigurationError(
+            f"invalid DSN {_redact_any(dsn)!r}: expected 'postgresql://user:password@host:5432/dbname'"
+        )
     normalized_scheme = _SCHEMES.get(scheme.lower())
     if normalized_scheme is None:
         raise ConfigurationError(
@@ -92,8 +112,17 @@ def parse_dsn(dsn: str) -> DsnInfo:
             "use 'postgresql://user:password@host:5432/dbname'"
         )
     normalized = f"{normalized_scheme}://{rest}"
+    redacted = _redact_any(normalized)
     # urlsplit cannot read a multi-host netloc's ports, so split the netloc by hand.
     parts = urlsplit(normalized)
+    if parts.fragment or "@" in parts.path:
+        # Nothing in a DSN is a fragment, and a database name with a raw '@': a '#', '/' or '?' in the
+        # password cut the URL short, and what follows it (part of the password) would be shown as
+        # the database name.
+        raise ConfigurationError(
+            f"invalid DSN {redacted!r}: a '#', '/' or '?' in the user name or password must be "
+            "percent-encoded (%23, %2F, %3F), and so must an '@' in the database name (%40)"
+        )
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     user, has_password, password = userinfo.partition(":")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
@@ -111,14 +140,11 @@ def parse_dsn(dsn: str) -> DsnInfo:
         hosts = (query.get("host") or os.environ.get("PGHOST") or "localhost").split(",")
         ports = query_ports * len(hosts) if len(query_ports) == 1 else query_ports
     if len(ports) != len(hosts):
-        raise ConfigurationError(
-            f"DSN {_redact_url(normalized, password)!r} lists {len(hosts)} hosts but {len(ports)} ports"
-        )
+        raise ConfigurationError(f"DSN {redacted!r} lists {len(hosts)} hosts but {len(ports)} ports")
     for port in ports:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(
-                f"invalid port {port!r} in DSN {_redact_url(normalized, password)!r}: expected 1-65535"
-            )
+        # isascii: str.isdigit() accepts '²', which int() refuses.
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ConfigurationError(f"invalid port {port!r} in DSN {redacted!r}: expected 1-65535")
 
     user = unquote(user) or query.get("user") or os.environ.get("PGUSER") or _os_user()
     database = (
@@ -131,7 +157,7 @@ def parse_dsn(dsn: str) -> DsnInfo:
     secret = unquote(password) if has_password else query.get("password") or os.environ.get("PGPASSWORD")
     return DsnInfo(
         dsn=normalized,
-        redacted=_redact_url(normalized, password if has_password else None),
+        redacted=redacted,
         hosts=tuple(hosts),
         ports=tuple(ports),
         database=database,
@@ -156,22 +182,32 @@ def _split_host_port(item: str) -> tuple[str, str]:
     return host, port
 
 
-def _redact_url(url: str, password: str | None) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if password is not None and "@" in netloc:
-        userinfo, _, hostlist = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:{_REDACTED}@{hostlist}"
-    query = "&".join(
-        f"{key}={_REDACTED if key == 'password' else value}"
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+def _redact_any(dsn: str) -> str:
+    """*dsn* with its password replaced by ``***``, whatever the string: well-formed or not, it errs
+    on the side of hiding too much.
+
+    The user info ends at the last '@' of the authority (which ends at the first '/', '?' or '#').
+    But an unencoded '/', '?' or '#' in the password ends the authority early, and then an '@' after
+    it gives that away: everything up to the last '@' of the whole string is taken as user info.
+    """
+    scheme, separator, rest = dsn.partition("://")
+    if not separator or not _SCHEME.fullmatch(scheme):
+        # Not a URL: a libpq keyword string, or a mistyped URL ("postgresql:/app:pw@db/x") whose user
+        # info, if any, precedes its last '@'.
+        text = _scrub_keyword_dsn(dsn)
+        return f"{_REDACTED}@{text.rpartition('@')[2]}" if "@" in text else text
+    end = next((i for i, char in enumerate(rest) if char in "/?#"), len(rest))
+    at = rest.rfind("@") if "@" in rest[end:] else rest.rfind("@", 0, end)
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[:at].partition(":")[0]
+        rest = f"{user}:{_REDACTED}{rest[at:]}"
+    rest = re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1" + _REDACTED, rest, flags=re.IGNORECASE)
+    return f"{scheme}{separator}{rest}"
 
 
 def _scrub_keyword_dsn(dsn: str) -> str:
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1" + _REDACTED, dsn, flags=re.IGNORECASE)
+    # A value is a word or a quoted string (which may hold spaces), as libpq reads it.
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", r"\1" + _REDACTED, dsn, flags=re.IGNORECASE)
 
 
 def _os_user() -> str:

@@ -3,7 +3,9 @@
 A :class:`LoopThread` is one generation of a bridge: the thread, its loop, the queue of calls waiting to
 start, the calls in flight and the resources (pools) that live on the loop. A ``Bridge`` owns at most one
 live generation; after ``os.fork()`` the child abandons the parent's generation (see :func:`abandon`)
-and starts a fresh one on first use.
+and starts a fresh one on first use. A generation whose ``Bridge`` was garbage collected stops itself
+(:meth:`LoopThread.stop_soon`), and a resource that nothing but the bridge holds any more is closed
+(:class:`Resources`): dropping either never leaks a thread or a pool.
 
 Every call enters through :meth:`LoopThread.submit` — the one crossing point. A burst of calls costs one
 wakeup of the loop: callers append to a deque, and only the first caller after a drain schedules
@@ -24,17 +26,36 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NoReturn, Protocol
 
 from ._call import Call, CancelReason, Ledger, Mailbox
 from .errors import BridgeClosedError
 
-__all__ = ["LoopThread", "Resource", "abandon", "park_at_exit"]
+__all__ = [
+    "GRACE",
+    "STOP_MARGIN",
+    "LoopThread",
+    "Resource",
+    "abandon",
+    "park_at_exit",
+    "stranded_log_level",
+]
 
 logger = logging.getLogger("loopbridge")
 
 #: How long close() waits for cancelled work and stray tasks to unwind, beyond its own timeout.
 GRACE = 1.0
+#: How much longer than its timeout :meth:`LoopThread.stop` takes at most: the shutdown's own bound,
+#: then joining the watchdog and the loop thread.
+STOP_MARGIN = 5 * GRACE
+
+#: Set in the shutdown task once no call runs and none can start any more. A connection still leased
+#: then is held across calls (an open transaction, a row stream) by a caller the bridge will never
+#: serve again, so nothing can give it back, and a pool that closes need not wait for it. The value is
+#: the level at which ending such connections is logged: a warning on close(), which cut the holder's
+#: work short; debug at interpreter exit, where the holders are daemon threads the interpreter stops.
+stranded_log_level: ContextVar[int | None] = ContextVar("loopbridge_stranded_log_level", default=None)
 
 
 class Resource(Protocol):
@@ -48,6 +69,135 @@ class Resource(Protocol):
 
         Returns the objects dropped, which the caller keeps alive forever (see :func:`abandon`).
         """
+
+
+class Resources:
+    """The resources registered on one generation, held so that one nobody else holds is still closed.
+
+    The registry holds each resource weakly; what keeps an unreachable one from leaking its pool is its
+    :class:`_Keeper`, stored on the resource, which the garbage collector finalizes while the resource
+    is still intact: the keeper hands the resource to the loop, where it is closed gracefully (a log
+    line at info level says so). A resource that a call in flight, an open transaction or stream, or
+    the caller still refers to is reachable, and stays open. Closing the bridge closes every live one.
+    """
+
+    #: The attribute on a resource that holds its keeper.
+    KEEPER = "_loopbridge_keeper"
+    #: How long the close of an unreachable resource may let work on it finish.
+    CLOSE_TIMEOUT = 10.0
+
+    def __init__(self, generation: LoopThread) -> None:
+        self._generation = generation
+        # By id(), in the order registered: weak references, or a _Strong one where a keeper cannot go.
+        self._refs: dict[int, Callable[[], Resource | None]] = {}
+        self.closing: set[asyncio.Task[None]] = set()  # unreachable resources being closed
+        self.sealed = False  # the shutdown is past closing resources: no new close may start
+
+    def add(self, resource: Resource) -> None:
+        ref = self._refs.get(id(resource))
+        if ref is not None and ref() is resource:
+            return
+        self._prune()
+        self._refs[id(resource)] = weakref.ref(resource)
+        try:
+            setattr(resource, self.KEEPER, _Keeper(self, resource))
+        except AttributeError:  # no room for a keeper (__slots__): held strongly, closed with the bridge
+            self._refs[id(resource)] = _Strong(resource)
+
+    def remove(self, resource: Resource) -> None:
+        ref = self._refs.get(id(resource))
+        if ref is not None and ref() is resource:
+            del self._refs[id(resource)]
+            keeper = getattr(resource, self.KEEPER, None)
+            if isinstance(keeper, _Keeper):
+                keeper.resource = None  # closed normally: nothing for the keeper to do
+                delattr(resource, self.KEEPER)
+
+    def __contains__(self, resource: object) -> bool:
+        ref = self._refs.get(id(resource))
+        return ref is not None and ref() is resource
+
+    def live(self) -> list[Resource]:
+        """The resources still registered and alive, in the order registered."""
+        return [resource for resource in (ref() for ref in list(self._refs.values())) if resource is not None]
+
+    def _prune(self) -> None:
+        # Entries of resources the collector took (their keepers closed them): dead weak references.
+        for key in [key for key, ref in self._refs.items() if ref() is None]:
+            del self._refs[key]
+
+    def clear(self) -> None:
+        for resource in self.live():
+            self.remove(resource)
+        self._refs.clear()
+
+    def close_unreachable(self, resource: Resource) -> None:
+        """From a keeper's ``__del__``, on any thread: close *resource* on the loop, without waiting."""
+        generation = self._generation
+        if generation.pid != os.getpid():  # a forked child: the parent's pool is not ours to close
+            _immortalize(resource)
+            return
+        try:
+            generation.loop.call_soon_threadsafe(self._start_closing, resource)
+        except RuntimeError:  # the loop is closed: the bridge's close closed the resource
+            pass
+
+    def _start_closing(self, resource: Resource) -> None:
+        if self.sealed:
+            # Found unreachable in the last moments of the bridge's shutdown, too late for a task to
+            # run: its connections end with the process (or when the server notices). Never freed, so
+            # that nothing of it is torn down on a loop that no longer runs.
+            logger.debug(
+                "%r was garbage collected as its bridge stopped; left to the process's end", resource
+            )
+            _immortalize(resource)
+            return
+        logger.info("%r was garbage collected while open; closing it on the bridge loop", resource)
+        task = self._generation.loop.create_task(self._close(resource))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def _close(self, resource: Resource) -> None:
+        try:
+            await resource._aclose_on_bridge(self.CLOSE_TIMEOUT)
+        except Exception:
+            logger.exception("error while closing %r, which was garbage collected while open", resource)
+
+
+class _Keeper:
+    """Closes its resource on the bridge loop once nothing but the keeper refers to it.
+
+    The resource holds its keeper and the keeper holds the resource: a cycle, which the cyclic garbage
+    collector frees once nothing else reaches it, finalizing both first (PEP 442). The keeper's
+    ``__del__`` then still has the resource and gives it to the loop to close, which keeps it alive
+    until the close is done; ``__del__`` runs once, and letting go of the resource breaks the cycle.
+    """
+
+    __slots__ = ("registry", "resource")
+
+    def __init__(self, registry: Resources, resource: Resource) -> None:
+        self.registry = registry
+        self.resource: Resource | None = resource
+
+    def __del__(self) -> None:
+        resource, self.resource = self.resource, None
+        if resource is not None:
+            try:
+                self.registry.close_unreachable(resource)
+            except Exception:  # pragma: no cover - e.g. during interpreter finalization
+                pass
+
+
+class _Strong:
+    """A reference that never dies, in place of a ``weakref.ref``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Resource) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Resource:
+        return self.obj
 
 
 class LoopThread:
@@ -66,7 +216,7 @@ class LoopThread:
         self.ledger = Ledger()
         self.inflight = self.ledger.inflight
         self.submitted = 0  # calls handed to submit(), counted in the callers' threads
-        self.resources: list[Resource] = []
+        self.resources = Resources(self)
         self.monitor = LagMonitor(name, block_threshold)
         self.thread_id = -1
         self.loop: asyncio.AbstractEventLoop
@@ -235,14 +385,21 @@ class LoopThread:
         running = self._running_tasks()
         if running:
             await asyncio.wait(running, timeout=max(left(), GRACE))
+        if not self._running_tasks():  # this task's context only: what it awaits below sees it
+            stranded_log_level.set(logging.DEBUG if self.at_exit else logging.WARNING)
 
         # Pools close on the loop that owns them, never anywhere else.
-        for resource in reversed(list(self.resources)):  # closing unregisters: iterate a copy
+        for resource in reversed(self.resources.live()):
             try:
                 await resource._aclose_on_bridge(max(left(), GRACE))
             except Exception:
                 logger.exception("bridge %r: error while closing %r", self.name, resource)
         self.resources.clear()
+        while self.resources.closing:  # resources found unreachable, being closed (more may come)
+            done, _ = await asyncio.wait(set(self.resources.closing), timeout=max(left(), GRACE))
+            if not done:
+                break
+        self.resources.sealed = True
 
         # Tasks that the calls started and left behind.
         current = asyncio.current_task()
@@ -262,6 +419,32 @@ class LoopThread:
 
     def _running_tasks(self) -> set[asyncio.Task[None]]:
         return {call.task for call in self.inflight if call.task is not None}
+
+    def stop_soon(self, timeout: float) -> None:
+        """Begin stopping without waiting for anything; from any thread, the loop's own included.
+
+        For a generation whose ``Bridge`` was garbage collected (the collecting thread may be any, and
+        must not block): the loop shuts down as :meth:`stop` would have it (calls in flight may finish
+        within *timeout*, resources are closed), then stops itself, and the thread ends.
+        """
+        if not self.accepting or self.pid != os.getpid():
+            return
+        self.accepting = False
+        self.monitor.stop(join=False)
+        try:
+            self.loop.call_soon_threadsafe(self._begin_stopping_itself, timeout)
+        except RuntimeError:  # the loop is closed already
+            pass
+
+    def _begin_stopping_itself(self, timeout: float) -> None:
+        self._stopping_itself = self.loop.create_task(self._stop_itself(timeout))
+
+    async def _stop_itself(self, timeout: float) -> None:
+        try:
+            await self._shutdown(timeout)
+        finally:
+            self.loop.stop()
+            logger.info("bridge %r was garbage collected without close(); it has shut down", self.name)
 
 
 class LagMonitor:
@@ -297,9 +480,9 @@ class LagMonitor:
             )
             self._watchdog.start()
 
-    def stop(self) -> None:
+    def stop(self, *, join: bool = True) -> None:
         self._stopped.set()
-        if self._watchdog is not None:
+        if join and self._watchdog is not None:
             self._watchdog.join(GRACE)
 
     def _schedule(self) -> None:
@@ -404,9 +587,9 @@ def abandon(generation: LoopThread) -> None:
     """
     generation.accepting = False
     kept: list[object] = [generation]
-    for resource in generation.resources:
+    for resource in generation.resources.live():
         kept.extend(resource._forget_after_fork())
-    generation.resources = []
+    generation.resources.clear()
     _abandoned.append(kept)
     _immortalize(kept)
 

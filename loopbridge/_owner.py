@@ -113,9 +113,14 @@ def guard(handle: object, bridge: Bridge, held: Abandonable, what: str) -> Final
     The finalizer must not refer to *handle* (it would never be collected): it gets *held*, the bridge
     loop's side, only. ``detach()`` it once *held* is released normally.
     """
-    return weakref.finalize(
+    finalizer = weakref.finalize(
         handle, abandon_soon, bridge, held, f"{what} was garbage collected without being closed", os.getpid()
     )
+    # Not at interpreter exit, where weakref would run it before the bridges close (atexit runs the
+    # last registered first) and report a daemon thread's transaction as garbage: closing the bridge
+    # ends what such a thread still holds, quietly.
+    finalizer.atexit = False
+    return finalizer
 
 
 def abandon_soon(bridge: Bridge, held: Abandonable, why: str, pid: int | None = None) -> None:

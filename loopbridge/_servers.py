@@ -2,8 +2,10 @@
 
 The test suite tries, in order: ``LOOPBRIDGE_TEST_DSN``; a local server on 127.0.0.1:5432; a throwaway
 container through testcontainers where a Docker engine answers; the embedded PostgreSQL of the
-``loopbridge[embedded]`` extra. The demo takes ``--dsn`` / ``LOOPBRIDGE_DSN`` or the embedded server.
-When nothing works the error says exactly what to set or install.
+``loopbridge[embedded]`` extra. A step that fails, however, moves on to the next (the report header
+says which server was used and what failed before it). The demo takes ``--dsn`` / ``LOOPBRIDGE_DSN`` or
+the embedded server. When nothing works the error says what each step tried and what to set, start or
+install.
 """
 
 from __future__ import annotations
@@ -67,57 +69,96 @@ def answers(dsn: str, timeout: float = 3.0) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
-def find_test_server() -> Server:
-    """The server the test suite uses (see the module docstring for the order)."""
+def find_test_server(*, local_dsn: str = LOCAL_DSN) -> Server:
+    """The server the test suite uses (see the module docstring for the order).
+
+    Each step that fails, whatever the reason, moves on to the next: a Docker engine that answers but
+    cannot start the container (no image offline, no permission) leaves the embedded server to try.
+
+    :param local_dsn: where the local server is looked for (tests of this chain point it elsewhere).
+    :raises NoServerError: when every step failed; the message says what each one tried, and what to
+        set, start or install.
+    """
     tried: list[str] = []
-    dsn = os.environ.get("LOOPBRIDGE_TEST_DSN")
-    if dsn:
-        problem = answers(dsn)
-        if problem is None:
-            return Server(dsn, "LOOPBRIDGE_TEST_DSN")
-        raise NoServerError(
-            f"LOOPBRIDGE_TEST_DSN={parse_dsn(dsn).redacted} does not answer ({problem}); fix it or unset it"
-        )
-    tried.append("LOOPBRIDGE_TEST_DSN is not set")
-
-    problem = answers(LOCAL_DSN)
-    if problem is None:
-        return Server(LOCAL_DSN, "local server (LOOPBRIDGE_TEST_DSN not set)")
-    tried.append(f"no local server at 127.0.0.1:5432 ({problem})")
-
-    container = _start_container(tried)
-    if container is not None:
-        return container
-
-    try:
-        return start_embedded()
-    except NoServerError as exc:
-        tried.append(str(exc))
+    steps: list[tuple[str, Callable[[str], Server]]] = [
+        ("LOOPBRIDGE_TEST_DSN", _from_environment),
+        ("the local server", _local_server),
+        ("testcontainers", _container),
+        ("the embedded server", _embedded),
+    ]
+    for what, step in steps:
+        try:
+            server = step(local_dsn)
+        except NoServerError as exc:
+            tried.append(str(exc))
+        except Exception as exc:  # a library's surprise must not end the chain either
+            tried.append(f"{what} failed ({type(exc).__name__}: {exc})")
+        else:
+            if tried:
+                server.origin += f" ({'; '.join(tried)})"
+            return server
     raise NoServerError(
-        "no PostgreSQL for the tests. Tried: "
+        "no PostgreSQL for the tests. Tried, in order: "
         + "; ".join(tried)
-        + ". Set LOOPBRIDGE_TEST_DSN=postgresql://user:password@host:5432/dbname (a role that may "
-        "CREATE DATABASE and CREATE SCHEMA), start PostgreSQL on 127.0.0.1:5432 with user 'postgres', "
-        "start Docker, or pip install 'loopbridge[embedded]'"
+        + ". Do one of: set LOOPBRIDGE_TEST_DSN=postgresql://user:password@host:5432/dbname (a role that "
+        "may CREATE DATABASE and CREATE SCHEMA); start PostgreSQL on 127.0.0.1:5432 with user 'postgres' "
+        "(trust or no password); start Docker (testcontainers runs postgres:16-alpine); or "
+        "pip install -e '.[embedded]' for an embedded server"
     )
 
 
-def _start_container(tried: list[str]) -> Server | None:
+def _from_environment(local_dsn: str) -> Server:
+    dsn = os.environ.get("LOOPBRIDGE_TEST_DSN")
+    if not dsn:
+        raise NoServerError("LOOPBRIDGE_TEST_DSN is not set")
+    try:
+        redacted = parse_dsn(dsn).redacted
+    except ValueError as exc:  # ConfigurationError: the message is already redacted
+        raise NoServerError(f"LOOPBRIDGE_TEST_DSN is unusable ({exc})") from None
+    problem = answers(dsn)
+    if problem is not None:
+        raise NoServerError(f"LOOPBRIDGE_TEST_DSN={redacted} does not answer ({problem})")
+    return Server(dsn, "LOOPBRIDGE_TEST_DSN")
+
+
+def _local_server(local_dsn: str) -> Server:
+    problem = answers(local_dsn)
+    if problem is not None:
+        raise NoServerError(f"no local server at {parse_dsn(local_dsn).redacted} ({problem})")
+    return Server(local_dsn, "local server")
+
+
+def _container(local_dsn: str) -> Server:
     try:
         import docker
-        from testcontainers.postgres import PostgresContainer
+
+        try:  # testcontainers 4.10+; its old module path warns (an error under -W error)
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:
+            from testcontainers.postgres import PostgresContainer
     except ImportError:
-        tried.append("testcontainers is not installed")
-        return None
+        raise NoServerError("testcontainers is not installed (it comes with the test extra)") from None
     try:
         docker.from_env(timeout=3).ping()
     except Exception as exc:
-        tried.append(f"no Docker engine answers ({type(exc).__name__})")
-        return None
+        raise NoServerError(f"no Docker engine answers ({type(exc).__name__})") from None
     container = PostgresContainer("postgres:16-alpine", driver=None)
-    container.start()
-    url = container.get_connection_url()
-    return Server(url, "testcontainers PostgreSQL (no local server)", stop=container.stop)
+    try:
+        container.start()
+        url = container.get_connection_url()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            container.stop()
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise NoServerError(
+            f"a Docker engine answers but the testcontainers PostgreSQL did not start "
+            f"({type(exc).__name__}: {detail})"
+        ) from None
+    return Server(url, "testcontainers PostgreSQL", stop=container.stop)
+
+
+def _embedded(local_dsn: str) -> Server:
+    return start_embedded()
 
 
 def start_embedded() -> Server:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import inspect
 import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -30,7 +32,7 @@ from ._call import (
     describe,
     invoke,
 )
-from ._loop import GRACE, LoopThread, Resource, abandon, park_at_exit
+from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -85,6 +87,9 @@ class Bridge:
         self._state: _State = "idle"
         self._live: LoopThread | None = None
         self._stopping: LoopThread | None = None  # the generation close() is stopping right now
+        self._stopped = threading.Event()  # set when the first close() is done stopping
+        self._finalizer: weakref.finalize[..., Bridge] | None = None  # stops the thread if self is dropped
+        self._stop_deadline = 0.0  # by when that close() is done at the latest (time.monotonic())
         self._lock = threading.Lock()
         _bridges.add(self)
 
@@ -137,9 +142,13 @@ class Bridge:
         )
 
     def in_bridge_thread(self) -> bool:
-        """True when called on the bridge's own thread (where blocking calls would deadlock)."""
-        live = self._live
-        return live is not None and live.thread_id == threading.get_ident() and live.pid == os.getpid()
+        """True when called on the bridge's own thread (where blocking calls would deadlock), also while
+        close() is stopping it."""
+        ident, pid = threading.get_ident(), os.getpid()
+        return any(
+            generation is not None and generation.thread_id == ident and generation.pid == pid
+            for generation in (self._live, self._stopping)
+        )
 
     # -- calls --------------------------------------------------------------------------------------
 
@@ -152,15 +161,19 @@ class Bridge:
     def run(self, fn: Any, /, *args: Any, timeout: float | None = None) -> Any:  # type: ignore[misc]  # mypy: overloads with TypeVarTuple
         """Run ``fn(*args)`` on the bridge loop and block until it returns; from sync code.
 
-        *fn* is an async function (or any function returning an awaitable); an awaitable (such as
-        ``asyncpg.create_pool(...)``) may be passed instead, with no arguments. Pass keyword
-        arguments with ``functools.partial``.
+        *fn* is an async function (or any function returning an awaitable), called on the bridge loop.
+        An awaitable that no loop owns yet, such as a coroutine object, may be passed instead, with no
+        arguments. Whatever binds itself to the loop it is made on must be made on the bridge loop:
+        pass the function, ``bridge.run(asyncpg.create_pool, dsn)``, never
+        ``bridge.run(asyncpg.create_pool(dsn))``. Pass keyword arguments with ``functools.partial``.
 
         :param timeout: seconds; on expiry the work is cancelled on the bridge loop.
         :returns: what *fn* returned. Exceptions it raised are raised here unchanged.
         :raises CallTimeoutError: (a ``TimeoutError``) if *timeout* expired.
         :raises DeadlockError: if called on the bridge thread itself (await :meth:`arun` there).
         :raises BridgeClosedError: if the bridge is closed, or closed while the call ran.
+        :raises TypeError: for something that cannot be run: not async, or an awaitable bound to another
+            event loop (a future or task of that loop, an asyncpg pool made there). Nothing is queued.
         :raises KeyboardInterrupt: re-raised after cancelling the work when Ctrl-C interrupts the wait.
         """
         return self._run(fn, args, None, timeout, None)
@@ -206,7 +219,10 @@ class Bridge:
         _check_fn(fn, args, label)
         if timeout is not None:
             _check_timeout(timeout, label)
-        return label, self._generation()
+        generation = self._generation()
+        if not callable(fn):
+            _check_loop(fn, generation.loop, label)
+        return label, generation
 
     # The internal entry points below take keyword arguments for fn and a label for messages; the
     # Database facade and friends use them. They are the only two ways into the loop thread.
@@ -308,6 +324,9 @@ class Bridge:
                 live.start()
                 self._live = live
                 self._state = "running"
+                # Dropped without close(): the thread must not run on forever (see _stop_dropped).
+                self._finalizer = weakref.finalize(self, _stop_dropped, live, self._close_timeout)
+                self._finalizer.atexit = False  # at exit, _close_all_at_exit closes what is left
                 return live
         if _exiting and threading.current_thread() is not threading.main_thread():
             park_at_exit()  # a daemon thread calling in while the interpreter exits
@@ -316,25 +335,33 @@ class Bridge:
             "loopbridge.default_bridge(), which replaces a closed default bridge"
         )
 
+    def _refuse_blocking_call(self, label: str) -> None:
+        """Raise :class:`DeadlockError` if called on the bridge thread, where *label* (a blocking call)
+        would wait forever; for callers that must check before they change any state."""
+        if self.in_bridge_thread():
+            raise DeadlockError(_deadlock_message(label, self._name))
+
     def _register(self, resource: Resource) -> None:
-        """Close *resource* on the bridge loop when the bridge closes. Call on the bridge loop.
+        """Close *resource* on the bridge loop when the bridge closes, or when it becomes unreachable
+        (see ``loopbridge._loop.Resources``). Call on the bridge loop.
 
         Registers with the generation running this loop, also while close() is stopping it: a pool
         first opened by a call racing close() is closed with the rest, never left open on a dead loop.
         """
         generation = self._live or self._stopping
-        if generation is not None and resource not in generation.resources:
-            generation.resources.append(resource)
+        if generation is not None:
+            generation.resources.add(resource)
 
     def _unregister(self, resource: Resource) -> None:
         for generation in (self._live, self._stopping):
-            if generation is not None and resource in generation.resources:
+            if generation is not None:
                 generation.resources.remove(resource)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
         close every resource registered on it (pools) on the bridge loop, stop the loop and join the
-        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`.
+        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`. A close() made while
+        another is stopping the bridge returns once that one is done.
 
         :raises DeadlockError: if called on the bridge thread (it cannot join itself).
         """
@@ -346,22 +373,32 @@ class Bridge:
                 f"Bridge.close() was called on the bridge thread of {self._name!r}, which it would have "
                 "to join: close the bridge from another thread, or await bridge.aclose() elsewhere"
             )
+        timeout = self._close_timeout if timeout is None else timeout
         with self._lock:
-            if self._state == "closed":
-                return
-            self._state = "closed"
-            # In one step, so that work on the loop always finds the generation it runs on.
-            live, self._live = self._live, None
-            self._stopping = live
+            first = self._state != "closed"
+            if first:
+                self._state = "closed"
+                self._stop_deadline = time.monotonic() + timeout + STOP_MARGIN
+                # In one step, so that work on the loop always finds the generation it runs on.
+                live, self._live = self._live, None
+                self._stopping = live
+        if first and self._finalizer is not None:
+            self._finalizer.detach()
+        if not first:
+            # Another close() may still be stopping the bridge: "closed" means the same to every
+            # caller (nothing runs on it any more), so wait for that one, as long as it can take.
+            self._stopped.wait(max(0.0, self._stop_deadline - time.monotonic()))
+            return
         try:
             if live is None:
                 return
             if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
                 abandon(live)
                 return
-            live.stop(self._close_timeout if timeout is None else timeout, at_exit=at_exit)
+            live.stop(timeout, at_exit=at_exit)
         finally:
             self._stopping = None
+            self._stopped.set()
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code: runs the blocking close in a worker thread."""
@@ -385,6 +422,9 @@ class Bridge:
         # In the child: the loop thread does not exist here. Abandon its generation untouched; the
         # next call starts a fresh thread, loop and pools.
         self._lock = threading.Lock()  # another thread may have held it at fork time
+        self._stopped = threading.Event()  # its lock too; and no close() of the parent's goes on here
+        if self._state == "closed":
+            self._stopped.set()
         live, self._live = self._live, None
         stopping, self._stopping = self._stopping, None  # a close() the parent was in the middle of
         for generation in (live, stopping):
@@ -463,6 +503,24 @@ def _check_fn(fn: object, args: tuple[Any, ...], label: str) -> None:
             f"function and its arguments separately: incorrect: {label.split('(')[0]}(fetch_rows(), 42); "
             f"correct: {label.split('(')[0]}(fetch_rows, 42)"
         )
+
+
+def _check_loop(awaitable: object, bridge_loop: asyncio.AbstractEventLoop, label: str) -> None:
+    """Refuse an awaitable that belongs to another event loop: awaited on the bridge loop it fails deep
+    inside ("Future attached to a different loop", or a hang), far from the mistake."""
+    if asyncio.isfuture(awaitable):
+        loop: object = awaitable.get_loop()
+    else:  # an asyncpg Pool not yet awaited keeps the loop it was made on, as others do, in _loop
+        loop = getattr(awaitable, "_loop", None)
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop is bridge_loop:
+        return
+    name = label.split("(")[0]
+    raise TypeError(
+        f"{label} got an awaitable bound to another event loop than the bridge's ({loop!r}): it was made "
+        "in the caller's thread, and only that loop can await it. Pass the function that makes it, with "
+        f"its arguments, so that it is made on the bridge loop: incorrect: "
+        f"{name}(asyncpg.create_pool(dsn)); correct: {name}(asyncpg.create_pool, dsn)"
+    )
 
 
 def _check_timeout(timeout: object, label: str) -> None:
@@ -546,6 +604,43 @@ def _close_all_at_exit() -> None:
             bridge._close(min(bridge._close_timeout, EXIT_TIMEOUT), at_exit=True)
         except Exception:  # pragma: no cover - close() logs its own problems
             logger.exception("error while closing %r at exit", bridge)
+    # Bridges dropped without close() are stopping by themselves: let them finish closing their pools.
+    deadline = time.monotonic() + EXIT_TIMEOUT + STOP_MARGIN
+    for generation in list(_dropped):
+        generation.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+#: Generations whose Bridge was garbage collected while they ran, until their threads end.
+_dropped: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+#: Generations to stop once the garbage collection in progress is over (see _stop_dropped).
+_to_stop: list[tuple[LoopThread, float]] = []
+_collecting = False
+
+
+def _stop_dropped(generation: LoopThread, timeout: float) -> None:
+    """A Bridge was garbage collected without close(): stop its thread, without blocking whoever
+    collected it (any thread, the bridge's own included).
+
+    During a collection, not before it is over: the collector runs this (a weakref callback) before the
+    finalizers of the same garbage, among them the keepers of the Databases on this bridge, which hand
+    them to the loop to be closed (``loopbridge._loop.Resources``). Stopping at once could seal the
+    loop's shutdown before they arrive, leaving their pools open.
+    """
+    if generation.pid != os.getpid() or not generation.accepting:
+        return
+    _dropped.add(generation)
+    if _collecting:
+        _to_stop.append((generation, timeout))
+    else:
+        generation.stop_soon(timeout)
+
+
+def _on_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+    while not _collecting and _to_stop:
+        generation, timeout = _to_stop.pop()
+        generation.stop_soon(timeout)
 
 
 def _after_fork_in_child() -> None:
@@ -556,4 +651,5 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_close_all_at_exit)
+gc.callbacks.append(_on_collection)
 os.register_at_fork(after_in_child=_after_fork_in_child)

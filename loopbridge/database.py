@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -29,7 +31,7 @@ from ._dead import (
     sent_so_far,
 )
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
-from ._loop import Resource
+from ._loop import Resource, stranded_log_level
 from ._pgbouncer import transaction_pooling_options
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
@@ -324,7 +326,13 @@ class Database(OpenClose, CopyMethods, StreamMethods):
     def close(self, timeout: float = 10.0) -> None:
         """Close the pool on the bridge loop: calls in flight may finish within *timeout* seconds, then
         their connections are terminated. Later calls raise :class:`DatabaseClosedError`. Safe to call
-        twice. The bridge keeps running (other Databases may share it)."""
+        twice. The bridge keeps running (other Databases may share it).
+
+        :raises DeadlockError: if called on the bridge thread (await :meth:`aclose` there); the Database
+            stays open, so a later close() still closes it.
+        """
+        # Before marking it closed: a close() that cannot run must not leave a pool nobody closes.
+        self._bridge._refuse_blocking_call("Database.close()")
         if self._mark_closed():
             try:
                 self._bridge._run(
@@ -370,11 +378,51 @@ class Database(OpenClose, CopyMethods, StreamMethods):
                 return
         if pool is None:
             return
+        closing = asyncio.ensure_future(pool.close())
+        level = stranded_log_level.get()
+        if level is not None:  # the bridge is closing and serves nobody any more: see stranded_log_level
+            # Once close() has begun, a connection ended below is not replaced to keep min_size: a
+            # replacement still connecting when the loop stops would be left unclosed.
+            await asyncio.sleep(0)
+            await self._end_stranded_connections(pool, level, timeout)
         try:
-            await asyncio.wait_for(pool.close(), timeout)
+            await asyncio.wait_for(closing, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("%r: connections still in use after %g s; terminating them", self, timeout)
             pool.terminate()
+
+    async def _end_stranded_connections(self, pool: asyncpg.Pool, level: int, timeout: float) -> None:
+        """Terminate the connections still leased while the bridge closes with no call left running.
+
+        Their holders (an open transaction or row stream) can never give them back: the bridge no longer
+        takes the calls that would. Waiting for them would only delay the close by its whole timeout.
+        Connections being reset after a finished call are back in a moment: those are waited for.
+        """
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=timeout)
+        holders: list[Any] = getattr(pool, "_holders", [])  # asyncpg's own list; not in its stubs
+        stranded = [
+            holder._con
+            for holder in holders
+            if holder._in_use is not None and holder._con is not None and not holder._con.is_closed()
+        ]
+        if not stranded:
+            return
+        # A statement the shutdown cancelled may still have its cancel request on the way to the server.
+        # Terminating the connection would cancel that request too, and the server, which notices a
+        # closed socket only between statements, would run the statement to its end (pg_sleep(30)).
+        cancelling = {task for con in stranded for task in con._cancellations}
+        if cancelling:
+            await asyncio.wait(cancelling, timeout=timeout)
+        logger.log(
+            level,
+            "%r: %d connection(s) still held across calls (an open transaction or row stream) by callers "
+            "the closing bridge no longer serves; terminating them (the server rolls their work back)",
+            self,
+            len(stranded),
+        )
+        for con in stranded:
+            con.terminate()
 
     def _forget_after_fork(self) -> list[object]:
         dropped: list[object] = [obj for obj in (self._pool, self._opening, self._pinned) if obj is not None]
@@ -410,7 +458,9 @@ class Database(OpenClose, CopyMethods, StreamMethods):
                 self._info.dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                connect=self._connect,
+                # Not self._connect: the pool is reachable from the loop (its idle connections' timers),
+                # and must not keep the Database alive, or a Database nobody holds would never be closed.
+                connect=functools.partial(_connect_weakly, weakref.ref(self)),
                 **self._pool_options,
             )
         except BaseException:
@@ -527,7 +577,9 @@ class Database(OpenClose, CopyMethods, StreamMethods):
         self._leased -= 1
         task = asyncio.get_running_loop().create_task(pool.release(con))
         self._releasing.add(task)
-        task.add_done_callback(self._released)
+        # Through a weak reference: the task is reachable from the loop, and a Database nobody holds
+        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
+        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
 
     def _may_release_in_background(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> bool:
         pinned = self._pinned
@@ -536,6 +588,7 @@ class Database(OpenClose, CopyMethods, StreamMethods):
         return pool.get_idle_size() > 0
 
     def _released(self, task: asyncio.Task[None]) -> None:
+        """A background release is done (see :meth:`_release_in_background`)."""
         self._releasing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # As in _Lease.__aexit__: asyncpg has terminated the connection and the pool opens a new one.
@@ -764,6 +817,22 @@ def _check_callable(fn: object) -> None:
             f"{type(fn).__name__}; incorrect: db.run(work(conn)); correct: db.run(work, 42) with "
             "async def work(conn, n): ..."
         )
+
+
+def _released(database: weakref.ref[Database], task: asyncio.Task[None]) -> None:
+    db = database()
+    if db is not None:
+        db._released(task)
+    elif not task.cancelled():
+        task.exception()  # retrieved: the Database, and whoever would have cared, are gone
+
+
+async def _connect_weakly(database: weakref.ref[Database], *args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``Database._connect`` for its pool, through a weak reference (see ``_create_pool``)."""
+    db = database()
+    if db is None:  # pragma: no cover - a pool outliving its Database is being closed
+        raise DatabaseClosedError("the Database of this pool was garbage collected")
+    return await db._connect(*args, **kwargs)
 
 
 async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:

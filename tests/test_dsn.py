@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from loopbridge import ConfigurationError
 from loopbridge._dsn import parse_dsn, redact, resolve_dsn
@@ -60,6 +62,17 @@ def test_the_scheme_is_normalized_for_asyncpg() -> None:
         ("postgresql://app:hunter2@db:http/shop", "invalid port 'http'"),
         ("postgresql://app:hunter2@/db?host=h1,h2&port=3,4,5", "lists 2 hosts but 3 ports"),
         ("just-a-name", "expected 'postgresql://user:password@host:5432/dbname'"),
+        # Regression: urlsplit's own ValueError escaped instead of a ConfigurationError.
+        (
+            "postgresql://alice:hunter2@[::1/inventory",
+            r"invalid DSN 'postgresql://alice:\*\*\*@\[::1/inventory'",
+        ),
+        ("postgresql://alice:hunter2@db]:5432/inventory", "IPv6 host in brackets"),
+        ("postgresql://app:hunter2@db:²/shop", "invalid port '²'"),
+        # An unencoded '#', '/' or '?' in the password cuts the URL short.
+        ("postgresql://app:hun#ter2@db/shop", "must be percent-encoded"),
+        ("postgresql://app:hu/nter2@db/shop", "must be percent-encoded"),
+        ("postgresql://app:hu?nter2@db/shop", "invalid port 'hu'"),
     ],
 )
 def test_bad_dsns_get_a_clear_error_without_the_password(dsn: str, message: str) -> None:
@@ -85,3 +98,60 @@ def test_resolve_refuses_a_non_string() -> None:
 
 def test_redact_replaces_every_secret() -> None:
     assert redact("a hunter2 b hunter2", "hunter2", None, "") == "a *** b ***"
+
+
+# -- fuzzing: whatever the string, a ConfigurationError or a description, and never the password ------
+
+#: Passwords are distinctive (they cannot appear in a message by chance) and may hold every character
+#: that means something in a URL.
+PASSWORD = st.builds(lambda middle: f"Pw{middle}Xz", st.text(alphabet=":/@[]?#&=%,. \\²é\x00", max_size=6))
+URL_PIECES = st.text(alphabet="abc019:/@[]?#&=%,.- \\²é\x00", max_size=12)
+
+
+def check_never_shows(password: str, dsn: str) -> None:
+    try:
+        info = parse_dsn(dsn)
+    except ConfigurationError as exc:
+        message = str(exc)
+    else:
+        message = ""
+        assert password not in info.redacted
+        assert password not in info.describe()
+        assert password not in repr(info.hosts) + repr(info.ports) + info.database + info.user
+    assert password not in message
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    scheme=st.sampled_from(["postgresql", "postgres", "PostgreSQL", "postgresql+asyncpg", "mysql", "", "pg"]),
+    separator=st.sampled_from(["://", ":/", "//", ""]),
+    user=URL_PIECES,
+    password=PASSWORD,
+    hosts=URL_PIECES,
+    tail=URL_PIECES,
+)
+@example(
+    scheme="postgresql", separator="://", user="alice", password="Pw[Xz", hosts="[::1", tail="/inventory"
+)
+@example(scheme="postgresql", separator="://", user="app", password="Pw#Xz", hosts="db", tail="/shop")
+@example(scheme="postgresql", separator="://", user="app", password="Pw/Xz", hosts="db", tail="/shop")
+@example(scheme="postgresql", separator="://", user="app", password="Pw?Xz", hosts="db", tail="/shop")
+def test_no_malformed_dsn_raises_anything_but_configuration_error_or_shows_the_password(
+    scheme: str, separator: str, user: str, password: str, hosts: str, tail: str
+) -> None:
+    check_never_shows(password, f"{scheme}{separator}{user}:{password}@{hosts}{tail}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=URL_PIECES, password=PASSWORD, tail=URL_PIECES, key=st.sampled_from(["password", "PASSWORD"]))
+def test_a_password_in_the_query_is_never_shown_either(head: str, password: str, tail: str, key: str) -> None:
+    check_never_shows(password, f"postgresql://app@{head}/db?sslmode=prefer&{key}={password}{tail}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_string_is_a_dsn_or_a_configuration_error(dsn: str) -> None:
+    try:
+        parse_dsn(dsn)
+    except ConfigurationError:
+        pass

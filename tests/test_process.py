@@ -422,6 +422,118 @@ class TestExitVariants:
         assert "not reached" not in out
         connections_closed(admin_dsn, schema)
 
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_daemon_threads_inside_transactions_at_exit_are_ended_quietly_and_promptly(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        """Regression: a daemon thread inside ``with db.transaction()`` at exit, running a statement or
+        idle between two, held its connection until the pool's close gave up after a full second and
+        logged "connections still in use after 1 s; terminating them" (and weakref's exit hook reported
+        the transaction as garbage collected). Nothing can give such a connection back at exit: it is
+        terminated at once, the server rolls its work back, and nothing is printed."""
+        out = exit_in_time(
+            """
+            db = Database(DSN, min_size=2)
+            db.execute("CREATE TABLE t (n int)")
+            in_statement, idle = threading.Event(), threading.Event()
+
+            def running_a_statement():
+                with db.transaction() as tx:
+                    tx.execute("INSERT INTO t VALUES (1)")
+                    in_statement.set()
+                    tx.execute("SELECT pg_sleep(30)")
+
+            def idle_in_transaction():
+                with db.transaction() as tx:
+                    tx.execute("INSERT INTO t VALUES (2)")
+                    idle.set()
+                    time.sleep(30)  # the caller's own work, between two statements
+
+            for target in (running_a_statement, idle_in_transaction):
+                threading.Thread(target=target, daemon=True).start()
+            assert in_statement.wait(30) and idle.wait(30)
+            time.sleep(0.3)  # let the statement reach the server
+            print("in transactions:", db.stats().in_use, flush=True)
+            exiting()
+            """,
+            dsn,
+            flags=flags,
+        )
+        assert "in transactions: 2" in out
+        connections_closed(admin_dsn, schema)
+        assert independent(admin_dsn, f"SELECT count(*) FROM {schema}.t")[0][0] == 0  # rolled back
+
+    def test_sys_exit_in_asyncio_run_with_tasks_awaiting_and_a_daemon_thread_in_a_transaction(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        run_script(
+            PRELUDE
+            + textwrap.dedent(
+                """
+                db = Database(DSN, min_size=2)
+
+                def in_transaction():
+                    with db.transaction() as tx:
+                        tx.execute("SELECT pg_sleep(30)")
+
+                threading.Thread(target=in_transaction, daemon=True).start()
+
+                async def main():
+                    tasks = [asyncio.ensure_future(db.afetchval("SELECT pg_sleep(30)")) for _ in range(3)]
+                    await asyncio.sleep(0.5)
+                    exiting()
+                    sys.exit(0)
+
+                asyncio.run(main())
+                """
+            ),
+            args=(dsn,),
+            timeout=60,
+        )
+        connections_closed(admin_dsn, schema)
+
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_databases_and_bridges_dropped_without_close_are_closed_quietly(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        """A notebook re-running ``db = Database(dsn)``, a Bridge dropped with a pool on it: each pool is
+        closed on its loop when found unreachable, a dropped bridge's threads end, and neither the
+        collection nor the exit that follows prints anything."""
+        out = exit_in_time(
+            """
+            import gc
+
+            def backends():
+                return db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = current_setting('application_name')")
+
+            for _ in range(5):  # the re-run cell
+                db = Database(DSN, min_size=2, max_size=2)
+                db.fetchval("SELECT 1")
+
+            def drop_a_bridge():
+                other = Database(DSN, bridge=Bridge("dropped"), min_size=2)
+                other.fetchval("SELECT 1")
+                return other.bridge.thread
+
+            dropped_thread = drop_a_bridge()
+            deadline = time.monotonic() + 30
+            while (backends() > 2 or dropped_thread.is_alive()) and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.05)
+            print("backends:", backends(), "dropped bridge alive:", dropped_thread.is_alive(), flush=True)
+            names = sorted(t.name for t in threading.enumerate() if t.name.startswith("loopbridge"))
+            print("threads:", names)
+            exiting()
+            """,
+            dsn,
+            flags=flags,
+        )
+        assert "backends: 2 dropped bridge alive: False" in out
+        assert "threads: ['loopbridge-default', 'loopbridge-default-watchdog']" in out
+        connections_closed(admin_dsn, schema)
+
     def test_uvloop_bridge_exits_quietly_with_calls_in_flight(
         self, dsn: str, admin_dsn: str, schema: str
     ) -> None:

@@ -5,10 +5,13 @@ The process-level exits (interpreter shutdown with calls in flight) are in ``tes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
-from loopbridge import Bridge, Database
+import pytest
+
+from loopbridge import Bridge, BridgeClosedError, Database
 from tests.support import WAIT, independent
 
 
@@ -63,3 +66,43 @@ def test_a_call_racing_close_opens_its_pool_finishes_and_the_pool_is_closed(
     while sessions(admin_dsn, schema) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sessions(admin_dsn, schema) == 0
+
+
+def test_closing_the_bridge_ends_a_transaction_left_open_between_calls_without_waiting_for_it(
+    dsn: str, admin_dsn: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread between two statements of a transaction when the bridge closes can never finish it (the
+    bridge takes no more calls), so closing the pool does not wait its timeout for that connection: it
+    is terminated, with a warning (the holder's work was cut short), and the server rolls it back."""
+    bridge = Bridge("close-with-open-transaction")
+    db = Database(dsn, bridge=bridge)
+    db.execute("CREATE TABLE t (n int)")
+    inside, closed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with db.transaction() as tx:
+                tx.execute("INSERT INTO t VALUES (1)")
+                inside.set()
+                closed.wait(WAIT)
+                tx.execute("INSERT INTO t VALUES (2)")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert inside.wait(WAIT)
+    with caplog.at_level(logging.WARNING, logger="loopbridge"):
+        bridge.close(timeout=WAIT)  # the timeout is not waited for: the holder cannot give it back
+    closed.set()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert [type(error) for error in errors] == [BridgeClosedError]
+    assert "still held across calls" in caplog.text
+    assert "connections still in use after" not in caplog.text
+    deadline = time.monotonic() + 10
+    while sessions(admin_dsn, schema) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sessions(admin_dsn, schema) == 0
+    assert independent(admin_dsn, f"SELECT count(*) FROM {schema}.t")[0][0] == 0

