@@ -215,7 +215,6 @@ class LoopThread:
         self.at_exit = False  # stopping because the interpreter exits (see stop())
         self.ledger = Ledger()
         self.inflight = self.ledger.inflight
-        self.submitted = 0  # calls handed to submit(), counted in the callers' threads
         self.resources = Resources(self)
         self.monitor = LagMonitor(name, block_threshold)
         self.thread_id = -1
@@ -259,6 +258,15 @@ class LoopThread:
             asyncio.set_event_loop(None)
             loop.close()
 
+    @property
+    def submitted(self) -> int:
+        """Calls handed to :meth:`submit` and taken: started on the loop, or queued to start.
+
+        Derived rather than counted, so that the hot path has no counter to update from many threads
+        (``+=`` on an attribute is not atomic across threads).
+        """
+        return self.ledger.started + len(self._queue)
+
     # -- the crossing point -------------------------------------------------------------------------
 
     def submit(self, call: Call[Any]) -> None:
@@ -268,7 +276,6 @@ class LoopThread:
         """
         call.loop = self.loop
         self._queue.append(call)
-        self.submitted += 1  # a figure for stats: a plain increment, under the GIL, is enough
         if not self.accepting:
             self._withdraw(call)
         elif not self._wakeup_pending:

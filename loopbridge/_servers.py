@@ -73,7 +73,9 @@ def find_test_server(*, local_dsn: str = LOCAL_DSN) -> Server:
     """The server the test suite uses (see the module docstring for the order).
 
     Each step that fails, whatever the reason, moves on to the next: a Docker engine that answers but
-    cannot start the container (no image offline, no permission) leaves the embedded server to try.
+    cannot start the container (no image offline, no permission) leaves the embedded server to try. The
+    one exception is a ``LOOPBRIDGE_TEST_DSN`` that is set but unusable: the run was pointed at that
+    server, and testing another one instead would pass silently against the wrong thing.
 
     :param local_dsn: where the local server is looked for (tests of this chain point it elsewhere).
     :raises NoServerError: when every step failed; the message says what each one tried, and what to
@@ -89,6 +91,8 @@ def find_test_server(*, local_dsn: str = LOCAL_DSN) -> Server:
     for what, step in steps:
         try:
             server = step(local_dsn)
+        except _ChosenServerError:
+            raise
         except NoServerError as exc:
             tried.append(str(exc))
         except Exception as exc:  # a library's surprise must not end the chain either
@@ -111,14 +115,22 @@ def _from_environment(local_dsn: str) -> Server:
     dsn = os.environ.get("LOOPBRIDGE_TEST_DSN")
     if not dsn:
         raise NoServerError("LOOPBRIDGE_TEST_DSN is not set")
+    what_to_do = (
+        ". The tests use the server LOOPBRIDGE_TEST_DSN names and no other: start that server, fix the "
+        "variable, or unset it to let the tests find one (a local server, Docker, the embedded server)"
+    )
     try:
         redacted = parse_dsn(dsn).redacted
     except ValueError as exc:  # ConfigurationError: the message is already redacted
-        raise NoServerError(f"LOOPBRIDGE_TEST_DSN is unusable ({exc})") from None
+        raise _ChosenServerError(f"LOOPBRIDGE_TEST_DSN is unusable ({exc}){what_to_do}") from None
     problem = answers(dsn)
     if problem is not None:
-        raise NoServerError(f"LOOPBRIDGE_TEST_DSN={redacted} does not answer ({problem})")
+        raise _ChosenServerError(f"LOOPBRIDGE_TEST_DSN={redacted} does not answer ({problem}){what_to_do}")
     return Server(dsn, "LOOPBRIDGE_TEST_DSN")
+
+
+class _ChosenServerError(NoServerError):
+    """The server the run was pointed at cannot be used: the chain stops there."""
 
 
 def _local_server(local_dsn: str) -> Server:

@@ -100,16 +100,35 @@ class TestOrder:
 
 
 class TestFallbacks:
-    def test_an_unreachable_test_dsn_falls_through_to_the_embedded_server(
+    def test_an_unreachable_test_dsn_stops_the_chain_and_says_what_to_do(
+        self, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The run was pointed at that server: testing another one instead would pass silently."""
+        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", NOWHERE)
+        with pytest.raises(NoServerError) as raised:
+            find_test_server(local_dsn=admin_dsn)  # a local server answers, and must not be used
+        message = str(raised.value)
+        assert "LOOPBRIDGE_TEST_DSN=postgresql://postgres:***@127.0.0.1:1/postgres does not answer" in message
+        assert "start that server, fix the variable, or unset it" in message
+        assert "hunter2" not in message
+
+    def test_a_malformed_test_dsn_stops_the_chain_without_showing_its_password(
+        self, admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", "postgresql://postgres:hunter2@127.0.0.1:notaport/x")
+        with pytest.raises(NoServerError) as raised:
+            find_test_server(local_dsn=admin_dsn)
+        assert "LOOPBRIDGE_TEST_DSN is unusable" in str(raised.value)
+        assert "hunter2" not in str(raised.value)
+
+    def test_without_a_local_server_or_docker_the_embedded_server_is_used(
         self, no_docker: None, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", NOWHERE)
+        monkeypatch.delenv("LOOPBRIDGE_TEST_DSN", raising=False)
         server = find_test_server(local_dsn=NOWHERE)
         try:
             assert server.origin.startswith("embedded PostgreSQL")
-            assert "LOOPBRIDGE_TEST_DSN=postgresql://postgres:***@127.0.0.1:1/postgres does not answer" in (
-                server.origin
-            )
+            assert "no local server at postgresql://postgres:***@127.0.0.1:1/postgres" in server.origin
             assert "no Docker engine answers" in server.origin
             assert "hunter2" not in server.describe()
             assert independent(server.dsn, "SELECT 1")[0][0] == 1
@@ -134,12 +153,12 @@ class TestFallbacks:
     def test_when_every_step_fails_the_error_names_each_and_what_to_do(
         self, no_docker: None, no_embedded: None, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv("LOOPBRIDGE_TEST_DSN", NOWHERE)
+        monkeypatch.delenv("LOOPBRIDGE_TEST_DSN", raising=False)
         with pytest.raises(NoServerError) as raised:
             find_test_server(local_dsn=NOWHERE)
         message = str(raised.value)
         for said in (
-            "LOOPBRIDGE_TEST_DSN=postgresql://postgres:***@127.0.0.1:1/postgres does not answer",
+            "LOOPBRIDGE_TEST_DSN is not set",
             "no local server at postgresql://postgres:***@127.0.0.1:1/postgres",
             "no Docker engine answers",
             "the embedded PostgreSQL is not installed",
