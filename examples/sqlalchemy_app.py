@@ -117,10 +117,10 @@ async def test_a_member_lookup() -> None:
 async def rows_on_the_server() -> tuple[int, dict[str, int]]:
     connection = await asyncpg.connect(DSN.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
-        total = await connection.fetchval("SELECT count(*) FROM lb_example_member")
+        total = await connection.fetchval("SELECT count(*) FROM example_sqlalchemy_member")
         sizes = await connection.fetch(
-            "SELECT t.name, count(m.id) FROM lb_example_team t "
-            "LEFT JOIN lb_example_member m ON m.team_id = t.id GROUP BY t.name"
+            "SELECT t.name, count(m.id) FROM example_sqlalchemy_team t "
+            "LEFT JOIN example_sqlalchemy_member m ON m.team_id = t.id GROUP BY t.name"
         )
     finally:
         await connection.close()

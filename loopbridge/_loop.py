@@ -35,6 +35,7 @@ from .errors import BridgeClosedError
 __all__ = [
     "GRACE",
     "STOP_MARGIN",
+    "ClosedWhenUnreachable",
     "LoopThread",
     "Resource",
     "abandon",
@@ -74,21 +75,24 @@ class Resource(Protocol):
 class Resources:
     """The resources registered on one generation, held so that one nobody else holds is still closed.
 
-    The registry holds each resource weakly; what keeps an unreachable one from leaking its pool is its
-    :class:`_Keeper`, stored on the resource, which the garbage collector finalizes while the resource
-    is still intact: the keeper hands the resource to the loop, where it is closed gracefully (a log
-    line at info level says so). A resource that a call in flight, an open transaction or stream, or
-    the caller still refers to is reachable, and stays open. Closing the bridge closes every live one.
+    The registry holds each resource weakly, so that the bridge never keeps an unused pool open (a
+    notebook that re-runs ``db = Database(dsn)`` drops the previous Database each time). A resource
+    that becomes unreachable is finalized (:class:`ClosedWhenUnreachable`'s ``__del__``, at once when
+    its last reference goes, or by the cyclic collector) while still intact, and hands itself to the
+    loop, where it is closed gracefully (a log line at info level says so); the loop's reference keeps
+    it alive until then. A resource that a call in flight, an open transaction or stream, or the caller
+    still refers to is reachable, and stays open. Closing the bridge closes every live one.
     """
 
-    #: The attribute on a resource that holds its keeper.
-    KEEPER = "_loopbridge_keeper"
+    #: The attribute on a resource that says which registry to hand it to when it becomes unreachable.
+    REGISTRY = "_loopbridge_registry"
     #: How long the close of an unreachable resource may let work on it finish.
     CLOSE_TIMEOUT = 10.0
 
     def __init__(self, generation: LoopThread) -> None:
         self._generation = generation
-        # By id(), in the order registered: weak references, or a _Strong one where a keeper cannot go.
+        # By id(), in the order registered: weak references, or a _Strong one for a resource that
+        # cannot close itself when unreachable (not a ClosedWhenUnreachable).
         self._refs: dict[int, Callable[[], Resource | None]] = {}
         self.closing: set[asyncio.Task[None]] = set()  # unreachable resources being closed
         self.sealed = False  # the shutdown is past closing resources: no new close may start
@@ -98,20 +102,18 @@ class Resources:
         if ref is not None and ref() is resource:
             return
         self._prune()
-        self._refs[id(resource)] = weakref.ref(resource)
-        try:
-            setattr(resource, self.KEEPER, _Keeper(self, resource))
-        except AttributeError:  # no room for a keeper (__slots__): held strongly, closed with the bridge
+        if isinstance(resource, ClosedWhenUnreachable):
+            self._refs[id(resource)] = weakref.ref(resource)
+            resource.__dict__[self.REGISTRY] = self
+        else:  # held strongly, closed with the bridge
             self._refs[id(resource)] = _Strong(resource)
 
     def remove(self, resource: Resource) -> None:
         ref = self._refs.get(id(resource))
         if ref is not None and ref() is resource:
             del self._refs[id(resource)]
-            keeper = getattr(resource, self.KEEPER, None)
-            if isinstance(keeper, _Keeper):
-                keeper.resource = None  # closed normally: nothing for the keeper to do
-                delattr(resource, self.KEEPER)
+            if isinstance(resource, ClosedWhenUnreachable):
+                resource.__dict__.pop(self.REGISTRY, None)  # closed normally: nothing left to do
 
     def __contains__(self, resource: object) -> bool:
         ref = self._refs.get(id(resource))
@@ -122,7 +124,7 @@ class Resources:
         return [resource for resource in (ref() for ref in list(self._refs.values())) if resource is not None]
 
     def _prune(self) -> None:
-        # Entries of resources the collector took (their keepers closed them): dead weak references.
+        # Entries of resources that went away (handed to the loop, or collected): dead weak references.
         for key in [key for key, ref in self._refs.items() if ref() is None]:
             del self._refs[key]
 
@@ -132,7 +134,11 @@ class Resources:
         self._refs.clear()
 
     def close_unreachable(self, resource: Resource) -> None:
-        """From a keeper's ``__del__``, on any thread: close *resource* on the loop, without waiting."""
+        """From a resource's ``__del__``, on any thread: close *resource* on the loop, without waiting."""
+        ref = self._refs.get(id(resource))
+        if ref is not None and ref() is resource:
+            # Out of the registry before it is resurrected: the bridge's close must not close it too.
+            del self._refs[id(resource)]
         generation = self._generation
         if generation.pid != os.getpid():  # a forked child: the parent's pool is not ours to close
             _immortalize(resource)
@@ -148,11 +154,13 @@ class Resources:
             # run: its connections end with the process (or when the server notices). Never freed, so
             # that nothing of it is torn down on a loop that no longer runs.
             logger.debug(
-                "%r was garbage collected as its bridge stopped; left to the process's end", resource
+                "%s was garbage collected as its bridge stopped; left to the process's end", repr(resource)
             )
             _immortalize(resource)
             return
-        logger.info("%r was garbage collected while open; closing it on the bridge loop", resource)
+        # The log record gets the repr, not the resource: a handler that keeps records (pytest's does)
+        # must not keep the resource, and with it its bridge, alive.
+        logger.info("%s was garbage collected while open; closing it on the bridge loop", repr(resource))
         task = self._generation.loop.create_task(self._close(resource))
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
@@ -161,29 +169,24 @@ class Resources:
         try:
             await resource._aclose_on_bridge(self.CLOSE_TIMEOUT)
         except Exception:
-            logger.exception("error while closing %r, which was garbage collected while open", resource)
+            logger.exception("error while closing %s, which was garbage collected while open", repr(resource))
 
 
-class _Keeper:
-    """Closes its resource on the bridge loop once nothing but the keeper refers to it.
+class ClosedWhenUnreachable:
+    """A resource that closes itself on its bridge loop once nothing refers to it any more.
 
-    The resource holds its keeper and the keeper holds the resource: a cycle, which the cyclic garbage
-    collector frees once nothing else reaches it, finalizing both first (PEP 442). The keeper's
-    ``__del__`` then still has the resource and gives it to the loop to close, which keeps it alive
-    until the close is done; ``__del__`` runs once, and letting go of the resource breaks the cycle.
+    ``__del__`` runs when the last reference goes (or when the cyclic collector frees a cycle it is
+    part of, PEP 442) with the object still intact; handing itself to the loop resurrects it until its
+    close is done. ``__del__`` runs once per object, so the second end of its life is a plain one.
     """
 
-    __slots__ = ("registry", "resource")
-
-    def __init__(self, registry: Resources, resource: Resource) -> None:
-        self.registry = registry
-        self.resource: Resource | None = resource
+    __slots__ = ()
 
     def __del__(self) -> None:
-        resource, self.resource = self.resource, None
-        if resource is not None:
+        registry = self.__dict__.pop(Resources.REGISTRY, None)
+        if registry is not None:
             try:
-                self.registry.close_unreachable(resource)
+                registry.close_unreachable(self)
             except Exception:  # pragma: no cover - e.g. during interpreter finalization
                 pass
 

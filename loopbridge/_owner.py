@@ -86,7 +86,7 @@ class OwnerWatch:
     __slots__ = ("_held", "_loop", "_owner", "_task", "_timer")
 
     def __init__(self, held: Abandonable, owner: Owner) -> None:
-        self._held = held
+        self._held: Abandonable | None = held
         self._owner = owner
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
@@ -97,14 +97,19 @@ class OwnerWatch:
             self._timer = self._loop.call_later(CHECK_INTERVAL, self._check)
             return
         self._timer = None
-        self._task = self._loop.create_task(
-            self._held._abandon_on_bridge(f"{self._owner} ended without closing it")
-        )
+        if self._held is not None:
+            self._task = self._loop.create_task(
+                self._held._abandon_on_bridge(f"{self._owner} ended without closing it")
+            )
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # The holder refers to its watch: let go of it, so that no cycle keeps the holder, and the
+        # Database it holds a connection of, alive once the holder is done (a Database nothing refers
+        # to is closed at once; see loopbridge._loop.ClosedWhenUnreachable).
+        self._held = None
 
 
 def guard(handle: object, bridge: Bridge, held: Abandonable, what: str) -> Finalizer:

@@ -622,7 +622,7 @@ def _stop_dropped(generation: LoopThread, timeout: float) -> None:
     collected it (any thread, the bridge's own included).
 
     During a collection, not before it is over: the collector runs this (a weakref callback) before the
-    finalizers of the same garbage, among them the keepers of the Databases on this bridge, which hand
+    finalizers of the same garbage, among them those of the Databases on this bridge, which hand
     them to the loop to be closed (``loopbridge._loop.Resources``). Stopping at once could seal the
     loop's shutdown before they arrive, leaving their pools open.
     """

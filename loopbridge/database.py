@@ -31,7 +31,7 @@ from ._dead import (
     sent_so_far,
 )
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
-from ._loop import Resource, stranded_log_level
+from ._loop import ClosedWhenUnreachable, Resource, stranded_log_level
 from ._pgbouncer import transaction_pooling_options
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
@@ -74,7 +74,7 @@ _POOL_OPTIONS = _pass_through_options()
 _OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout"})
 
 
-class Database(OpenClose, CopyMethods, StreamMethods):
+class Database(ClosedWhenUnreachable, OpenClose, CopyMethods, StreamMethods):
     """A PostgreSQL connection pool on a bridge, for sync and async callers alike.
 
     ::

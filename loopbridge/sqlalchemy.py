@@ -60,7 +60,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import IdentitySet
 
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
-from ._loop import GRACE
+from ._loop import GRACE, ClosedWhenUnreachable
 from ._owner import Owner
 from ._stream import DEFAULT_PREFETCH
 from ._twins import OpenClose, twin_contexts, twins
@@ -167,7 +167,7 @@ class LazyLoadError(LoopBridgeError, sqlalchemy.exc.MissingGreenlet):
     code = ""  # SQLAlchemy's link would explain greenlets; our message says what to do instead
 
 
-class Engine(OpenClose):
+class Engine(ClosedWhenUnreachable, OpenClose):
     """An SQLAlchemy ``AsyncEngine`` (asyncpg dialect) that lives on a bridge loop, for every caller.
 
     ::

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import threading
+import weakref
 from typing import Any
 
 import asyncpg
@@ -255,6 +257,36 @@ class TestUnreachable:
         assert db.fetchval("SELECT 2") == 2
         db.close()
         wait_until(lambda: sessions(admin_dsn, schema) == 0)
+
+    def test_a_dropped_database_is_closed_at_once_without_the_cyclic_collector(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caller: Caller
+    ) -> None:
+        """Regression: a finished stream's owner watch and the stream referred to each other, a cycle
+        that kept the Database alive until the cyclic collector ran, which an idle notebook kernel may
+        not do for minutes (re-running ``db = Database(dsn)`` left the previous pool open meanwhile)."""
+        previous = gc.isenabled()
+        gc.disable()
+        try:
+            db = Database(dsn, bridge=bridge, min_size=1, max_size=1)
+            caller.call(db, "execute", "CREATE TABLE t AS SELECT generate_series(1, 50) AS n")
+            assert [row["n"] for row in db.iterate("SELECT n FROM t ORDER BY n", prefetch=8)] == list(
+                range(1, 51)
+            )
+
+            async def streamed(db: Database) -> list[int]:
+                return [row["n"] async for row in db.aiterate("SELECT n FROM t ORDER BY n", prefetch=8)]
+
+            assert run_loop(functools.partial(streamed, db)) == list(range(1, 51))
+            with db.transaction() as tx:
+                tx.execute("INSERT INTO t VALUES (51)")
+            assert caller.call(db, "fetchval", "SELECT count(*) FROM t") == 51
+            del tx  # a finished transaction still refers to db
+            gone = weakref.ref(db)
+            del db
+            wait_until(lambda: gone() is None and sessions(admin_dsn, schema) == 0)
+        finally:
+            if previous:
+                gc.enable()
 
     def test_a_call_in_flight_keeps_its_database_open(self, dsn: str, bridge: Bridge) -> None:
         # Nothing but the call refers to this Database.
