@@ -123,6 +123,13 @@ def _parse(dsn: str) -> DsnInfo:
             f"invalid DSN {redacted!r}: a '#', '/' or '?' in the user name or password must be "
             "percent-encoded (%23, %2F, %3F), and so must an '@' in the database name (%40)"
         )
+    if parts.netloc.count("@") > 1:
+        # asyncpg splits at the first '@', urlsplit at the last: the two would read different hosts,
+        # and asyncpg would try to reach one named after the end of the password.
+        raise ConfigurationError(
+            f"invalid DSN {_redact_any(normalized)!r}: an '@' in the user name or password must be "
+            "percent-encoded (%40)"
+        )
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     user, has_password, password = userinfo.partition(":")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))

@@ -73,6 +73,8 @@ def test_the_scheme_is_normalized_for_asyncpg() -> None:
         ("postgresql://app:hun#ter2@db/shop", "must be percent-encoded"),
         ("postgresql://app:hu/nter2@db/shop", "must be percent-encoded"),
         ("postgresql://app:hu?nter2@db/shop", "invalid port 'hu'"),
+        # Regression: asyncpg reads the host after the first '@', loopbridge read it after the last.
+        ("postgresql://app:hun@ter2@db/shop", r"an '@' in the user name or password must be percent-encoded"),
     ],
 )
 def test_bad_dsns_get_a_clear_error_without_the_password(dsn: str, message: str) -> None:
