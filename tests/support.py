@@ -46,6 +46,28 @@ def in_thread(fn: Callable[[], T], *, timeout: float = WAIT, name: str = "test-c
     return result[0]
 
 
+def all_at_once(*callers: Callable[[], object], timeout: float = 120) -> None:
+    """Run every caller at once, each in a thread of its own, and wait for all of them: a caller still
+    running after *timeout* seconds fails the test (a hang is a bug); the first error raised is re-raised."""
+    errors: list[BaseException] = []
+
+    def guarded(caller: Callable[[], object]) -> None:
+        try:
+            caller()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(caller,), daemon=True) for caller in callers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a caller hung"
+    if errors:
+        raise errors[0]
+
+
 def run_loop(coro_fn: Callable[[], Coroutine[Any, Any, T]], *, timeout: float = WAIT) -> T:
     """``asyncio.run(coro_fn())`` in a fresh thread: a brand-new, foreign event loop."""
 

@@ -7,6 +7,7 @@ tests skip, with the reason, unless ``LOOPBRIDGE_REQUIRE_PGBOUNCER`` is set (CI 
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import pytest
 from loopbridge import Bridge, ConfigurationError, ConnectError, Database
 from tests.pgbouncer import PgBouncer, PgBouncerMissing, pgbouncer_binary, required
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, in_thread, independent, run_loop
+from tests.support import WAIT, all_at_once, in_thread, independent, run_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +147,6 @@ class TestCallersThroughPgBouncer:
         db = Database(pgbouncer.dsn(), bridge=bridge, max_size=8, pgbouncer=True)
         insert = f"INSERT INTO {table} VALUES ($1, $2)"
         per_caller = 15
-        errors: list[BaseException] = []
 
         def sync_thread(i: int) -> None:
             for n in range(per_caller):
@@ -170,21 +170,12 @@ class TestCallersThroughPgBouncer:
 
             asyncio.run(main())
 
-        def guarded(fn: Any, *args: Any) -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:
-                errors.append(exc)
-
-        workers = [threading.Thread(target=guarded, args=(sync_thread, i)) for i in range(8)]
-        workers += [threading.Thread(target=guarded, args=(foreign_loop, i)) for i in range(2)]
-        workers.append(threading.Thread(target=guarded, args=(running_loop,)))
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(90)
-        assert not any(worker.is_alive() for worker in workers), "a caller hung"
-        assert errors == []
+        all_at_once(
+            *(functools.partial(sync_thread, i) for i in range(8)),
+            *(functools.partial(foreign_loop, i) for i in range(2)),
+            running_loop,
+            timeout=90,
+        )
         assert db.fetchval(f"SELECT count(*) FROM {table}") == (8 + 2 * 8 + 1) * per_caller
 
     def test_transactions_keep_their_server_connection_and_roll_back_as_a_whole(

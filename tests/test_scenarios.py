@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
+import functools
 
 import pytest
 
 from loopbridge import Bridge, Database
-from tests.support import WAIT, in_thread, independent, run_loop
+from tests.support import WAIT, all_at_once, in_thread, independent, run_loop
 
 
 def tables(dsn: str, schema: str) -> set[str]:
@@ -130,14 +130,10 @@ class TestADR047:
         """16 threads + 2 foreign loops x 16 tasks, unique keys: the exact count lands."""
         db.execute("CREATE TABLE hits (who text, n int, PRIMARY KEY (who, n))")
         per_caller = 20
-        errors: list[BaseException] = []
 
         def thread_caller(i: int) -> None:
-            try:
-                for n in range(per_caller):
-                    db.execute("INSERT INTO hits VALUES ($1, $2)", f"thread-{i}", n, timeout=WAIT)
-            except BaseException as exc:
-                errors.append(exc)
+            for n in range(per_caller):
+                db.execute("INSERT INTO hits VALUES ($1, $2)", f"thread-{i}", n, timeout=WAIT)
 
         def loop_caller(i: int) -> None:
             async def task(t: int) -> None:
@@ -147,17 +143,10 @@ class TestADR047:
             async def main() -> None:
                 await asyncio.gather(*(task(t) for t in range(16)))
 
-            try:
-                asyncio.run(main())
-            except BaseException as exc:
-                errors.append(exc)
+            asyncio.run(main())
 
-        workers = [threading.Thread(target=thread_caller, args=(i,)) for i in range(16)]
-        workers += [threading.Thread(target=loop_caller, args=(i,)) for i in range(2)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(120)
-        assert not any(worker.is_alive() for worker in workers), "a caller hung"
-        assert errors == []
+        all_at_once(
+            *(functools.partial(thread_caller, i) for i in range(16)),
+            *(functools.partial(loop_caller, i) for i in range(2)),
+        )
         assert db.fetchval("SELECT count(*) FROM hits") == (16 + 2 * 16) * per_caller

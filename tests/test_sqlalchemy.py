@@ -10,6 +10,7 @@ the sync session behind an adapter whose coroutines never suspend (each call jus
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -61,7 +62,16 @@ from loopbridge.sqlalchemy import (
 )
 from tests.pgbouncer import PgBouncer
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script, with_query
+from tests.support import (
+    WAIT,
+    Caller,
+    all_at_once,
+    in_thread,
+    independent,
+    run_loop,
+    run_script,
+    with_query,
+)
 from tests.test_pgbouncer import _need_pgbouncer
 
 T = TypeVar("T")
@@ -562,7 +572,6 @@ class TestPgBouncer:
         self, bounced_dsn: str, cluster: PrivateCluster
     ) -> None:
         per_caller = 10
-        errors: list[BaseException] = []
         with Bridge("sa-pgb-load") as bridge:
             # More client connections (6) than PgBouncer's server connections (2).
             engine = Engine(bounced_dsn, bridge=bridge, pgbouncer=True, pool_size=6, max_overflow=0)
@@ -605,21 +614,12 @@ class TestPgBouncer:
 
                 asyncio.run(main())
 
-            def guarded(fn: Callable[..., None], *args: Any) -> None:
-                try:
-                    fn(*args)
-                except BaseException as exc:
-                    errors.append(exc)
-
-            workers = [threading.Thread(target=guarded, args=(view, i)) for i in range(4)]
-            workers += [threading.Thread(target=guarded, args=(loop, i)) for i in range(2)]
-            workers.append(threading.Thread(target=guarded, args=(running_loop,)))
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join(90)
-            assert not any(worker.is_alive() for worker in workers), "a caller hung"
-            assert errors == []
+            all_at_once(
+                *(functools.partial(view, i) for i in range(4)),
+                *(functools.partial(loop, i) for i in range(2)),
+                running_loop,
+                timeout=90,
+            )
             left = []
             for _ in range(4):  # whichever server connections PgBouncer lends
                 with engine.session() as session:
@@ -1580,15 +1580,11 @@ class TestADR047:
         self, engine: Engine, tables: None, dsn: str
     ) -> None:
         per_caller = 10
-        errors: list[BaseException] = []
 
         def view(i: int) -> None:
-            try:
-                for n in range(per_caller):
-                    with engine.session() as session:
-                        session.add(User(name=f"view-{i}-{n}"))
-            except BaseException as exc:
-                errors.append(exc)
+            for n in range(per_caller):
+                with engine.session() as session:
+                    session.add(User(name=f"view-{i}-{n}"))
 
         def loop(i: int) -> None:
             async def task(t: int) -> None:
@@ -1599,19 +1595,13 @@ class TestADR047:
             async def main() -> None:
                 await asyncio.gather(*(task(t) for t in range(4)))
 
-            try:
-                asyncio.run(main())
-            except BaseException as exc:
-                errors.append(exc)
+            asyncio.run(main())
 
-        workers = [threading.Thread(target=view, args=(i,)) for i in range(4)]
-        workers += [threading.Thread(target=loop, args=(i,)) for i in range(2)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(90)
-        assert not any(worker.is_alive() for worker in workers), "a caller hung"
-        assert errors == []
+        all_at_once(
+            *(functools.partial(view, i) for i in range(4)),
+            *(functools.partial(loop, i) for i in range(2)),
+            timeout=90,
+        )
         assert len(set(names_in_db(dsn))) == (4 + 2 * 4) * per_caller
 
 
