@@ -48,6 +48,7 @@ from sqlalchemy import URL, event
 from sqlalchemy.engine import Result, Row, ScalarResult
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncResult,
     AsyncScalarResult,
@@ -1050,6 +1051,12 @@ class _ScopeConnection:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self._scope!r}>"
 
+    @asynccontextmanager
+    async def _on_connection(self) -> AsyncIterator[AsyncConnection]:
+        """The session's connection, in the scope's turn on the bridge loop, for one call."""
+        async with self._scope._using() as session:
+            yield await session.connection()
+
     async def _execute(
         self,
         /,
@@ -1061,8 +1068,7 @@ class _ScopeConnection:
     ) -> AnyResult:
         """Execute a Core statement on the session's connection, in its transaction, without the ORM
         (no autoflush); return its buffered ``Result``. *kw*: ``execution_options``."""
-        async with self._scope._using() as session:
-            connection = await session.connection()
+        async with self._on_connection() as connection:
             return await connection.execute(statement, params, **kw)
 
     async def _scalar(
@@ -1075,8 +1081,7 @@ class _ScopeConnection:
         **kw: Any,
     ) -> Any:
         """Execute *statement* and return the first column of its first row, or None."""
-        async with self._scope._using() as session:
-            connection = await session.connection()
+        async with self._on_connection() as connection:
             return await connection.scalar(statement, params, **kw)
 
     async def _scalars(
@@ -1089,8 +1094,7 @@ class _ScopeConnection:
         **kw: Any,
     ) -> ScalarResult[Any]:
         """Execute *statement* and return its first column as a buffered ``ScalarResult``."""
-        async with self._scope._using() as session:
-            connection = await session.connection()
+        async with self._on_connection() as connection:
             return await connection.scalars(statement, params, **kw)
 
     async def _exec_driver_sql(
@@ -1104,8 +1108,7 @@ class _ScopeConnection:
     ) -> AnyResult:
         """Execute a SQL string as the driver takes it (asyncpg's ``$1`` placeholders), on the session's
         connection."""
-        async with self._scope._using() as session:
-            connection = await session.connection()
+        async with self._on_connection() as connection:
             return await connection.exec_driver_sql(statement, parameters, **kw)
 
     async def _run_sync(
@@ -1115,8 +1118,7 @@ class _ScopeConnection:
         session, in its transaction, on the bridge loop (sync Core code, ``metadata.create_all``,
         ``pandas.DataFrame.to_sql``, ...). The connection is only valid inside *fn*."""
         _check_sync_fn(fn, f"{type(self).__name__}.run_sync()", "connection")
-        async with self._scope._using() as session:
-            connection = await session.connection()
+        async with self._on_connection() as connection:
             return await connection.run_sync(fn, *args, **kwargs)
 
 
