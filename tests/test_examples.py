@@ -63,6 +63,14 @@ def run_command(example: Path, program: str) -> list[str]:
     return found[0]
 
 
+def served_on(example: Path, program: str, port: int) -> list[str]:
+    """The example's documented *program* command (uvicorn or gunicorn), listening on loopback *port*."""
+    argv = run_command(example, program)
+    if program == "gunicorn":
+        return [*argv, "--bind", f"127.0.0.1:{port}"]
+    return [*argv, "--host", "127.0.0.1", "--port", str(port)]
+
+
 @contextmanager
 def client_of(argv: list[str], port: int, dsn: str, ready: str) -> Iterator[httpx.Client]:
     with (
@@ -110,13 +118,7 @@ class TestExamplesOneAfterAnotherOnOneDatabase:
     def test_fastapi(self, one_schema: tuple[str, str]) -> None:
         dsn, schema = one_schema
         port = free_port()
-        argv = [
-            *run_command(EXAMPLES / "fastapi_app.py", "uvicorn"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        argv = served_on(EXAMPLES / "fastapi_app.py", "uvicorn", port)
         with client_of(argv, port, dsn, ready="/notes") as client:
             assert client.post("/notes", params={"text": "hello"}).json() == {"id": 1, "text": "hello"}
             assert client.get("/notes").json() == [{"id": 1, "text": "hello"}]
@@ -125,13 +127,7 @@ class TestExamplesOneAfterAnotherOnOneDatabase:
     def test_django_under_asgi(self, one_schema: tuple[str, str]) -> None:
         dsn, schema = one_schema
         port = free_port()
-        argv = [
-            *run_command(EXAMPLES / "django_app.py", "uvicorn"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        argv = served_on(EXAMPLES / "django_app.py", "uvicorn", port)
         with client_of(argv, port, dsn, ready="/visit") as client:
             visits = client.get("/avisit").json()["visits"]
             assert client.get("/visit").json() == {"visits": visits + 1}
@@ -140,7 +136,7 @@ class TestExamplesOneAfterAnotherOnOneDatabase:
     def test_django_under_wsgi(self, one_schema: tuple[str, str]) -> None:
         dsn, _ = one_schema
         port = free_port()
-        argv = [*run_command(EXAMPLES / "django_app.py", "gunicorn"), "--bind", f"127.0.0.1:{port}"]
+        argv = served_on(EXAMPLES / "django_app.py", "gunicorn", port)
         with client_of(argv, port, dsn, ready="/visit") as client:
             # The async view under WSGI: a loop of its own per request, the same Database.
             visits = client.get("/avisit").json()["visits"]
@@ -150,7 +146,7 @@ class TestExamplesOneAfterAnotherOnOneDatabase:
     def test_flask_under_gunicorn_preload(self, one_schema: tuple[str, str]) -> None:
         dsn, schema = one_schema
         port = free_port()
-        argv = [*run_command(EXAMPLES / "flask_app.py", "gunicorn"), "--bind", f"127.0.0.1:{port}"]
+        argv = served_on(EXAMPLES / "flask_app.py", "gunicorn", port)
         assert "--preload" in argv
         with client_of(argv, port, dsn, ready="/visits") as client:
             for _ in range(4):
