@@ -27,7 +27,7 @@ from loopbridge import (
     Database,
     DeadlockError,
 )
-from tests.boundary import sessions
+from tests.boundary import sessions, wait_until
 from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
@@ -47,19 +47,9 @@ async def fail_deep() -> None:
     raise ValueError("raised on the bridge")
 
 
-def wait_for(predicate: Any, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def collected_until(predicate: Any, timeout: float = WAIT) -> None:
     """Run the garbage collector until *predicate* holds (objects may still be in use for a moment)."""
-    deadline = time.monotonic() + timeout
-    while not (gc.collect() >= 0 and predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+    wait_until(lambda: gc.collect() >= 0 and predicate(), timeout)
 
 
 class Recorder:
@@ -563,7 +553,7 @@ class TestClose:
         assert loop_thread is not None
         first = threading.Thread(target=bridge.close, args=(WAIT,), name="first-close")
         first.start()
-        wait_for(lambda: bridge.closed)
+        wait_until(lambda: bridge.closed)
         second = threading.Thread(target=bridge.close, args=(WAIT,), name="second-close")
         second.start()
         second.join(0.3)
@@ -593,7 +583,7 @@ class TestClose:
         assert started.wait(WAIT)
         closer = threading.Thread(target=bridge.close, args=(WAIT,), name="closer")
         closer.start()
-        wait_for(lambda: bridge.closed)
+        wait_until(lambda: bridge.closed)
         release.set()
         closer.join(WAIT)
         assert future.result(timeout=0) == "refused"

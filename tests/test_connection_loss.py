@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from loopbridge import Bridge, CallTimeoutError, ConnectionLostError, Database, TransactionClosedError
+from tests.boundary import wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, independent
 
@@ -47,13 +48,6 @@ def terminate_once_running(admin_dsn: str, application_name: str, query: str) ->
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.02)
 
 
 def asyncio_errors(caplog: pytest.LogCaptureFixture) -> list[str]:

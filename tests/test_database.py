@@ -25,7 +25,7 @@ from loopbridge import (
 )
 from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
-from tests.boundary import sessions
+from tests.boundary import sessions, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import WAIT, Caller, in_thread, independent, run_loop
 
@@ -576,13 +576,3 @@ def connections(admin_dsn: str, application_name: str) -> int:
 
 def db_dsn(db: Database) -> str:
     return db._info.dsn
-
-
-def wait_until(predicate: Any, timeout: float = WAIT) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.02)

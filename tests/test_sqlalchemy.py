@@ -60,6 +60,7 @@ from loopbridge.sqlalchemy import (
     Savepoint,
     StreamResult,
 )
+from tests.boundary import wait_until
 from tests.pgbouncer import PgBouncer
 from tests.pgcluster import PASSWORD, PrivateCluster
 from tests.support import (
@@ -265,14 +266,6 @@ def names_in_db(dsn: str) -> list[str]:
 def tables_in(dsn: str, schema: str) -> set[str]:
     rows = independent(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
     return {row[0] for row in rows}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.05)
 
 
 # -- the engine ------------------------------------------------------------------------------------
