@@ -7,17 +7,22 @@ the middle of a call. asyncpg reports each in its own terms: ``ConnectionDoesNot
 switch to state 11; another operation (2) is in progress")`` when the server's FATAL arrived between two
 calls. The stress suite met all of them.
 
-Running a call again is safe only if nothing that could change data was sent. asyncpg counts what it
-sends on a connection (``queries_count``: a Bind/Execute or a simple query; a Parse/Describe, which
-changes nothing, is not counted), so a count unchanged since the call began proves it.
+Running a call again is safe only if nothing that could change data was sent: asyncpg counts what it
+sends on a connection (:func:`loopbridge._asyncpg.sent_so_far`), so a count unchanged since the call
+began proves it.
+
+A timeout is never a lost connection by itself: on Python 3.11+ ``TimeoutError`` is an ``OSError``, but
+asyncpg's ``command_timeout`` leaves the connection open (it cancels the statement on the server).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 
+from ._asyncpg import is_connected, sent_so_far
 from .errors import LoopBridgeError
 
 __all__ = [
@@ -26,9 +31,8 @@ __all__ = [
     "died_in_acquire",
     "died_unsent",
     "discard",
+    "is_connection_failure",
     "lost_connection",
-    "protocol_of",
-    "sent_so_far",
 ]
 
 #: How often a call whose connection turned out dead before anything was sent runs again. After a
@@ -48,18 +52,17 @@ CONNECTION_FAILURES = (
     OSError,
 )
 
-
-def protocol_of(connection: object) -> Any:
-    """The asyncpg protocol behind a connection or its pool proxy, or None. Not public asyncpg API: read
-    through getattr, so that a different asyncpg only ever turns retries off."""
-    return getattr(connection, "_protocol", None)
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 
 
-def sent_so_far(connection: object) -> int | None:
-    """How many statements asyncpg has sent on *connection* (or its protocol); None if it cannot tell."""
-    protocol = protocol_of(connection) or connection
-    count: int | None = getattr(protocol, "queries_count", None)
-    return count
+def is_connection_failure(exc: BaseException) -> bool:
+    """Is *exc* one of asyncpg's (or the socket's) ways of saying a connection broke, or may have? Not a
+    timeout, and not one of loopbridge's own errors."""
+    return (
+        isinstance(exc, CONNECTION_FAILURES)
+        and not isinstance(exc, _TIMEOUTS)
+        and not isinstance(exc, LoopBridgeError)
+    )
 
 
 def lost_connection(exc: BaseException, protocol: Any) -> bool:
@@ -70,20 +73,18 @@ def lost_connection(exc: BaseException, protocol: Any) -> bool:
     have seen the socket close yet). An error of the caller's own, or an InterfaceError on a connection
     that is still open ("another operation is in progress"), is left alone.
     """
-    if not isinstance(exc, CONNECTION_FAILURES) or isinstance(exc, LoopBridgeError):
+    if not is_connection_failure(exc):
         return False
     if getattr(exc, "severity", None) in ("FATAL", "PANIC"):
         return True
     # Ask the protocol, not the connection proxy: asyncpg detaches the proxy of a connection that closed.
-    is_connected = getattr(protocol, "is_connected", None)
-    return is_connected is not None and not is_connected()
+    return is_connected(protocol) is False
 
 
 def died_unsent(exc: BaseException, protocol: Any, sent_before: int | None) -> bool:
     """*exc* says the connection of *protocol* died, and nothing had been sent on it since
     *sent_before* was read. Take *protocol* before the call: a connection that closed lets go of it."""
-    sent = getattr(protocol, "queries_count", None)
-    return sent_before is not None and sent == sent_before and lost_connection(exc, protocol)
+    return sent_before is not None and sent_so_far(protocol) == sent_before and lost_connection(exc, protocol)
 
 
 def discard(connection: Any) -> None:
@@ -97,7 +98,7 @@ def discard(connection: Any) -> None:
 
 def died_in_acquire(exc: BaseException) -> bool:
     """Did the pool fail to hand out a connection because that connection died (not because it could
-    not connect, was closed, or the caller's ``setup`` failed)?"""
-    if isinstance(exc, LoopBridgeError):  # ConnectError, PoolTimeoutError: the caller's to see
+    not connect, was closed, timed out, or the caller's ``setup`` failed)?"""
+    if isinstance(exc, (LoopBridgeError, *_TIMEOUTS)):  # ConnectError, PoolTimeoutError: the caller's
         return False
     return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError))

@@ -5,7 +5,7 @@
     for row in db.iterate("SELECT * FROM events", prefetch=1000):          # sync code
         writer.writerow(row)
 
-    async for row in db.aiterate("SELECT * FROM events"):                  # async code, any loop
+    async for row in db.iterate("SELECT * FROM events"):                   # async code, any loop
         await websocket.send_json(dict(row))
 
 A producer task on the bridge loop fetches ``prefetch`` rows at a time from a cursor and puts each
@@ -23,6 +23,10 @@ being garbage collected, its owner going away) closes the cursor, ends the trans
 connection. ``with db.iterate(...) as rows:`` (or ``async with``) makes that prompt and explicit. In the
 caller's transaction, stopping never cancels a fetch under way (that would abort the transaction): see
 ``_Core._may_cancel_fetch``.
+
+The stream knows its transaction only through :class:`CursorTransaction` (what
+``loopbridge.transaction`` provides), so that this module imports neither the transaction nor the
+Database.
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import asyncpg
 from asyncpg.cursor import Cursor
 
+from ._asyncpg import close_portal
 from ._call import ToCompletion
-from ._dsn import redact
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
-from ._twins import twin_contexts
+from ._twins import NotAwaitable, twin_contexts
 from .errors import (
     BridgeClosedError,
     CallTimeoutError,
@@ -50,8 +54,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from ._source import Source
     from .bridge import Bridge
-    from .transaction import Transaction
 
 __all__ = ["DEFAULT_PREFETCH", "RowStream", "StreamMethods"]
 
@@ -61,20 +65,40 @@ logger = logging.getLogger("loopbridge")
 DEFAULT_PREFETCH = 1000
 
 
+class CursorTransaction(Protocol):
+    """The bridge loop's side of the transaction a stream declares its cursor in."""
+
+    source: Source
+    rolling_back: bool
+
+    async def begin(self, handle: object, owner: Owner | None) -> None: ...
+
+    def statement(
+        self, *, kind: Literal["sql", "callers", "close"] = "sql", check_first: bool = True
+    ) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+    def add_dependent(self, dependent: Any) -> None: ...
+
+    def remove_dependent(self, dependent: Any) -> None: ...
+
+    async def end(self, error: BaseException | None) -> None: ...
+
+    def is_lost(self) -> bool: ...
+
+
 class StreamSource(Protocol):
     """What a stream runs on: a Database (a transaction of the stream's own) or a Transaction."""
 
     @property
     def bridge(self) -> Bridge: ...
 
-    def _streaming_transaction(self) -> tuple[Transaction, bool]:
+    def _streaming_transaction(self) -> tuple[CursorTransaction, bool]:
         """The transaction to declare the cursor in, and whether the stream owns (begins, ends) it."""
         ...
 
 
 class StreamMethods:
-    """``iterate`` and ``aiterate``, shared by :class:`~loopbridge.Database` and
-    :class:`~loopbridge.Transaction`."""
+    """``iterate``, shared by :class:`~loopbridge.Database` and :class:`~loopbridge.Transaction`."""
 
     __slots__ = ()
 
@@ -85,42 +109,30 @@ class StreamMethods:
         prefetch: int = DEFAULT_PREFETCH,
         timeout: float | None = None,
     ) -> RowStream:
-        """Stream the rows of *query* through a server-side cursor: ``for row in db.iterate(...)``.
+        """Stream the rows of *query* through a server-side cursor: ``for row in db.iterate(...)`` in
+        sync code, ``async for row in db.iterate(...)`` in async code (on any loop).
 
-        Nothing runs until iteration starts (or ``with`` enters). *prefetch* rows are fetched per
-        round trip and handed across per batch; at most about three batches are in memory at once.
-        On a Database the cursor runs in a transaction of its own, committed once every row was read
-        and rolled back if the stream stops early; on a Transaction it runs in that transaction.
+        Nothing runs until iteration starts (or ``with`` / ``async with`` enters). *prefetch* rows are
+        fetched per round trip and handed across per batch; at most about three batches are in memory
+        at once. On a Database the cursor runs in a transaction of its own, committed once every row
+        was read and rolled back if the stream stops early; on a Transaction it runs in that
+        transaction.
 
         Stopping early (``break``, an exception) closes the cursor and returns the connection when the
-        iterator is garbage collected; ``with db.iterate(...) as rows:`` or ``rows.close()`` does it
-        at once.
+        iterator is garbage collected; ``with db.iterate(...) as rows:`` (or ``async with``),
+        ``rows.close()`` or ``await rows.aclose()`` do it at once.
 
         :param timeout: seconds for each wait for a batch (the first one includes running the query);
             on expiry the stream is closed and :class:`~loopbridge.CallTimeoutError` raised.
         :raises ConfigurationError: if *prefetch* is not a positive integer.
         """
-        return RowStream(self, query, args, prefetch, timeout, f"{_owner_name(self)}.iterate()")
-
-    def aiterate(
-        self: StreamSource,
-        query: str,
-        *args: Any,
-        prefetch: int = DEFAULT_PREFETCH,
-        timeout: float | None = None,
-    ) -> RowStream:
-        """:meth:`iterate` for async code: ``async for row in db.aiterate(...)``, on any loop.
-
-        The same object as :meth:`iterate` returns; ``async with db.aiterate(...) as rows:`` closes
-        it at the end of the block.
-        """
-        return RowStream(self, query, args, prefetch, timeout, f"{_owner_name(self)}.aiterate()")
+        return RowStream(self, query, args, prefetch, timeout, f"{type(self).__name__}.iterate()")
 
 
 _HandleState = Literal["new", "open", "done"]
 
 
-class RowStream:
+class RowStream(NotAwaitable):
     """The rows of one query, streamed from the bridge loop. Iterate it once, with ``for`` or
     ``async for``; it is also a context manager (``with`` / ``async with``) that closes it.
 
@@ -133,6 +145,8 @@ class RowStream:
     """
 
     __slots__ = ("__weakref__", "_batch", "_core", "_index", "_state", "_timeout")
+
+    _right_form = "'async for row in db.iterate(...):'"
 
     def __init__(
         self,
@@ -298,7 +312,7 @@ class _Core:
         # Set (from the consumer's thread, before it asks for the close) when the consumer's wait for
         # rows was cut short: a timeout, Ctrl-C, a cancelled task. See aclose.
         self.interrupted = False
-        self.transaction: Transaction | None = None
+        self.transaction: CursorTransaction | None = None
         self.owns_transaction = False
         self.cursor: Cursor[asyncpg.Record] | None = None
         self.pipe: Pipe[list[asyncpg.Record]] = Pipe.finished(label)  # until open(), on the bridge loop
@@ -309,11 +323,10 @@ class _Core:
     async def open(self, handle: RowStream, owner: Owner) -> None:
         assert not self.opened, "a stream opens once"
         self.opened = True
-        transaction, owned = self.source._streaming_transaction()
-        self.transaction, self.owns_transaction = transaction, owned
-        core = transaction._core
+        core, owned = self.source._streaming_transaction()
+        self.transaction, self.owns_transaction = core, owned
         if owned:
-            await core.begin(transaction, None)  # the stream watches its owner itself, below
+            await core.begin(handle, None)  # the stream watches its owner itself, below
         else:
             core.add_dependent(self)
         try:
@@ -329,9 +342,9 @@ class _Core:
         self.finalizer = guard(handle, self.bridge, self, "a row stream")
 
     async def _produce(self) -> None:
-        assert self.transaction is not None
+        core = self.transaction
+        assert core is not None
         assert self.cursor is not None
-        core = self.transaction._core
         error: BaseException | None = None
         exhausted = False
         try:
@@ -379,12 +392,12 @@ class _Core:
         for the same reason (and a transaction that ended or lost its connection closed it already).
         """
         assert self.transaction is not None
-        close = getattr(self.cursor, "_close_portal", None)
+        close = close_portal(self.cursor)
         if close is None:
             return
         try:
-            async with self.transaction._core.statement(kind="close"):
-                await close(None)
+            async with self.transaction.statement(kind="close"):
+                await close()
         except Exception as exc:
             logger.debug("%s: closing the cursor failed: %r", self.label, exc)
 
@@ -393,14 +406,14 @@ class _Core:
         if transaction is None:
             return
         if self.owns_transaction:
-            await transaction._core.end(error)
+            await transaction.end(error)
         else:
-            transaction._core.remove_dependent(self)
+            transaction.remove_dependent(self)
 
     def _explain(self, exc: BaseException) -> BaseException:
         """The error for the reader when fetching raised *exc*."""
-        assert self.transaction is not None
-        core = self.transaction._core
+        core = self.transaction
+        assert core is not None
         broken = (
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
@@ -410,7 +423,7 @@ class _Core:
             ConnectionLostError,
         )
         error: BaseException
-        if core.db.closed and isinstance(exc, broken):
+        if core.source.closed and isinstance(exc, broken):
             # Closing the Database terminates the connections still in use after its timeout: say so,
             # rather than leave the reader with a bare "connection is closed".
             error = DatabaseClosedError(
@@ -419,14 +432,14 @@ class _Core:
             error.__cause__ = exc
             return error
         lost = isinstance(exc, ConnectionLostError) or (
-            isinstance(exc, TransactionClosedError) and core.pin is not None and core.pin.lost
+            isinstance(exc, TransactionClosedError) and core.is_lost()
         )
         if lost and self.owns_transaction:
             # The transaction is the stream's own, which the reader never opened: a lost connection
             # is said as for any other call. (In the caller's transaction, the transaction's own
             # errors say it, as for its other statements.)
-            cause = exc.__cause__ or exc  # asyncpg's error (see Transaction._Core.statement)
-            detail = redact(str(cause) or type(cause).__name__, *core.db._secrets)
+            cause = exc.__cause__ or exc  # asyncpg's error (see loopbridge.transaction._Step)
+            detail = core.source.redact(str(cause) or type(cause).__name__)
             error = ConnectionLostError(
                 f"{self.label} stopped: its connection was lost while rows were being read "
                 f"({type(cause).__name__}: {detail}). The rows before it were delivered; the pool opens "
@@ -467,7 +480,7 @@ class _Core:
         return (
             self.owns_transaction
             or self.interrupted
-            or (transaction is not None and transaction._core.rolling_back)
+            or (transaction is not None and transaction.rolling_back)
         )
 
     async def _abandon_on_bridge(self, why: str) -> None:
@@ -482,7 +495,3 @@ class _Core:
 
 class _Stopped(Exception):
     """The reason handed to the stream's own transaction when it ends before the rows did."""
-
-
-def _owner_name(source: object) -> str:
-    return type(source).__name__

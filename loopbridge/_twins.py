@@ -23,10 +23,11 @@ bridge loop::
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
 
 from ._call import ToCompletion
 from ._owner import Owner
@@ -35,7 +36,7 @@ from .errors import BridgeClosedError
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["Bridged", "OpenClose", "twin_contexts", "twins"]
+__all__ = ["Bridged", "NotAwaitable", "OpenClose", "twin_contexts", "twins"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,18 +64,25 @@ _ASYNC_NOTE = (
 def twins(
     impl: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
     *,
+    owner: str | None = None,
     owners: tuple[str, str] | None = None,
 ) -> tuple[Callable[Concatenate[S, P], R], Callable[Concatenate[S, P], Coroutine[Any, Any, R]]]:
     """Derive the blocking method and the ``a``-prefixed async method from *impl*.
 
+    Both keep *impl*'s signature and docstring (``inspect.signature``, ``help()`` and documentation
+    generators see the implementation's parameters), with a note on how each one waits.
+
+    :param owner: the class that takes the methods, when *impl* is written once for several
+        (``loopbridge._queries``); default: the class *impl* is defined in.
     :param owners: for a sync facade and an async facade of one thing (``loopbridge.sqlalchemy``'s two
         sessions): the names of the two classes that take the methods. Both methods then keep *impl*'s
         name, without the ``a``, as the SQLAlchemy classes those facades imitate do.
     """
-    owner, _, impl_name = impl.__qualname__.rpartition(".")
+    defined_in, _, impl_name = impl.__qualname__.rpartition(".")
     name = impl_name.lstrip("_")
     if owners is None:
-        sync_owner, async_owner, async_name = owner, owner, f"a{name}"
+        sync_owner = async_owner = owner or defined_in
+        async_name = f"a{name}"
     else:
         (sync_owner, async_owner), async_name = owners, name
     sync_label = f"{sync_owner}.{name}()"
@@ -92,6 +100,7 @@ def twins(
 
     doc = (impl.__doc__ or "").rstrip()
     awaited = async_name if owners is None else f"{async_owner}.{async_name}"
+    signature = inspect.signature(impl)
     for twin, twin_owner, twin_name, note in (
         (sync, sync_owner, name, _SYNC_NOTE.format(async_name=awaited)),
         (async_, async_owner, async_name, _ASYNC_NOTE),
@@ -100,6 +109,7 @@ def twins(
         twin.__qualname__ = f"{twin_owner}.{twin_name}"
         twin.__module__ = impl.__module__
         twin.__doc__ = doc + note
+        twin.__dict__.update(__wrapped__=impl, __signature__=signature)
     return sync, async_
 
 
@@ -246,3 +256,19 @@ class OpenClose:
 
     async def __aexit__(self: Op, *exc_info: object) -> None:
         await self.aclose()
+
+
+class NotAwaitable:
+    """For an object used in a block or a loop: ``await`` on it raises a TypeError naming the right form
+    (rather than Python's "object X can't be used in 'await' expression")."""
+
+    __slots__ = ()
+
+    #: How to use it instead, e.g. ``'async with db.transaction() as tx:'``.
+    _right_form = ""
+
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            f"{type(self).__name__} objects are not awaitable: use {self._right_form} (it also works with "
+            "'with' / 'for' in sync code)"
+        )

@@ -2,17 +2,18 @@
 
 ::
 
-    with db.listen("jobs", "alerts") as sub:             # sync: LISTEN is in effect on return
+    with db.listen("jobs", "alerts") as sub:             # sync: LISTEN is in effect in the block
         for item in sub:                                 # Notification or Gap
             ...
         item = sub.get(timeout=5)                        # or None after 5 s
 
-    async with db.alisten("jobs") as sub:                # async, on any loop
+    async with db.listen("jobs") as sub:                 # async, on any loop
         async for item in sub:
             ...
 
-One pooled connection per subscription stays on the bridge loop, LISTENing; asyncpg's callbacks put
-each notification in a pipe (a janus queue, see ``loopbridge._pipe``) that the caller reads.
+One pooled connection per subscription stays on the bridge loop, LISTENing (from the connection source's
+``hold_apart()``: never inside a transaction, where LISTEN would wait for its COMMIT); asyncpg's callbacks
+put each notification in a pipe (a janus queue, see ``loopbridge._pipe``) that the caller reads.
 
 **Nothing is missed silently.** When the connection is lost (the server restarted, the backend was
 terminated), the subscription reconnects in the background, LISTENs again, and then puts a
@@ -31,12 +32,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from ._call import ToCompletion
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._pipe import End, Pipe
-from ._twins import twin_contexts
+from ._twins import NotAwaitable, twin_contexts
 from .errors import (
     BridgeClosedError,
     CallTimeoutError,
@@ -46,8 +46,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from ._source import Held, Source
     from .bridge import Bridge
-    from .database import Database
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "Gap", "Notification", "Subscription"]
 
@@ -87,14 +87,15 @@ Item = Notification | Gap
 _HandleState = Literal["new", "open", "closed"]
 
 
-class Subscription:
+class Subscription(NotAwaitable):
     """LISTEN on some channels; iterate it (``for``/``async for``) or :meth:`get` items from it.
 
     Items are :class:`Notification` and :class:`Gap` objects, in the order the server sent them. From
-    :meth:`Database.listen` (sync; LISTEN is in effect when it returns) or :meth:`Database.alisten`
-    (async; LISTEN begins at ``async with``, the first ``async for`` step or :meth:`aget`). Close it
-    (or leave its ``with`` block) to UNLISTEN and return the connection; a subscription that is
-    garbage collected, or whose owner goes away, is closed too.
+    :meth:`Database.listen`, in a ``with`` block (sync code) or an ``async with`` block (async code, on
+    any loop): LISTEN is in effect once the block is entered. Used without a block, LISTEN begins at the
+    first :meth:`get` / :meth:`aget` or iteration step. Close it (or leave its block) to UNLISTEN and
+    return the connection; a subscription that is garbage collected, or whose owner goes away, is closed
+    too.
 
     :raises DatabaseClosedError: from :meth:`get` or iteration, once the Database was closed (after the
         notifications already received).
@@ -103,7 +104,9 @@ class Subscription:
 
     __slots__ = ("__weakref__", "_core", "_state")
 
-    def __init__(self, db: Database, channels: tuple[str, ...], queue_size: int) -> None:
+    _right_form = "'async with db.listen(...) as sub:'"
+
+    def __init__(self, source: Source, channels: tuple[str, ...], queue_size: int) -> None:
         if not channels:
             raise ConfigurationError("listen() needs at least one channel name: db.listen('events')")
         for channel in channels:
@@ -111,12 +114,12 @@ class Subscription:
                 raise ConfigurationError(f"channel names are non-empty strings, not {channel!r}")
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
             raise ConfigurationError(f"queue_size must be a positive integer, not {queue_size!r}")
-        self._core = _Core(db, tuple(dict.fromkeys(channels)), queue_size)
+        self._core = _Core(source, tuple(dict.fromkeys(channels)), queue_size)
         self._state: _HandleState = "new"
 
     @property
     def bridge(self) -> Bridge:
-        return self._core.db.bridge
+        return self._core.source.bridge
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -131,6 +134,11 @@ class Subscription:
         return f"<Subscription {', '.join(self._core.channels)} {self._core.state}>"
 
     # -- sync ---------------------------------------------------------------------------------------
+
+    def open(self) -> Subscription:
+        """LISTEN now, without a ``with`` block (close it with :meth:`close`); returns the subscription.
+        Does nothing if it is already open."""
+        return self.__enter__()
 
     def get(self, timeout: float | None = None) -> Notification | Gap | None:
         """The next item, waiting up to *timeout* seconds (None: as long as it takes); None if nothing
@@ -169,6 +177,10 @@ class Subscription:
             self.bridge._run(ToCompletion(self._core.aclose), (), None, None, "Subscription.close()")
 
     # -- async --------------------------------------------------------------------------------------
+
+    async def aopen(self) -> Subscription:
+        """:meth:`open` for async code, from any loop."""
+        return await self.__aenter__()
 
     async def aget(self, timeout: float | None = None) -> Notification | Gap | None:
         """:meth:`get` for async code, from any loop."""
@@ -230,32 +242,32 @@ class _Core:
     __slots__ = (
         "channels",
         "con",
-        "db",
         "finalizer",
+        "held",
         "overflowing",
         "pipe",
-        "pool",
         "queue_size",
         "reconnector",
+        "source",
         "state",
         "watch",
     )
 
-    def __init__(self, db: Database, channels: tuple[str, ...], queue_size: int) -> None:
-        self.db = db
+    def __init__(self, source: Source, channels: tuple[str, ...], queue_size: int) -> None:
+        self.source = source
         self.channels = channels
         self.queue_size = queue_size
         self.state: Literal["new", "listening", "reconnecting", "closed"] = "new"
         self.pipe: Pipe[Item] = Pipe.finished(self.label)  # until start(), on the bridge loop
-        self.pool: asyncpg.Pool | None = None
-        self.con: PoolConnectionProxy | None = None
+        self.held: Held | None = None
+        self.con: object = None  # held's connection, while LISTENing on it
         self.overflowing = False
         self.reconnector: asyncio.Task[None] | None = None
         self.watch: OwnerWatch | None = None
         self.finalizer: Finalizer | None = None
 
     def __repr__(self) -> str:
-        return f"<Subscription {', '.join(self.channels)} {self.state} on {self.db!r}>"
+        return f"<Subscription {', '.join(self.channels)} {self.state} on {self.source!r}>"
 
     @property
     def label(self) -> str:
@@ -267,22 +279,23 @@ class _Core:
         self.pipe = Pipe(0, self.label)
         await self._connect()  # the first connection's failure is the caller's to see
         self.state = "listening"
-        self.db._subscriptions.add(self)
+        self.source.keep(self)
         self.watch = OwnerWatch(self, owner)
-        self.finalizer = guard(handle, self.db.bridge, self, "a subscription")
+        self.finalizer = guard(handle, self.source.bridge, self, "a subscription")
 
     async def _connect(self) -> None:
-        pool, con = await self.db._acquire()
+        held = await self.source.hold_apart()
+        con = held.con
         try:
             for channel in self.channels:
                 await con.add_listener(channel, self._on_notification)  # asyncpg quotes the name
             con.add_termination_listener(self._on_lost)
-            if _gone(con):  # lost during the LISTENs: the termination listener came too late
+            if held.gone():  # lost during the LISTENs: the termination listener came too late
                 raise ConnectionError("the connection was lost while LISTENing")
         except BaseException:
-            await self.db._release(pool, con)
+            await held.release()
             raise
-        self.pool, self.con = pool, con
+        self.held, self.con = held, con
 
     # -- callbacks from asyncpg, on the bridge loop
 
@@ -353,7 +366,7 @@ class _Core:
         if self.state == "closed":
             return
         self.state = "closed"
-        self.db._subscriptions.discard(self)
+        self.source.forget(self)
         if self.watch is not None:
             self.watch.cancel()
         if self.finalizer is not None:
@@ -362,8 +375,9 @@ class _Core:
         if reconnector is not None and reconnector is not asyncio.current_task():
             reconnector.cancel()
             await asyncio.wait((reconnector,))
-        con = self.con
-        if con is not None:
+        held = self.held
+        if held is not None:
+            con = held.con
             try:
                 con.remove_termination_listener(self._on_lost)
                 for channel in self.channels:
@@ -377,11 +391,10 @@ class _Core:
             self.pipe.finish(error)
 
     async def _let_go(self) -> None:
-        pool, con = self.pool, self.con
-        self.pool = self.con = None
-        if pool is not None and con is not None:
+        held, self.held, self.con = self.held, None, None
+        if held is not None:
             try:
-                await self.db._release(pool, con)
+                await held.release()
             except Exception as exc:  # the pool is closing; asyncpg has discarded the connection
                 logger.debug("%r: releasing its connection failed: %r", self, exc)
 
@@ -392,11 +405,11 @@ class _Core:
 
     def _forget_after_fork(self) -> list[object]:
         # In a forked child: the parent's connection and tasks; see loopbridge._loop.abandon.
-        return [self, *(obj for obj in (self.con, self.reconnector) if obj is not None)]
+        return [self, *(obj for obj in (self.held, self.reconnector) if obj is not None)]
 
     async def _aclose_on_bridge(self, timeout: float) -> None:
         """The Database (or its bridge) is closing: end the subscription, telling a reader why."""
-        if self.db.bridge.closed:
+        if self.source.bridge.closed:
             error: BaseException = BridgeClosedError(
                 f"{self!r} ended because its bridge was closed; notifications received before are delivered"
             )
@@ -407,15 +420,5 @@ class _Core:
         await self.aclose(error)
 
 
-def _gone(con: PoolConnectionProxy) -> bool:
-    try:
-        return con.is_closed()
-    except asyncpg.InterfaceError:  # asyncpg hands a connection that closed back to its pool at once
-        return True
-
-
 def _closed_message(sub: Subscription) -> str:
-    return (
-        f"{sub!r} is closed: it no longer receives notifications. Open a new one with "
-        "db.listen(...) (or db.alisten(...))"
-    )
+    return f"{sub!r} is closed: it no longer receives notifications. Open a new one with db.listen(...)"

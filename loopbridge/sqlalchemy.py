@@ -63,10 +63,10 @@ from sqlalchemy.util import IdentitySet
 from ._dsn import DsnInfo, parse_dsn, redact, resolve_dsn
 from ._loop import GRACE, ClosedWhenUnreachable
 from ._owner import Owner
+from ._source import connect_failure
 from ._stream import DEFAULT_PREFETCH
 from ._twins import OpenClose, twin_contexts, twins
 from .bridge import Bridge, default_bridge
-from .database import connect_failure
 from .errors import (
     BridgeClosedError,
     ConfigurationError,

@@ -7,7 +7,7 @@
         check_limits()                                  # your code, between statements
         tx.execute("UPDATE accounts SET balance = balance + $1 WHERE id = $2", 10, 2)
 
-    async with db.atransaction() as tx:                # async code, on any loop
+    async with db.transaction() as tx:                 # async code, on any loop
         await tx.aexecute(...)
 
 The connection never leaves the bridge loop: every statement crosses to it like any other call, and
@@ -23,7 +23,8 @@ is garbage collected, while it is still open is rolled back and its connection r
 
 The two halves: :class:`Transaction` is the caller's handle; :class:`_Core` is the bridge loop's state
 (the finalizer and the owner watch hold the core, never the handle, so that the handle can be
-collected).
+collected). The connection comes from a :class:`~loopbridge._source.Source` (``hold()``), never from the
+Database itself.
 """
 
 from __future__ import annotations
@@ -32,45 +33,34 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction as _AsyncpgTransaction
 
-from ._call import invoke
+from ._asyncpg import protocol_of, sent_so_far
 from ._copy import CopyMethods
-from ._dead import (
-    CONNECTION_FAILURES,
-    DEAD_CONNECTION_RETRIES,
-    died_unsent,
-    discard,
-    lost_connection,
-    protocol_of,
-    sent_so_far,
-)
-from ._dsn import redact
+from ._dead import DEAD_CONNECTION_RETRIES, died_unsent, is_connection_failure, lost_connection
 from ._owner import Finalizer, Owner, OwnerWatch, guard
+from ._queries import Queries
 from ._stream import StreamMethods
-from ._twins import twin_contexts, twins
+from ._twins import NotAwaitable, twin_contexts, twins
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseClosedError,
-    LoopBridgeError,
     TransactionClosedError,
 )
 
 if TYPE_CHECKING:
+    from ._source import Held, Source
     from .bridge import Bridge
-    from .database import Database
 
 __all__ = ["Transaction"]
 
 logger = logging.getLogger("loopbridge")
-
-R = TypeVar("R")
 
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
 
@@ -84,12 +74,12 @@ class Dependent(Protocol):
     async def _abandon_on_bridge(self, why: str) -> None: ...
 
 
-class Transaction(CopyMethods, StreamMethods):
+class Transaction(Queries, CopyMethods, StreamMethods, NotAwaitable):
     """A transaction (or, nested, a savepoint) on one connection pinned on the bridge loop.
 
-    Get one from :meth:`Database.transaction` / :meth:`Database.atransaction` (or, for a savepoint,
-    :meth:`transaction` on an open one) and use it in a ``with`` or ``async with`` block; the block
-    binds the transaction itself. A Transaction is entered once.
+    Get one from :meth:`Database.transaction` (or, for a savepoint, :meth:`transaction` on an open one)
+    and use it in a ``with`` block (sync code) or an ``async with`` block (async code, on any loop); the
+    block binds the transaction itself. A Transaction is entered once.
 
     Statements (``fetch``, ``fetchrow``, ``fetchval``, ``execute``, ``executemany``, ``run``, their
     ``a``-twins, streaming with ``iterate`` and COPY) run on the pinned connection, one at a time.
@@ -102,9 +92,11 @@ class Transaction(CopyMethods, StreamMethods):
 
     __slots__ = ("__weakref__", "_core")
 
+    _right_form = "'async with db.transaction() as tx:'"
+
     def __init__(
         self,
-        db: Database,
+        source: Source,
         *,
         isolation: str | None = None,
         readonly: bool = False,
@@ -117,12 +109,12 @@ class Transaction(CopyMethods, StreamMethods):
                 f"server's default), not {isolation!r}"
             )
         self._core: _Core = _Core(
-            db, parent._core if parent is not None else None, isolation, readonly, deferrable
+            source, parent._core if parent is not None else None, isolation, readonly, deferrable
         )
 
     @property
     def bridge(self) -> Bridge:
-        return self._core.db.bridge
+        return self._core.source.bridge
 
     @property
     def state(self) -> str:
@@ -136,7 +128,7 @@ class Transaction(CopyMethods, StreamMethods):
 
     def __repr__(self) -> str:
         kind = "savepoint" if self._core.parent is not None else "Transaction"
-        return f"<{kind} {self._core.state} on {self._core.db!r}>"
+        return f"<{kind} {self._core.state} on {self._core.source!r}>"
 
     # -- entering and leaving -----------------------------------------------------------------------
 
@@ -155,116 +147,56 @@ class Transaction(CopyMethods, StreamMethods):
         """A savepoint inside this transaction: use it in a ``with`` (or ``async with``) block. It
         releases when its block ends normally and rolls back to the savepoint when it raises, leaving
         the enclosing transaction usable."""
-        return Transaction(self._core.db, parent=self)
+        return Transaction(self._core.source, parent=self)
 
-    def atransaction(self) -> Transaction:
-        """:meth:`transaction`, named for ``async with tx.atransaction() as sp:``; the same object."""
-        return Transaction(self._core.db, parent=self)
+    # -- statements: one implementation each (loopbridge._queries), on the pinned connection ---------
 
-    # -- statements: each written once, as the coroutine that runs on the bridge loop ---------------
+    def _lease(self, *, callers_code: bool = False) -> _Step:
+        return _Step(self._core, "callers" if callers_code else "sql")
 
-    async def _fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:
-        """Run *query* in the transaction and return every row."""
-        async with self._core.statement() as con:
-            return await con.fetch(query, *args)
+    @property
+    def _command_timeout(self) -> float | None:
+        return self._core.source.command_timeout
 
-    async def _fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
-        """Run *query* in the transaction and return its first row, or None."""
-        async with self._core.statement() as con:
-            return await con.fetchrow(query, *args)
+    fetch, afetch = twins(Queries._fetch, owner="Transaction")
+    fetchrow, afetchrow = twins(Queries._fetchrow, owner="Transaction")
+    fetchval, afetchval = twins(Queries._fetchval, owner="Transaction")
+    execute, aexecute = twins(Queries._execute, owner="Transaction")
+    executemany, aexecutemany = twins(Queries._executemany, owner="Transaction")
+    run, arun = twins(Queries._run, owner="Transaction")
 
-    async def _fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
-        """Run *query* in the transaction and return the value of *column* in its first row, or None."""
-        async with self._core.statement() as con:
-            return await con.fetchval(query, *args, column=column)
+    # -- for streams (see StreamMethods) -------------------------------------------------------------
 
-    async def _execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        """Run a command in the transaction and return its status (``'UPDATE 3'``)."""
-        async with self._core.statement() as con:
-            return await con.execute(query, *args)
-
-    async def _executemany(
-        self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
-    ) -> None:
-        """Run *command* once per argument tuple, in the transaction."""
-        async with self._core.statement() as con:
-            await con.executemany(command, args)
-
-    async def _run(self, fn: Callable[..., Awaitable[R]], *args: Any, timeout: float | None = None) -> R:
-        """Call ``await fn(connection, *args)`` with the transaction's connection, on the bridge loop.
-
-        The connection is only valid inside *fn*; do not commit or roll back there (the block does).
-        """
-        async with self._core.statement(kind="callers") as con:
-            result: R = await invoke("Transaction.run()", fn, (con, *args))
-            return result
-
-    fetch, afetch = twins(_fetch)
-    fetchrow, afetchrow = twins(_fetchrow)
-    fetchval, afetchval = twins(_fetchval)
-    execute, aexecute = twins(_execute)
-    executemany, aexecutemany = twins(_executemany)
-    run, arun = twins(_run)
-
-    # -- for streams and COPY (see CopyMethods, StreamMethods) ---------------------------------------
-
-    def _lease(self) -> contextlib.AbstractAsyncContextManager[PoolConnectionProxy]:
-        return self._core.statement()
-
-    def _streaming_transaction(self) -> tuple[Transaction, bool]:
+    def _streaming_transaction(self) -> tuple[_Core, bool]:
         # A stream inside a transaction declares its cursor in it: no transaction of its own.
-        return self, False
+        return self._core, False
 
 
 class _Pin:
-    """A pooled connection held on the bridge loop for a transaction and its savepoints."""
+    """The connection held on the bridge loop for a transaction and its savepoints, and what is known of
+    the transaction on it."""
 
-    __slots__ = ("con", "doubt", "lock", "lost", "pool", "shared_by")
+    __slots__ = ("con", "doubt", "held", "lost")
 
-    def __init__(self, pool: asyncpg.Pool, con: PoolConnectionProxy, shared_by: Database | None) -> None:
-        self.pool = pool
-        self.con = con
-        # One statement at a time: asyncpg refuses concurrent operations on a connection, and a caller
-        # may share the transaction between tasks or threads.
-        self.lock = asyncio.Lock()
+    def __init__(self, held: Held) -> None:
+        self.held = held
+        self.con: PoolConnectionProxy = held.con
         self.lost = False
         # Why the server may have aborted the transaction: a statement in it raised (any error from the
         # server aborts it) or the caller's own function ran on the connection (it may have caught such
         # an error itself); None once a statement has succeeded since. A COMMIT of an aborted
         # transaction is answered with ROLLBACK, without an error: see _Core.end.
         self.doubt: BaseException | None = None
-        # Set when the connection is a pinned Database's (a test inside a rolled-back transaction, see
-        # Database._pin): every plain call on that Database shares it.
-        self.shared_by = shared_by
 
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    def turn(self) -> contextlib.AbstractAsyncContextManager[object]:
         """The connection to ourselves for one step (a statement, BEGIN, COMMIT)."""
-        db = self.shared_by
-        if db is None:
-            async with self.lock:
-                yield
-            return
-        # A pinned Database's connection takes turns between this transaction and the plain calls on
-        # that Database. Take the turn for each step, not for the whole block: code under test that
-        # calls the plain Database inside the block must not wait for the block to end (it would,
-        # until PoolTimeoutError). Its statements run inside the transaction then, on the same session.
-        pool, con = await db._acquire()
-        try:
-            if con is not self.con:  # the Database was unpinned meanwhile: our connection is gone
-                self.lost = True
-            yield
-        finally:
-            await db._release(pool, con)
+        turn: contextlib.AbstractAsyncContextManager[object] = self.held.turn()
+        return turn
 
     def check_lost(self) -> bool:
-        """True (and remembered) once the connection is gone. asyncpg hands a connection that closed
-        back to its pool at once, so the proxy refuses even ``is_closed()`` then."""
+        """True (and remembered) once the connection is gone."""
         if not self.lost:
-            try:
-                self.lost = self.con.is_closed()
-            except asyncpg.InterfaceError:
-                self.lost = True
+            self.lost = self.held.gone()
         return self.lost
 
 
@@ -272,7 +204,6 @@ class _Core:
     """The bridge loop's side of a transaction or a savepoint. Touched only on the bridge loop."""
 
     __slots__ = (
-        "db",
         "deferrable",
         "dependents",
         "finalizer",
@@ -281,6 +212,7 @@ class _Core:
         "pin",
         "readonly",
         "rolling_back",
+        "source",
         "state",
         "watch",
         "why",
@@ -288,9 +220,9 @@ class _Core:
     )
 
     def __init__(
-        self, db: Database, parent: _Core | None, isolation: str | None, readonly: bool, deferrable: bool
+        self, source: Source, parent: _Core | None, isolation: str | None, readonly: bool, deferrable: bool
     ) -> None:
-        self.db = db
+        self.source = source
         self.parent = parent
         self.isolation = isolation
         self.readonly = readonly
@@ -309,9 +241,9 @@ class _Core:
         return "savepoint" if self.parent is not None else "transaction"
 
     def __repr__(self) -> str:
-        return f"<{self.kind} {self.state} on {self.db!r}>"
+        return f"<{self.kind} {self.state} on {self.source!r}>"
 
-    async def begin(self, handle: Transaction, owner: Owner | None) -> None:
+    async def begin(self, handle: object, owner: Owner | None) -> None:
         """BEGIN on a newly pinned connection, or SAVEPOINT on the enclosing transaction's.
 
         *owner* None: the caller watches the owner itself (a stream's own transaction).
@@ -335,31 +267,29 @@ class _Core:
             parent.dependents.append(self)
             return
         for retry in itertools.count():
-            pool, con = await self.db._acquire()
-            pinned = self.db._pinned
-            shared_by = self.db if pinned is not None and con is pinned.con else None
-            protocol = protocol_of(con)  # before BEGIN: a connection that dies lets go of it
+            held = await self.source.hold()
+            protocol = protocol_of(held.con)  # before BEGIN: a connection that dies lets go of it
             sent = sent_so_far(protocol)
             try:
-                xact = con.transaction(
-                    isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
-                    readonly=self.readonly,
-                    deferrable=self.deferrable,
-                )
-                await xact.start()
+                async with held.turn():
+                    xact = held.con.transaction(
+                        isolation=self.isolation,  # type: ignore[arg-type]  # checked in Transaction()
+                        readonly=self.readonly,
+                        deferrable=self.deferrable,
+                    )
+                    await xact.start()
             except BaseException as exc:
                 dead = died_unsent(exc, protocol, sent)
                 # BEGIN changes nothing, so a connection that died under it (before or after it was
                 # sent: both found by the stress suite) can simply be replaced.
-                lost = dead or (not isinstance(exc, LoopBridgeError) and lost_connection(exc, protocol))
-                if shared_by is None:
-                    if not dead:
-                        # BEGIN failed or was interrupted (a timeout): whether the server began the
-                        # transaction is unknown, and asyncpg still counts it as open. Discard the
-                        # connection rather than pool it (the server rolls back with the session).
-                        discard(con)
-                    await self.db._release(pool, con)
-                if shared_by is None and lost and retry < DEAD_CONNECTION_RETRIES:
+                lost = dead or lost_connection(exc, protocol)
+                if not dead:
+                    # BEGIN failed or was interrupted (a timeout): whether the server began the
+                    # transaction is unknown, and asyncpg still counts it as open. Discard the
+                    # connection rather than pool it (the server rolls back with the session).
+                    held.discard()
+                await held.release()
+                if lost and held.replaceable and retry < DEAD_CONNECTION_RETRIES:
                     continue
                 if lost:
                     raise ConnectionLostError(
@@ -367,14 +297,11 @@ class _Core:
                         f"({type(exc).__name__}), {retry + 1} time(s). Nothing was done; try again"
                     ) from exc
                 raise
-            finally:
-                if shared_by is not None:  # a shared connection is held one step at a time: see _Pin.turn
-                    await self.db._release(pool, con)
             break
-        self.pin, self.xact, self.state = _Pin(pool, con, shared_by), xact, "active"
+        self.pin, self.xact, self.state = _Pin(held), xact, "active"
         if owner is not None:
             self.watch = OwnerWatch(self, owner)
-            self.finalizer = guard(handle, self.db.bridge, self, "a transaction")
+            self.finalizer = guard(handle, self.source.bridge, self, "a transaction")
 
     def check_usable(self) -> None:
         """:raises TransactionClosedError: unless statements may run now."""
@@ -382,61 +309,21 @@ class _Core:
             if self.state == "new":
                 raise TransactionClosedError(
                     f"this {self.kind} has not begun: use it in a block, "
-                    "'with db.transaction() as tx:' (or 'async with db.atransaction() as tx:')"
+                    "'with db.transaction() as tx:' (or 'async with db.transaction() as tx:')"
                 )
             raise TransactionClosedError(f"this {self.kind} has ended: {self.why}")
         if self.pin is not None and self.pin.lost:
             raise self._gone()
 
-    @contextlib.asynccontextmanager
-    async def statement(
-        self, *, kind: _StatementKind = "sql", check_first: bool = True
-    ) -> AsyncIterator[PoolConnectionProxy]:
-        """The pinned connection for one statement, once the statements before it are done.
-
-        *kind* says what the statement's success tells about the transaction (see ``_Pin.doubt``):
-        ``"sql"``, that the server has not aborted it; ``"callers"`` (the caller's own function, in
-        ``tx.run``), nothing, and it may have caught a failed statement itself; ``"close"`` (closing a
-        cursor, which the server does in an aborted transaction too), nothing.
-
-        *check_first*: refuse at once when the connection is known to be lost. A stream's fetch goes
-        ahead instead, so that asyncpg refuses it (on the client) and its error, saying what it saw,
-        becomes the cause of the stream's.
-        """
-        self.check_usable()
-        pin = self.pin
-        assert pin is not None
-        async with pin.turn():
-            self.check_usable()  # it may have ended while we waited
-            if check_first and pin.check_lost():
-                raise self._gone()
-            try:
-                yield pin.con
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-                pin.doubt = exc
-                # The connection was already gone when the statement began (its backend terminated
-                # while the transaction sat between statements): asyncpg says so in its own terms
-                # ("cannot switch to state 12; another operation (2) is in progress"), found by the
-                # stress suite. The statement never ran; the transaction is lost.
-                if pin.check_lost():
-                    raise self._gone() from exc
-                raise
-            except BaseException as exc:
-                pin.doubt = exc
-                if _connection_failure(exc, pin):
-                    # The statement was running when the connection broke: asyncpg says so in one of
-                    # its many ways; the caller gets the one loopbridge error for it, as for plain calls.
-                    raise ConnectionLostError(self._lost_during(exc, committing=False)) from exc
-                raise
-            if kind == "sql":
-                pin.doubt = None
-            elif kind == "callers":
-                pin.doubt = _CallersCode()
+    def statement(self, *, kind: _StatementKind = "sql", check_first: bool = True) -> _Step:
+        """``async with core.statement() as con``: the pinned connection for one statement, once the
+        statements before it are done (see :class:`_Step`)."""
+        return _Step(self, kind, check_first)
 
     def _gone(self, *, committing: bool = False) -> Exception:
         """The error for a transaction whose connection is gone: closing the Database ends connections
         still in use after its timeout, and then that is the reason to give."""
-        if self.db.closed:
+        if self.source.closed:
             return DatabaseClosedError(
                 f"this {self.kind} was open when its Database was closed, and its connection was ended: "
                 "the server rolled it back. Nothing it did was committed"
@@ -444,7 +331,7 @@ class _Core:
         return TransactionClosedError(_lost_message(self.kind, committing=committing))
 
     def _lost_during(self, exc: BaseException, *, committing: bool) -> str:
-        detail = redact(str(exc) or type(exc).__name__, *self.db._secrets)
+        detail = self.source.redact(str(exc) or type(exc).__name__)
         if committing:
             return (
                 f"the connection of this {self.kind} was lost while its COMMIT was on the way "
@@ -456,6 +343,10 @@ class _Core:
             f"{detail}): the server rolled the transaction back, nothing it did was committed. Begin a new "
             "transaction and do the work again"
         )
+
+    def is_lost(self) -> bool:
+        """Whether the transaction's connection is known to be gone."""
+        return self.pin is not None and self.pin.lost
 
     def add_dependent(self, dependent: Dependent) -> None:
         self.check_usable()
@@ -569,7 +460,7 @@ class _Core:
             )
         else:
             first_line = (str(failure) or type(failure).__name__).splitlines()[0]  # not DETAIL: data
-            detail = redact(first_line, *self.db._secrets)
+            detail = self.source.redact(first_line)
             what = (
                 f"a statement in it had failed ({type(failure).__name__}: {detail}), and the error was "
                 "caught inside the block"
@@ -586,7 +477,7 @@ class _Core:
             f"this {self.kind} could not {verb}: {what}. PostgreSQL aborts a transaction on any error, so "
             f"{outcome}. Let such an error propagate out of the block (which rolls back), or run the "
             "statement that may fail in a savepoint of its own: 'with tx.transaction():' (or 'async with "
-            "tx.atransaction():') around it"
+            "tx.transaction():') around it"
         )
 
     async def _abandon_on_bridge(self, why: str) -> None:
@@ -621,24 +512,92 @@ class _Core:
         if self.state == "lost" and not pin.check_lost():
             # Its ROLLBACK failed or was interrupted: the session's state is unknown, so it must not go
             # back into the pool as it is (closing it ends the transaction on the server).
-            pin.con.terminate()
-        if pin.shared_by is not None:  # not ours to give back: we hold it only one step at a time
-            return
+            pin.held.discard()
         try:
-            await self.db._release(pin.pool, pin.con)
+            await pin.held.release()
         except Exception as exc:  # a pool closed meanwhile; asyncpg has discarded the connection
             logger.debug("%r: releasing its connection failed: %r", self, exc)
 
 
+class _Step:
+    """``async with core.statement() as con``: the pinned connection for one statement (a lease, in
+    the terms of ``loopbridge._queries``, that never allows running a statement again elsewhere).
+
+    *kind* says what the statement's success tells about the transaction (see ``_Pin.doubt``):
+    ``"sql"``, that the server has not aborted it; ``"callers"`` (the caller's own function, in
+    ``tx.run``), nothing, and it may have caught a failed statement itself; ``"close"`` (closing a
+    cursor, which the server does in an aborted transaction too), nothing.
+
+    *check_first*: refuse at once when the connection is known to be lost. A stream's fetch goes ahead
+    instead, so that asyncpg refuses it (on the client) and its error, saying what it saw, becomes the
+    cause of the stream's.
+    """
+
+    __slots__ = ("_check_first", "_core", "_kind", "_pin", "_turn")
+
+    #: A statement of a transaction never runs again on another connection.
+    unsent = False
+
+    def __init__(self, core: _Core, kind: _StatementKind, check_first: bool = True) -> None:
+        self._core = core
+        self._kind = kind
+        self._check_first = check_first
+
+    async def __aenter__(self) -> PoolConnectionProxy:
+        core = self._core
+        core.check_usable()
+        pin = core.pin
+        assert pin is not None
+        self._pin: _Pin = pin
+        self._turn = pin.turn()
+        await self._turn.__aenter__()
+        try:
+            core.check_usable()  # it may have ended while we waited
+            if self._check_first and pin.check_lost():
+                raise core._gone()
+        except BaseException:
+            await self._turn.__aexit__(None, None, None)
+            raise
+        return pin.con
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pin, core = self._pin, self._core
+        try:
+            if exc is None:
+                if self._kind == "sql":
+                    pin.doubt = None
+                elif self._kind == "callers":
+                    pin.doubt = _CallersCode()
+                return
+            pin.doubt = exc
+            if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+                # The connection was already gone when the statement began (its backend terminated
+                # while the transaction sat between statements): asyncpg says so in its own terms
+                # ("cannot switch to state 12; another operation (2) is in progress"), found by the
+                # stress suite. The statement never ran; the transaction is lost.
+                if pin.check_lost():
+                    raise core._gone() from exc
+                return
+            if _connection_failure(exc, pin):
+                # The statement was running when the connection broke: asyncpg says so in one of its
+                # many ways; the caller gets the one loopbridge error for it, as for plain calls.
+                raise ConnectionLostError(core._lost_during(exc, committing=False)) from exc
+        finally:
+            await self._turn.__aexit__(None, None, None)
+
+
 def _connection_failure(exc: BaseException, pin: _Pin) -> bool:
-    """asyncpg's (or the socket's) way of saying the connection broke, as opposed to a SQL error.
+    """asyncpg's (or the socket's) way of saying the connection broke, as opposed to a SQL error or a
+    statement timeout (which leaves the connection open: asyncpg cancels the statement on the server).
 
     asyncpg may raise before it has seen the socket close (the server's FATAL came first: found by the
     stress suite), so its connection errors count as such whatever the connection says; its
     InterfaceError and InternalClientError also mean misuse ("another operation is in progress"), so
     they count only when the connection is indeed gone.
     """
-    if isinstance(exc, LoopBridgeError) or not isinstance(exc, CONNECTION_FAILURES):
+    if not is_connection_failure(exc):
         return False
     if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
         return pin.check_lost()

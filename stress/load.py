@@ -8,7 +8,7 @@
 
 Most calls insert one row; some run a multi-statement transaction inserting two rows, either through
 ``db.run`` and asyncpg's ``conn.transaction()`` (``tx``) or in a ``with db.transaction()`` /
-``async with db.atransaction()`` block (``block``); some read back a key they were told was written.
+``async with db.transaction()`` block (``block``); some read back a key they were told was written.
 Some calls get a very short timeout and some are cancelled by their caller, at random.
 """
 
@@ -218,7 +218,7 @@ class Load:
         if op.kind == "tx":
             return await db.arun(transaction, op.key, op.caller, timeout=timeout)
         if op.kind == "block":
-            async with db.atransaction() as tx:
+            async with db.transaction() as tx:
                 await tx.aexecute(INSERT, op.key, op.caller, 1, timeout=timeout)
                 await tx.afetchval(COUNT, op.target, timeout=timeout)
                 return await tx.aexecute(INSERT, op.key, op.caller, 2, timeout=timeout)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from loopbridge import Database
+from loopbridge._source import PoolSource
 from stress.faults import Target
 from stress.ledger import OK, Ledger
 
@@ -108,7 +109,9 @@ def check_bridge(verdict: Verdict, db: Database) -> None:
 
 async def _pool_sizes(db: Database) -> tuple[int, int]:
     # On the bridge loop: the pool's own figures (open connections, idle connections).
-    pool = db._pool
+    source = db._source
+    assert isinstance(source, PoolSource)
+    pool = source.pool
     if pool is None:
         return 0, 0
     return pool.get_size(), pool.get_idle_size()
@@ -150,7 +153,7 @@ def check_leaks(
         else:
             connected = clients()
             busy = in_transaction
-        leased = db._leased
+        leased = db._source.leased if isinstance(db._source, PoolSource) else 0
         settled = connected == idle and size == idle and busy == 0 and leased == 0
         detail = (
             f"pool: {size} open, {idle} idle; {'PgBouncer clients' if clients else 'server sessions'} "

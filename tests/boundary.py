@@ -170,7 +170,7 @@ def _wait(future: concurrent.futures.Future[T]) -> T:
     return future.result()
 
 
-async def aiterate(items: list[T]) -> AsyncIterator[T]:
+async def iterate(items: list[T]) -> AsyncIterator[T]:
     """An async iterable over *items*, for APIs that take one."""
     for item in items:
         await asyncio.sleep(0)

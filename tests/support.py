@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from loopbridge import Database
+from loopbridge._source import PoolSource
+
 T = TypeVar("T")
 
 #: Every wait in a test is bounded by this (seconds) unless the test says otherwise.
@@ -108,6 +111,13 @@ class Caller:
             return getattr(obj, method)(*args, **kwargs)
 
         return run_loop(blocking_inside_loop)
+
+
+def pool_source(db: Database) -> PoolSource:
+    """The pool behind *db* (its connection source, not pinned), for figures stats() does not give."""
+    source = db._source
+    assert isinstance(source, PoolSource), f"{db!r} is pinned"
+    return source
 
 
 def independent(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -27,7 +27,7 @@ from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
 from tests.boundary import sessions, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, run_loop
+from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
 
 
 @pytest.fixture
@@ -274,7 +274,7 @@ class TestUnreachable:
             )
 
             async def streamed(db: Database) -> list[int]:
-                return [row["n"] async for row in db.aiterate("SELECT n FROM t ORDER BY n", prefetch=8)]
+                return [row["n"] async for row in db.iterate("SELECT n FROM t ORDER BY n", prefetch=8)]
 
             assert run_loop(functools.partial(streamed, db)) == list(range(1, 51))
             with db.transaction() as tx:
@@ -353,7 +353,7 @@ class TestPool:
         db = Database(dsn, bridge=bridge, max_size=1, pool_timeout=0.3)
         holder = threading.Thread(target=db.execute, args=("SELECT pg_sleep(3)",))
         holder.start()
-        wait_until(lambda: db._leased == 1)
+        wait_until(lambda: pool_source(db).leased == 1)
         with pytest.raises(PoolTimeoutError, match=r"within pool_timeout=0.3 s: all 1 connections") as info:
             caller.call(db, "fetchval", "SELECT 1")
         assert isinstance(info.value, TimeoutError)
@@ -372,18 +372,18 @@ class TestPool:
             )
 
         assert run_loop(main) == list(range(12))
-        assert db._leased == 0
+        assert pool_source(db).leased == 0
         db.close()
 
     def test_a_timeout_while_waiting_for_a_connection_gives_it_back(self, dsn: str, bridge: Bridge) -> None:
         db = Database(dsn, bridge=bridge, max_size=1)
         holder = threading.Thread(target=db.execute, args=("SELECT pg_sleep(1)",))
         holder.start()
-        wait_until(lambda: db._leased == 1)
+        wait_until(lambda: pool_source(db).leased == 1)
         with pytest.raises(CallTimeoutError):
             db.fetchval("SELECT 1", timeout=0.2)
         holder.join(WAIT)
-        assert db._leased == 0
+        assert pool_source(db).leased == 0
         assert db.fetchval("SELECT 1") == 1
         db.close()
 
@@ -447,7 +447,7 @@ class TestConnectionReturn:
         db.open()
         with caplog.at_level(logging.DEBUG, logger="loopbridge"):
             assert db.fetchval("SELECT 1") == 1  # the caller's statement succeeded: it gets its result
-            wait_until(lambda: bool(failures) and not db._releasing)
+            wait_until(lambda: bool(failures) and not pool_source(db).releasing)
             assert [db.fetchval("SELECT $1::int", i) for i in range(4)] == [0, 1, 2, 3]
         assert any(
             "failed its reset" in record.getMessage() and "reset broke" in record.getMessage()

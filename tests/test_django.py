@@ -90,7 +90,7 @@ class TestSettings:
     def test_each_entry_becomes_a_database_with_its_options(self, admin_dsn: str) -> None:
         built = build({"default": {"dsn": admin_dsn, "max_size": 3}, "other": {"dsn": admin_dsn}})
         assert sorted(built) == ["default", "other"]
-        assert built["default"]._max_size == 3
+        assert built["default"].stats().max_size == 3
         for db in built.values():
             db.close()
 

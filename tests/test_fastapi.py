@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from loopbridge import Database, DatabaseClosedError
 from loopbridge.contrib.fastapi import DatabaseDep, get_database, lifespan
 from tests.servers import Served, free_port, python, serve
-from tests.support import WAIT, independent, run_loop
+from tests.support import WAIT, independent, pool_source, run_loop
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -218,4 +218,4 @@ class TestLifespanHelper:
 
 
 async def _pool_open(db: Database) -> bool:
-    return db._pool is not None
+    return pool_source(db).pool is not None

@@ -62,7 +62,7 @@ class TestExtension:
 
     def test_options_reach_the_database(self, dsn: str) -> None:
         _, lb = make_app(dsn, LOOPBRIDGE_OPTIONS={"max_size": 3, "pool_timeout": 5})
-        assert lb.database._max_size == 3
+        assert lb.database.stats().max_size == 3
         lb.database.close()
 
     def test_the_application_factory_pattern(self, dsn: str) -> None:

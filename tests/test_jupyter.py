@@ -2,7 +2,7 @@
 
 The kernel's event loop runs while every cell executes. Plain cells make blocking calls on it; cells
 with a top-level ``await`` await the async twins on it; cells stream a result with the library's own
-``db.iterate()`` (a plain cell) and ``async for ... in db.aiterate()`` (a top-level-await cell), and
+``db.iterate()`` (a plain cell) and ``async for ... in db.iterate()`` (a top-level-await cell), and
 through a raw server-side cursor inside ``db.run``; then every cell is run again, several times, the one
 creating the Database included. The kernel's loop never owns a pool: the bridge's does. However often
 the setup cell re-runs, the server sees the sessions of one pool only: a Database the cell's re-run
@@ -73,7 +73,7 @@ print(json.dumps({"total": total, "count": count}))
 
 AITERATE = """\
 total = count = 0
-async for row in db.aiterate("SELECT n FROM events ORDER BY n", prefetch=64):  # top-level await
+async for row in db.iterate("SELECT n FROM events ORDER BY n", prefetch=64):  # top-level await
     total += row["n"]
     count += 1
 print(json.dumps({"total": total, "count": count, "loop_running": asyncio.get_running_loop() is not None}))

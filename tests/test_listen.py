@@ -26,14 +26,12 @@ from tests.support import WAIT, independent, run_loop
 
 
 def subscribe(driver: Driver, db: Database, *channels: str, **options: Any) -> Subscription:
-    """``db.listen(...)`` for the blocking kinds; ``async with``-style entry of ``db.alisten(...)``."""
+    """``db.listen(...)``, LISTENing on return: ``open()`` for the blocking kinds, ``aopen()`` on a loop."""
 
     async def started() -> Subscription:
-        subscription = db.alisten(*channels, **options)
-        await subscription.__aenter__()
-        return subscription
+        return await db.listen(*channels, **options).aopen()
 
-    subscription: Subscription = driver.do(lambda: db.listen(*channels, **options), started)
+    subscription: Subscription = driver.do(lambda: db.listen(*channels, **options).open(), started)
     return subscription
 
 
@@ -90,9 +88,9 @@ class TestDelivery:
         assert (item.channel, item.payload) == (odd, "reached")
         driver.call(subscription, "close")
 
-    def test_alisten_listens_from_the_block_on(self, db: Database, dsn: str) -> None:
+    def test_listen_in_async_code_listens_from_the_block_on(self, db: Database, dsn: str) -> None:
         async def main() -> list[str]:
-            subscription = db.alisten("later")
+            subscription = db.listen("later")
             assert not subscription.listening
             notify(dsn, "later", "before")  # nobody listens yet: not delivered, as PostgreSQL does
             async with subscription:
@@ -111,9 +109,9 @@ class TestDelivery:
         with pytest.raises(ConfigurationError, match="at least one channel"):
             db.listen()
         with pytest.raises(ConfigurationError, match="non-empty strings"):
-            db.alisten("")
+            db.listen("")
         with pytest.raises(ConfigurationError, match="queue_size must be a positive integer"):
-            db.alisten("x", queue_size=0)
+            db.listen("x", queue_size=0)
 
 
 class TestClosing:
@@ -134,7 +132,7 @@ class TestClosing:
         db.close()
 
     def test_a_with_block_closes_it(self, db: Database, driver: Driver) -> None:
-        with driver.block(db.alisten("a")) as subscription:
+        with driver.block(db.listen("a")) as subscription:
             assert subscription.listening
         assert not subscription.listening
         assert db.stats().in_use == 0
@@ -179,7 +177,7 @@ class TestClosing:
             get(driver, subscription)
 
     def test_close_from_another_thread_wakes_a_blocked_get(self, db: Database) -> None:
-        subscription = db.listen("wake")
+        subscription = db.listen("wake").open()
         results: list[Any] = []
 
         def consume() -> None:

@@ -31,7 +31,7 @@ from loopbridge import (
     DeadlockError,
 )
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent
+from tests.support import WAIT, Caller, in_thread, independent, pool_source
 
 
 async def add(a: int, b: int) -> int:
@@ -158,7 +158,7 @@ class TestServerErrors:
         with pytest.raises(error):
             caller.call(db, "fetch", query)
         still_serves(db)
-        assert db._leased == 0
+        assert pool_source(db).leased == 0
 
     def test_a_query_timeout_cancels_the_query_on_the_server(
         self, db: Database, caller: Caller, admin_dsn: str, schema: str
@@ -243,7 +243,7 @@ class TestHugeResults:
                 db, "fetch", "SELECT g, repeat('x', 1000) FROM generate_series(1, 10000000) g", timeout=0.5
             )
         still_serves(db)
-        assert db._leased == 0
+        assert pool_source(db).leased == 0
 
     def test_a_value_beyond_postgres_limits_raises_the_servers_error(self, db: Database) -> None:
         with pytest.raises(asyncpg.ProgramLimitExceededError, match="requested length too large"):

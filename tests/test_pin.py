@@ -1,7 +1,7 @@
-"""Pinning (``Database._pin``): every call on one connection, taking turns, for rolled-back tests.
+"""Pinning (``loopbridge._pin``): every call on one connection, taking turns, for rolled-back tests.
 
-Private, but the rollback fixture of the pytest plugin and (issue 3) transactions rest on it: every
-acquisition through ``Database._acquire`` must land on the pinned connection, from any caller.
+Private, but the rollback fixture of the pytest plugin and transactions inside such a test rest on it:
+every connection a pinned Database hands out must be the pinned one, from any caller, except a LISTEN's.
 """
 
 from __future__ import annotations
@@ -15,34 +15,35 @@ import asyncpg
 import pytest
 from asyncpg.transaction import Transaction
 
-from loopbridge import Database, PoolTimeoutError
-from tests.support import WAIT, Caller, in_thread, independent, run_loop
+from loopbridge import Database, Notification, PoolTimeoutError
+from loopbridge._pin import PinnedSource, pin, unpin
+from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
 
 
 async def _pin_and_begin(db: Database) -> Transaction:
-    await db._pin()
-    pool, con = await db._acquire()
-    try:
-        transaction = con.transaction()
+    pinned = await pin(db)
+    async with pinned.turn():
+        transaction = pinned.con.transaction()
         await transaction.start()
-    finally:
-        await db._release(pool, con)
     return transaction
 
 
 async def _rollback_and_unpin(db: Database, transaction: Transaction) -> None:
-    pool, con = await db._acquire()
-    try:
+    pinned = db._source
+    assert isinstance(pinned, PinnedSource)
+    async with pinned.turn():
         await transaction.rollback()
-    finally:
-        await db._release(pool, con)
-    await db._unpin()
+    await unpin(db)
+
+
+def is_pinned(db: Database) -> bool:
+    return isinstance(db._source, PinnedSource) and not db._source.gone
 
 
 @pytest.fixture
 def pinned(db: Database) -> Database:
     db.execute("CREATE TABLE items (n int PRIMARY KEY)")
-    db.bridge.run(db._pin)
+    db.bridge.run(pin, db)
     return db
 
 
@@ -90,7 +91,7 @@ class TestPinned:
     def test_concurrent_calls_started_inside_db_run_time_out_with_a_clear_error(self, dsn: str) -> None:
         db = Database(dsn, max_size=2, pool_timeout=0.5)
         try:
-            db.bridge.run(db._pin)
+            db.bridge.run(pin, db)
 
             async def gathers(con: Any) -> object:
                 # A child task waits for the turn that its parent holds.
@@ -110,9 +111,9 @@ class TestPinned:
         assert independent(dsn, "SELECT count(*) FROM items")[0][0] == 0  # not committed
         db.bridge.run(_rollback_and_unpin, db, transaction)
         assert db.fetchval("SELECT count(*) FROM items") == 0
-        assert db._pinned is None
-        assert db._leased == 0
-        db.bridge.run(db._unpin)  # safe twice
+        assert not is_pinned(db)
+        assert pool_source(db).leased == 0
+        db.bridge.run(unpin, db)  # safe twice
 
     def test_a_transaction_inside_the_pinned_one_is_a_savepoint(self, db: Database) -> None:
         db.execute("CREATE TABLE items (n int)")
@@ -132,18 +133,18 @@ class TestPinned:
 
     def test_pinning_twice_is_refused(self, pinned: Database) -> None:
         with pytest.raises(RuntimeError, match="already pinned"):
-            pinned.bridge.run(pinned._pin)
+            pinned.bridge.run(pin, pinned)
 
     def test_unpin_waits_for_the_call_holding_the_connection(self, pinned: Database) -> None:
         async def scenario() -> str:
             running = asyncio.ensure_future(pinned.aexecute("SELECT pg_sleep(0.3)"))
             await asyncio.sleep(0.05)
-            await pinned._unpin(timeout=WAIT)
+            await unpin(pinned, timeout=WAIT)
             return await running
 
         assert pinned.bridge.run(scenario, timeout=WAIT) == "SELECT 1"
-        assert pinned._pinned is None
-        assert pinned._leased == 0
+        assert not is_pinned(pinned)
+        assert pool_source(pinned).leased == 0
 
     def test_unpin_terminates_a_connection_held_too_long(
         self, pinned: Database, caplog: pytest.LogCaptureFixture
@@ -153,7 +154,7 @@ class TestPinned:
             stuck = asyncio.ensure_future(pinned.aexecute("SELECT pg_sleep(3) -- loopbridge: stuck holder"))
             await asyncio.sleep(0.1)
             with caplog.at_level(logging.WARNING, logger="loopbridge"):
-                await pinned._unpin(timeout=0.2)
+                await unpin(pinned, timeout=0.2)
             # Callers no longer wait for the pinned connection: they use the pool.
             assert await pinned.afetchval("SELECT 1") == 1
             try:
@@ -164,12 +165,28 @@ class TestPinned:
 
         assert pinned.bridge.run(scenario, timeout=WAIT) is not None
         assert "terminating it" in caplog.text
-        assert pinned._pinned is None
-        assert pinned._leased == 0
+        assert not is_pinned(pinned)
+        assert pool_source(pinned).leased == 0
 
-    def test_closing_a_pinned_database_returns_its_connection_first(self, pinned: Database) -> None:
-        pinned.close(timeout=5)
-        assert pinned._pinned is None
+    def test_closing_a_pinned_database_returns_its_connection_first(
+        self, pinned: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.WARNING, logger="loopbridge"):
+            pinned.close(timeout=5)
+        assert not is_pinned(pinned)
+        assert "terminating" not in caplog.text  # returned, not cut off when the pool closed
+
+    def test_a_subscription_listens_on_a_connection_of_its_own(
+        self, pinned: Database, dsn: str, caller: Caller
+    ) -> None:
+        # LISTEN inside the test's transaction would take effect only at a COMMIT that never comes.
+        with pinned.listen("pinned_events") as subscription:
+            independent(dsn, "SELECT pg_notify('pinned_events', 'seen')")
+            item = subscription.get(timeout=WAIT)
+            assert isinstance(item, Notification)
+            assert item.payload == "seen"
+            # Meanwhile the pinned connection serves the plain calls, from every kind of caller.
+            assert caller.call(pinned, "fetchval", "SELECT 1") == 1
 
 
 class TestTransactionsOnAPinnedDatabase:
@@ -180,7 +197,7 @@ class TestTransactionsOnAPinnedDatabase:
     def test_plain_calls_inside_a_transaction_block_do_not_wait(self, dsn: str, bridge: Any) -> None:
         db = Database(dsn, bridge=bridge, max_size=2, pool_timeout=5)
         db.execute("CREATE TABLE items (n int PRIMARY KEY)")
-        db.bridge.run(db._pin)
+        db.bridge.run(pin, db)
         try:
             pid = db.fetchval("SELECT pg_backend_pid()")
             with db.transaction() as tx:
@@ -191,12 +208,12 @@ class TestTransactionsOnAPinnedDatabase:
                 tx.execute("INSERT INTO items VALUES (2)")
             assert db.fetchval("SELECT count(*) FROM items") == 2
         finally:
-            db.bridge.run(db._unpin)
+            db.bridge.run(unpin, db)
             db.close()
 
     def test_by_caller_kind(self, pinned: Database, caller: Caller) -> None:
         async def inside_a_transaction() -> int:
-            async with pinned.atransaction() as tx:
+            async with pinned.transaction() as tx:
                 await tx.aexecute("INSERT INTO items VALUES (7)")
                 return int(await pinned.afetchval("SELECT count(*) FROM items", timeout=WAIT))
 

@@ -109,7 +109,7 @@ class TestPoolOptions:
         with db.transaction() as tx:
             tx.execute("SELECT 1")
         list(db.iterate("SELECT 1"))
-        db.listen("setup").close()
+        db.listen("setup").open().close()
         assert inits == [f"loopbridge-{bridge.name}"]
         assert setups == [f"loopbridge-{bridge.name}"] * 4
         db.close()

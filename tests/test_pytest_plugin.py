@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from loopbridge import Database
+from loopbridge._pin import PinnedSource
 from loopbridge.contrib import pytest_plugin
 from loopbridge.contrib.pytest_plugin import PREFIX
 from tests.support import WAIT, in_thread, independent
@@ -145,13 +146,14 @@ class TestRollbackInARow:
 
     def test_after_the_row_all_rows_were_rolled_back(self, loopbridge_app_db: Database) -> None:
         assert loopbridge_app_db.fetchval("SELECT count(*) FROM rolled") == 0
-        assert loopbridge_app_db._pinned is None
+        assert not isinstance(loopbridge_app_db._source, PinnedSource)
 
 
 # -- a project of its own, finding the plugin through its entry point -------------------------------
 
 APP = """
 from loopbridge import Database
+from loopbridge._pin import PinnedSource
 
 db = Database(max_size=2)  # $LOOPBRIDGE_DSN, as an application would
 
@@ -349,6 +351,7 @@ FASTAPI_APP = """
 from fastapi import FastAPI
 
 from loopbridge import Database
+from loopbridge._pin import PinnedSource
 from loopbridge.contrib.fastapi import DatabaseDep, lifespan
 
 db = Database()   # reads $LOOPBRIDGE_DSN

@@ -12,7 +12,7 @@ import functools
 import pytest
 
 from loopbridge import Bridge, Database
-from tests.support import WAIT, all_at_once, in_thread, independent, run_loop
+from tests.support import WAIT, all_at_once, in_thread, independent, pool_source, run_loop
 
 
 def tables(dsn: str, schema: str) -> set[str]:
@@ -123,7 +123,7 @@ class TestADR047:
                     await db.afetchval("SELECT 1")
 
                 asyncio.run(handler())
-                pools.add(id(db._pool))
+                pools.add(id(pool_source(db).pool))
             assert len(pools) == 1
 
     def test_threads_and_foreign_loops_insert_every_key_exactly_once(self, db: Database) -> None:

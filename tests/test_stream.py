@@ -40,8 +40,8 @@ class TestRows:
         assert all(isinstance(row, asyncpg.Record) for row in rows)
         assert db.stats().in_use == 0  # the end of the rows means the connection is back
 
-    def test_aiterate_is_the_same_stream(self, db: Database, driver: Driver) -> None:
-        stream = db.aiterate(SERIES, 5, prefetch=2)
+    def test_iterate_returns_a_row_stream_for_every_caller(self, db: Database, driver: Driver) -> None:
+        stream = db.iterate(SERIES, 5, prefetch=2)
         assert isinstance(stream, RowStream)
         assert [row[0] for row in driver.drain(stream)] == [1, 2, 3, 4, 5]
 
@@ -149,7 +149,7 @@ class TestStoppingEarly:
             return 150
 
         async def async_() -> int:
-            async for row in db.aiterate(SERIES, 100_000, prefetch=100):
+            async for row in db.iterate(SERIES, 100_000, prefetch=100):
                 if row[0] == 150:
                     break
             return 150
@@ -170,7 +170,7 @@ class TestStoppingEarly:
                     raise ConsumerFailed
 
         async def async_() -> None:
-            async for row in db.aiterate(SERIES, 100_000, prefetch=100):
+            async for row in db.iterate(SERIES, 100_000, prefetch=100):
                 if row[0] == 10:
                     raise ConsumerFailed
 
@@ -212,7 +212,7 @@ class TestStoppingEarly:
     ) -> None:
         async def main() -> None:
             async def consume() -> None:
-                async for _ in db.aiterate("SELECT pg_sleep(60)"):
+                async for _ in db.iterate("SELECT pg_sleep(60)"):
                     pass
 
             task = asyncio.create_task(consume())
@@ -242,7 +242,7 @@ class TestStoppingEarly:
                 busy.wait(WAIT)  # on purpose: the exit call queues behind this
 
             async def consume() -> None:
-                async with db.aiterate(SERIES, 100_000, prefetch=100) as rows:
+                async with db.iterate(SERIES, 100_000, prefetch=100) as rows:
                     streams.append(rows)
                     await rows.__anext__()
                     bridge.submit(block_the_bridge_loop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 import time
 from typing import Any
@@ -137,7 +138,7 @@ class TestCommitAndRollback:
 
     def test_concurrent_statements_on_one_transaction_take_turns(self, db: Database) -> None:
         async def main() -> list[int]:
-            async with db.atransaction() as tx:
+            async with db.transaction() as tx:
                 return list(
                     await asyncio.gather(
                         *(tx.afetchval("SELECT $1::int FROM pg_sleep(0.02)", i) for i in range(8))
@@ -285,7 +286,7 @@ class TestSavepoints:
             driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'kept')")
             with pytest.raises(asyncpg.UniqueViolationError):
                 failing_savepoint(tx)
-            with driver.block(tx.atransaction()) as savepoint:
+            with driver.block(tx.transaction()) as savepoint:
                 driver.call(savepoint, "execute", "INSERT INTO items VALUES (3, 'released')")
             driver.call(tx, "execute", "INSERT INTO items VALUES (4, 'after')")
         assert names(dsn) == ["kept", "released", "after"]
@@ -360,6 +361,41 @@ class TestAbandoned:
         settled(db, admin_dsn, schema)
         assert names(dsn) == []
 
+    def test_command_timeout_in_a_transaction_is_a_timeout_not_a_lost_connection(
+        self,
+        dsn: str,
+        bridge: Bridge,
+        schema: str,
+        admin_dsn: str,
+        driver: Driver,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # asyncpg's command_timeout raises a bare TimeoutError, an OSError on 3.11+: it was taken for a
+        # lost connection ("the server rolled the transaction back"), the connection was released still
+        # inside the transaction, and asyncpg logged "Resetting connection with an active transaction".
+        db = Database(dsn, bridge=bridge, command_timeout=0.3)
+        try:
+            db.execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)")
+            transaction = db.transaction()
+
+            def block() -> None:
+                with driver.block(transaction) as tx:
+                    driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                    driver.call(tx, "execute", "SELECT pg_sleep(10)")
+
+            with caplog.at_level(logging.DEBUG), pytest.raises(CallTimeoutError) as raised:
+                block()
+            assert "command_timeout=0.3" in str(raised.value)
+            assert not isinstance(raised.value, ConnectionLostError)
+            assert transaction.state == "rolled back"
+            settled(db, admin_dsn, schema)
+            assert names(dsn) == []
+            assert "active transaction" not in caplog.text
+            assert "lost" not in caplog.text
+            assert db.fetchval("SELECT 1") == 1  # the connection went back to the pool, usable
+        finally:
+            db.close()
+
     def test_the_owner_thread_or_loop_ending_rolls_back_and_returns_the_connection(
         self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str, driver: Driver
     ) -> None:
@@ -383,7 +419,7 @@ class TestAbandoned:
         held: list[Transaction] = []
 
         async def begin() -> None:
-            tx = db.atransaction()
+            tx = db.transaction()
             await tx.__aenter__()  # entered and never exited
             await tx.aexecute("INSERT INTO items VALUES (1, 'one')")
             held.append(tx)
@@ -418,7 +454,7 @@ class TestAbandoned:
             entered = asyncio.Event()
 
             async def work(statement: str) -> None:
-                async with db.atransaction() as tx:
+                async with db.transaction() as tx:
                     await tx.aexecute("INSERT INTO items VALUES (1, 'one')")
                     entered.set()
                     if statement:
@@ -448,7 +484,7 @@ class TestAbandoned:
         holder.__enter__()
 
         async def main() -> None:
-            task = asyncio.create_task(db.atransaction().__aenter__())
+            task = asyncio.create_task(db.transaction().__aenter__())
             await asyncio.sleep(0.3)  # it is waiting for the pool's only connection
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

@@ -49,9 +49,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 from asyncpg.transaction import Transaction
-from asyncpg.utils import _quote_ident
 
+from loopbridge._asyncpg import quote_ident
 from loopbridge._dsn import parse_dsn
+from loopbridge._pin import PinnedSource, pin, unpin
 from loopbridge.database import Database
 from loopbridge.errors import ConfigurationError
 
@@ -185,36 +186,34 @@ def loopbridge_rollback_db(_loopbridge_app_db_held: Database) -> Iterator[Databa
 
 async def _begin(db: Database) -> Transaction:
     """Pin *db* to one connection and begin the test's transaction on it."""
-    await db._pin()
+    pinned = await pin(db)
     try:
-        pool, con = await db._acquire()
-        try:
-            # asyncpg's own Transaction, so that asyncpg knows the connection is in one and makes the
-            # transactions begun inside the test savepoints.
-            transaction = con.transaction()
+        # asyncpg's own Transaction, so that asyncpg knows the connection is in one and makes the
+        # transactions begun inside the test savepoints.
+        async with pinned.turn():
+            transaction = pinned.con.transaction()
             await transaction.start()
-        finally:
-            await db._release(pool, con)
     except BaseException:
-        await db._unpin()
+        await unpin(db)
         raise
     return transaction
 
 
 async def _roll_back(db: Database, transaction: Transaction) -> bool:
     """Roll the test's transaction back and unpin *db*; False if the test had already ended it."""
+    pinned = db._source
     try:
-        pool, con = await db._acquire()  # waits for the call holding the connection, if any
-        try:
+        if not isinstance(pinned, PinnedSource):  # unpinned meanwhile (the Database was closed)
+            return True
+        async with pinned.turn():  # waits for the call holding the connection, if any
+            con = pinned.con
             if con.is_closed():  # terminated (a test that killed it, a timeout): the server rolled back
                 return True
-            still_open = con.is_in_transaction()
+            still_open: bool = con.is_in_transaction()
             if still_open:
                 await transaction.rollback()
-        finally:
-            await db._release(pool, con)
     finally:
-        await db._unpin()  # returns the connection to the pool, which resets it (ROLLBACK included)
+        await unpin(db)  # returns the connection to the pool, which resets it (ROLLBACK included)
     return still_open
 
 
@@ -225,7 +224,7 @@ async def _roll_back(db: Database, transaction: Transaction) -> bool:
 def _fresh(dsn: str, isolation: str) -> Iterator[str]:
     """``with _fresh(dsn, isolation) as fresh_dsn``: a new schema or database, dropped afterwards."""
     fresh = f"{PREFIX}{uuid.uuid4().hex[:12]}"
-    name = _quote_ident(fresh)  # asyncpg's quoting: the identifier in SQL and in search_path
+    name = quote_ident(fresh)  # asyncpg's quoting: the identifier in SQL and in search_path
     # A one-connection Database of its own for the DDL: CREATE DATABASE cannot run in a transaction, and
     # the Database under test may be pinned to one.
     admin = Database(dsn, min_size=0, max_size=1)

@@ -1,0 +1,123 @@
+"""The few asyncpg internals loopbridge relies on, in one place, checked before first use.
+
+asyncpg's public API cannot tell how many statements a connection has sent (so a call on a connection that
+turned out dead may safely run again), which pooled connections are held (so a closing bridge can end
+the ones nobody will give back), whether a cancel request is still on its way, or close a cursor's
+portal before its transaction ends. loopbridge reads those from asyncpg's private attributes, here and
+nowhere else. :func:`check` verifies that they exist when the first pool opens: an asyncpg release that
+renamed one fails there, with a message saying what to install, instead of deep inside a later call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import asyncpg
+import asyncpg.cursor
+import asyncpg.utils
+
+__all__ = [
+    "check",
+    "close_portal",
+    "held_connections",
+    "is_connected",
+    "pending_cancellations",
+    "protocol_of",
+    "quote_ident",
+    "sent_so_far",
+]
+
+#: The asyncpg releases these internals were checked against.
+TESTED = "0.30 to 0.32"
+
+
+def _incompatible(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"loopbridge needs asyncpg's internal {what}, which asyncpg {asyncpg.__version__} does not have: "
+        f"install an asyncpg release loopbridge was tested with ({TESTED}): pip install 'asyncpg>=0.30,<0.33'"
+    )
+
+
+def _class_internals() -> Iterable[tuple[object, str, str]]:
+    yield asyncpg.cursor.Cursor, "_close_portal", "Cursor._close_portal()"
+    yield asyncpg.utils, "_quote_ident", "asyncpg.utils._quote_ident()"
+
+
+@functools.cache
+def _checked_classes() -> None:
+    for owner, name, what in _class_internals():
+        if not hasattr(owner, name):
+            raise _incompatible(what)
+
+
+def check(pool: asyncpg.Pool) -> None:
+    """Raise a ``RuntimeError`` saying which asyncpg to install if an internal loopbridge uses is gone.
+
+    Called on the bridge loop when a pool has just opened, with its ``min_size`` connections.
+    """
+    _checked_classes()
+    holders = getattr(pool, "_holders", None)
+    if not isinstance(holders, list):
+        raise _incompatible("Pool._holders")
+    for holder in holders:
+        for name in ("_in_use", "_con"):
+            if not hasattr(holder, name):
+                raise _incompatible(f"PoolConnectionHolder.{name}")
+        connection = holder._con
+        if connection is None:
+            continue
+        if not hasattr(connection, "_cancellations"):
+            raise _incompatible("Connection._cancellations")
+        protocol = protocol_of(connection)
+        for name in ("queries_count", "is_connected"):
+            if not hasattr(protocol, name):
+                raise _incompatible(f"the connection protocol's {name}")
+        return
+
+
+def protocol_of(connection: object) -> Any:
+    """The protocol behind a connection or its pool proxy (kept by callers: a connection that closes
+    lets go of its proxy, not of its protocol), or None."""
+    return getattr(connection, "_protocol", None)
+
+
+def sent_so_far(connection: object) -> int | None:
+    """How many statements asyncpg has sent on *connection* (or its protocol): a Bind/Execute or a simple
+    query counts, a Parse/Describe, which changes nothing, does not. None if it cannot tell."""
+    protocol = protocol_of(connection) or connection
+    count: int | None = getattr(protocol, "queries_count", None)
+    return count
+
+
+def is_connected(protocol: Any) -> bool | None:
+    """Whether the protocol's socket is still open; None if it cannot tell."""
+    connected = getattr(protocol, "is_connected", None)
+    return None if connected is None else bool(connected())
+
+
+def held_connections(pool: asyncpg.Pool) -> list[Any]:
+    """The open connections of *pool* that somebody holds (acquired and not yet released)."""
+    return [
+        holder._con
+        for holder in getattr(pool, "_holders", ())
+        if holder._in_use is not None and holder._con is not None and not holder._con.is_closed()
+    ]
+
+
+def pending_cancellations(connection: Any) -> set[Any]:
+    """Tasks still sending a cancel request for a statement of *connection*."""
+    return set(getattr(connection, "_cancellations", ()))
+
+
+def close_portal(cursor: object) -> Callable[[], Awaitable[None]] | None:
+    """A function that CLOSEs *cursor*'s portal now (asyncpg's Cursor has no public close), or None."""
+    close = getattr(cursor, "_close_portal", None)
+    return None if close is None else functools.partial(close, None)
+
+
+def quote_ident(name: str) -> str:
+    """*name* as a quoted SQL identifier, as asyncpg quotes the channels it LISTENs on."""
+    quoted: str = asyncpg.utils._quote_ident(name)
+    return quoted
