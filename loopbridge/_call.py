@@ -316,7 +316,8 @@ class AsyncCall(Call[T]):
         self.mailbox.post(self)
 
     def _deliver(self) -> None:
-        # On the caller's loop. The waiter may have been replaced (see Bridge.arun) or cancelled.
+        # On the caller's loop. The waiter may have been cancelled, or replaced: Bridge._arun waits again,
+        # on a new one, for work still unwinding after its caller was cancelled.
         self.delivered = True
         if not self.waiter.done():
             self.waiter.set_result(None)

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, NoReturn, Protocol
+from typing import Any, Final, Literal, NoReturn, Protocol
 
 from ._call import Call, CancelReason, Ledger, Mailbox
 from .errors import BridgeClosedError
@@ -203,6 +203,14 @@ class _Strong:
         return self.obj
 
 
+#: A generation's state. ``running``: it takes calls. ``stopping``: close() (or, for a dropped Bridge,
+#: the loop itself) is shutting it down; calls are refused with BridgeClosedError. ``exiting``: the same at
+#: interpreter exit, where the daemon threads still calling are parked rather than woken with an error.
+#: ``abandoned``: a forked child's copy, never touched again (see :func:`abandon`).
+GenerationState = Literal["running", "stopping", "exiting", "abandoned"]
+RUNNING: Final = "running"
+
+
 class LoopThread:
     """One thread running one event loop, taking calls from any other thread."""
 
@@ -214,8 +222,7 @@ class LoopThread:
     ) -> None:
         self.name = name
         self.pid = os.getpid()
-        self.accepting = True
-        self.at_exit = False  # stopping because the interpreter exits (see stop())
+        self.state: GenerationState = RUNNING
         self.ledger = Ledger()
         self.inflight = self.ledger.inflight
         self.resources = Resources(self)
@@ -262,6 +269,16 @@ class LoopThread:
             loop.close()
 
     @property
+    def accepting(self) -> bool:
+        """Whether it still takes calls."""
+        return self.state == RUNNING
+
+    @property
+    def at_exit(self) -> bool:
+        """Whether it stops because the interpreter exits."""
+        return self.state == "exiting"
+
+    @property
     def submitted(self) -> int:
         """Calls handed to :meth:`submit` and taken: started on the loop, or queued to start.
 
@@ -279,7 +296,7 @@ class LoopThread:
         """
         call.loop = self.loop
         self._queue.append(call)
-        if not self.accepting:
+        if self.state != RUNNING:
             self._withdraw(call)
         elif not self._wakeup_pending:
             self._wakeup_pending = True
@@ -317,7 +334,7 @@ class LoopThread:
                 call = queue.popleft()
             except IndexError:  # withdrawn by its caller meanwhile
                 break
-            if self.accepting:
+            if self.state == RUNNING:
                 call.start(loop, ledger)
             else:
                 self._refuse(call)
@@ -341,8 +358,7 @@ class LoopThread:
         server ends their work) but they are not woken with an error that would only print a
         traceback ("Exception in thread ...") on the way out.
         """
-        self.at_exit = at_exit
-        self.accepting = False
+        self.state = "exiting" if at_exit else "stopping"
         try:
             shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self.loop)
         except RuntimeError:  # the loop is already closed
@@ -437,9 +453,9 @@ class LoopThread:
         must not block): the loop shuts down as :meth:`stop` would have it (calls in flight may finish
         within *timeout*, resources are closed), then stops itself, and the thread ends.
         """
-        if not self.accepting or self.pid != os.getpid():
+        if self.state != RUNNING or self.pid != os.getpid():
             return
-        self.accepting = False
+        self.state = "stopping"
         self.monitor.stop(join=False)
         try:
             self.loop.call_soon_threadsafe(self._begin_stopping_itself, timeout)
@@ -595,7 +611,7 @@ def abandon(generation: LoopThread) -> None:
     and transports unregister from the selector. They are therefore made immortal: never freed, not
     even at interpreter exit. The cost is a few file descriptors and some memory in the child.
     """
-    generation.accepting = False
+    generation.state = "abandoned"
     kept: list[object] = [generation]
     for resource in generation.resources.live():
         kept.extend(resource._forget_after_fork())

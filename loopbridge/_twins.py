@@ -78,7 +78,8 @@ def twins(
         sessions): the names of the two classes that take the methods. Both methods then keep *impl*'s
         name, without the ``a``, as the SQLAlchemy classes those facades imitate do.
     """
-    defined_in, _, impl_name = impl.__qualname__.rpartition(".")
+    outer, _, impl_name = impl.__qualname__.rpartition(".")
+    defined_in = outer.rpartition(".")[2]  # the class's own name, also for a class defined in a function
     name = impl_name.lstrip("_")
     if owners is None:
         sync_owner = async_owner = owner or defined_in
@@ -149,7 +150,8 @@ def twin_contexts(
     unwinding there (the caller was cancelled, and stopped waiting for it after a grace period), so it
     ends what that enter opened instead of finding nothing to end.
     """
-    owner_name, _, enter_name = enter.__qualname__.rpartition(".")
+    outer, _, enter_name = enter.__qualname__.rpartition(".")
+    owner_name = outer.rpartition(".")[2]
     enter_label = f"{owner_name}.{enter_name.lstrip('_')}()"
     exit_label = f"{owner_name}.{exit.__qualname__.rpartition('.')[2].lstrip('_')}()"
 

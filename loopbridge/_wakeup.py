@@ -88,6 +88,7 @@ def waiter_for_this_thread() -> Waiter:
         return _LockWaiter()
     waiter: _EventFdWaiter | None = getattr(_local, "waiter", None)
     if waiter is None:
+        _forget_in_forked_children()
         waiter = _local.waiter = _EventFdWaiter()
     return waiter
 
@@ -98,5 +99,10 @@ def _forget_after_fork() -> None:
     _local.__dict__.pop("waiter", None)
 
 
-if _HAVE_EVENTFD:
-    os.register_at_fork(after_in_child=_forget_after_fork)
+_fork_hook = threading.Lock()  # held for good once the hook is registered
+
+
+def _forget_in_forked_children() -> None:
+    # Registered with the first eventfd, never at import: importing loopbridge changes nothing.
+    if _fork_hook.acquire(blocking=False):
+        os.register_at_fork(after_in_child=_forget_after_fork)

@@ -48,7 +48,10 @@ logger = logging.getLogger("loopbridge")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-_State = Literal["idle", "running", "closed"]
+#: The bridge's lifecycle, as CPython's ``asyncio.Runner`` keeps its own: ``created`` (no thread yet, and
+#: again in a forked child), ``running`` (a loop thread takes calls), ``closing`` (close() is stopping it),
+#: ``closed`` (for good: a closed bridge is never reopened).
+_State = Literal["created", "running", "closing", "closed"]
 
 
 class Bridge:
@@ -84,13 +87,13 @@ class Bridge:
         self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
         self._close_timeout = close_timeout
         self._block_threshold = block_threshold
-        self._state: _State = "idle"
+        self._state: _State = "created"
+        # The loop thread while running or closing; None before the first start, and once closed.
         self._live: LoopThread | None = None
-        self._stopping: LoopThread | None = None  # the generation close() is stopping right now
-        self._stopped = threading.Event()  # set when the first close() is done stopping
+        self._closed = threading.Event()  # set once closed, for a close() waiting for another
+        self._close_deadline = 0.0  # by when the close under way is done at the latest (time.monotonic())
         self._finalizer: weakref.finalize[..., Bridge] | None = None  # stops the thread if self is dropped
-        self._stop_deadline = 0.0  # by when that close() is done at the latest (time.monotonic())
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the state's transitions
         _bridges.add(self)
 
     # -- properties ---------------------------------------------------------------------------------
@@ -100,15 +103,20 @@ class Bridge:
         return self._name
 
     @property
+    def state(self) -> str:
+        """``'created'`` (the thread starts on first use), ``'running'``, ``'closing'`` or ``'closed'``."""
+        return self._state
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` has begun; a closed bridge cannot be reopened."""
-        return self._state == "closed"
+        return self._state in ("closing", "closed")
 
     @property
     def running(self) -> bool:
-        """True while the thread is running (it starts on first use)."""
+        """True while the thread is running and taking calls (it starts on first use)."""
         live = self._live
-        return live is not None and live.accepting and live.pid == os.getpid()
+        return self._state == "running" and live is not None and live.accepting and live.pid == os.getpid()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -144,11 +152,8 @@ class Bridge:
     def in_bridge_thread(self) -> bool:
         """True when called on the bridge's own thread (where blocking calls would deadlock), also while
         close() is stopping it."""
-        ident, pid = threading.get_ident(), os.getpid()
-        return any(
-            generation is not None and generation.thread_id == ident and generation.pid == pid
-            for generation in (self._live, self._stopping)
-        )
+        live = self._live
+        return live is not None and live.thread_id == threading.get_ident() and live.pid == os.getpid()
 
     # -- calls --------------------------------------------------------------------------------------
 
@@ -305,9 +310,9 @@ class Bridge:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def _generation(self) -> LoopThread:
-        """The live loop thread, started on first use. The hot path is two attribute reads."""
+        """The live loop thread, started on first use. The hot path is three attribute reads."""
         live = self._live
-        if live is not None and live.pid == os.getpid():
+        if self._state == "running" and live is not None and live.pid == os.getpid():
             return live
         return self._start()
 
@@ -316,14 +321,14 @@ class Bridge:
             live = self._live
             if live is not None and live.pid != os.getpid():  # forked without os.fork's hooks
                 self._after_fork()
-                live = None
-            if live is not None:
-                return live
-            if self._state != "closed":
+            if self._state == "running":
+                assert self._live is not None
+                return self._live
+            if self._state == "created":
+                _install_process_hooks()
                 live = LoopThread(self._name, self._loop_factory, self._block_threshold)
                 live.start()
-                self._live = live
-                self._state = "running"
+                self._live, self._state = live, "running"
                 # Dropped without close(): the thread must not run on forever (see _stop_dropped).
                 self._finalizer = weakref.finalize(self, _stop_dropped, live, self._close_timeout)
                 self._finalizer.atexit = False  # at exit, _close_all_at_exit closes what is left
@@ -348,20 +353,21 @@ class Bridge:
         Registers with the generation running this loop, also while close() is stopping it: a pool
         first opened by a call racing close() is closed with the rest, never left open on a dead loop.
         """
-        generation = self._live or self._stopping
-        if generation is not None:
-            generation.resources.add(resource)
+        live = self._live
+        if live is not None:
+            live.resources.add(resource)
 
     def _unregister(self, resource: Resource) -> None:
-        for generation in (self._live, self._stopping):
-            if generation is not None:
-                generation.resources.remove(resource)
+        live = self._live
+        if live is not None:
+            live.resources.remove(resource)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the bridge: let calls in flight finish (up to *timeout* seconds), cancel the rest,
         close every resource registered on it (pools) on the bridge loop, stop the loop and join the
-        thread. Safe to call twice; later calls raise :class:`BridgeClosedError`. A close() made while
-        another is stopping the bridge returns once that one is done.
+        thread. Safe to call twice: a close() made while another is stopping the bridge returns once
+        that one is done, and one made later returns at once. Calls made afterwards raise
+        :class:`BridgeClosedError`.
 
         :raises DeadlockError: if called on the bridge thread (it cannot join itself).
         """
@@ -375,30 +381,30 @@ class Bridge:
             )
         timeout = self._close_timeout if timeout is None else timeout
         with self._lock:
-            first = self._state != "closed"
-            if first:
+            state, live = self._state, self._live
+            if state == "running" and live is not None:
+                self._state = "closing"
+                self._close_deadline = time.monotonic() + timeout + STOP_MARGIN
+            elif state == "created":
                 self._state = "closed"
-                self._stop_deadline = time.monotonic() + timeout + STOP_MARGIN
-                # In one step, so that work on the loop always finds the generation it runs on.
-                live, self._live = self._live, None
-                self._stopping = live
-        if first and self._finalizer is not None:
-            self._finalizer.detach()
-        if not first:
-            # Another close() may still be stopping the bridge: "closed" means the same to every
-            # caller (nothing runs on it any more), so wait for that one, as long as it can take.
-            self._stopped.wait(max(0.0, self._stop_deadline - time.monotonic()))
+                self._closed.set()
+        if state == "closing":
+            # Another close() is stopping the bridge: "closed" means the same to every caller (nothing
+            # runs on it any more), so wait for that one, as long as it can take.
+            self._closed.wait(max(0.0, self._close_deadline - time.monotonic()))
+        if state != "running" or live is None:
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()
         try:
-            if live is None:
-                return
             if live.pid != os.getpid():  # forked without os.fork's hooks: not ours to stop
                 abandon(live)
-                return
-            live.stop(timeout, at_exit=at_exit)
+            else:
+                live.stop(timeout, at_exit=at_exit)
         finally:
-            self._stopping = None
-            self._stopped.set()
+            with self._lock:
+                self._state, self._live = "closed", None
+            self._closed.set()
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code: runs the blocking close in a worker thread."""
@@ -413,25 +419,26 @@ class Bridge:
         self.close()
 
     def __repr__(self) -> str:
-        state = self._state if self._state != "running" or self.running else "idle"
+        state = self._state
         thread = self.thread
         where = f" thread={thread.name!r}" if thread is not None else ""
         return f"<Bridge {self._name!r} {state}{where}>"
 
     def _after_fork(self) -> None:
         # In the child: the loop thread does not exist here. Abandon its generation untouched; the
-        # next call starts a fresh thread, loop and pools.
+        # next call starts a fresh thread, loop and pools. A close() the parent was in the middle of
+        # does not go on here: the bridge is closed in the child.
         self._lock = threading.Lock()  # another thread may have held it at fork time
-        self._stopped = threading.Event()  # its lock too; and no close() of the parent's goes on here
-        if self._state == "closed":
-            self._stopped.set()
+        self._closed = threading.Event()
         live, self._live = self._live, None
-        stopping, self._stopping = self._stopping, None  # a close() the parent was in the middle of
-        for generation in (live, stopping):
-            if generation is not None:
-                abandon(generation)
+        if live is not None:
+            abandon(live)
         if self._state == "running":
-            self._state = "idle"
+            self._state = "created"
+        elif self._state == "closing":
+            self._state = "closed"
+        if self._state == "closed":
+            self._closed.set()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -650,6 +657,21 @@ def _after_fork_in_child() -> None:
         bridge._after_fork()
 
 
-atexit.register(_close_all_at_exit)
-gc.callbacks.append(_on_collection)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_hooks_installed = False
+_hooks_lock = threading.Lock()
+
+
+def _install_process_hooks() -> None:
+    """Close the bridges at exit, stop dropped ones after a collection, reset them in a forked child.
+
+    Installed when the first bridge starts, never at import: importing loopbridge changes nothing in the
+    process. Once per process (a forked child inherits them).
+    """
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        atexit.register(_close_all_at_exit)
+        gc.callbacks.append(_on_collection)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _hooks_installed = True

@@ -663,11 +663,14 @@ class TestDefaultBridge:
 
     def test_repr_names_the_state(self) -> None:
         bridge = Bridge("shown")
-        assert repr(bridge) == "<Bridge 'shown' idle>"
+        assert repr(bridge) == "<Bridge 'shown' created>"
+        assert bridge.state == "created"
         bridge.run(add, 1, 1)
         assert repr(bridge) == "<Bridge 'shown' running thread='loopbridge-shown'>"
+        assert bridge.state == "running"
         bridge.close()
         assert repr(bridge) == "<Bridge 'shown' closed>"
+        assert bridge.state == "closed"
 
 
 class TestStatsAndWatchdog:

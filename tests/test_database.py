@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import inspect
 import logging
+import pydoc
 import threading
 import weakref
 from typing import Any
@@ -22,6 +24,7 @@ from loopbridge import (
     DatabaseClosedError,
     DeadlockError,
     PoolTimeoutError,
+    Transaction,
 )
 from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
@@ -540,30 +543,56 @@ class TestConnectErrors:
 
 
 class TestTwins:
-    def test_every_query_method_has_an_async_twin_from_the_same_implementation(self) -> None:
-        for name in ("fetch", "fetchrow", "fetchval", "execute", "executemany", "run", "open"):
-            sync, async_ = getattr(Database, name), getattr(Database, f"a{name}")
-            assert sync.__qualname__ == f"Database.{name}"
-            assert async_.__qualname__ == f"Database.a{name}"
-            assert asyncio.iscoroutinefunction(async_)
-            assert not asyncio.iscoroutinefunction(sync)
+    @pytest.mark.parametrize("owner", [Database, Transaction])
+    def test_every_query_method_has_an_async_twin_from_the_same_implementation(self, owner: type) -> None:
+        names = ["fetch", "fetchrow", "fetchval", "execute", "executemany", "run"]
+        for name in [*names, "open"] if owner is Database else names:
+            sync, async_ = getattr(owner, name), getattr(owner, f"a{name}")
+            assert sync.__qualname__ == f"{owner.__name__}.{name}"
+            assert async_.__qualname__ == f"{owner.__name__}.a{name}"
+            assert inspect.iscoroutinefunction(async_)
+            assert not inspect.iscoroutinefunction(sync)
             assert sync.__doc__.split("\n\n")[0] == async_.__doc__.split("\n\n")[0]
+            assert inspect.unwrap(sync) is inspect.unwrap(async_)
 
-    def test_twins_label_their_calls(self) -> None:
+    @pytest.mark.parametrize("owner", [Database, Transaction])
+    def test_twins_carry_the_implementations_signature_and_docstring(
+        self, owner: type[Database] | type[Transaction]
+    ) -> None:
+        for method in (owner.fetch, owner.afetch):
+            assert str(inspect.signature(method)) == (
+                "(self, query: 'str', *args: 'Any', timeout: 'float | None' = None) -> 'list[asyncpg.Record]'"
+            )
+            assert "Run *query* with *args*" in pydoc.render_doc(method)
+        assert list(inspect.signature(owner.fetchval).parameters) == [
+            "self",
+            "query",
+            "args",
+            "column",
+            "timeout",
+        ]
+        assert list(inspect.signature(owner.arun).parameters) == ["self", "fn", "args", "timeout"]
+
+    def test_twins_name_their_method_in_the_errors_of_their_calls(self) -> None:
         class Thing:
             def __init__(self, bridge: Bridge) -> None:
                 self.bridge = bridge
 
-            async def _poke(self, value: int, *, timeout: float | None = None) -> int:
+            async def _poke(self, seconds: float, *, timeout: float | None = None) -> float:
                 """Poke."""
-                return value
+                await asyncio.sleep(seconds)
+                return seconds
 
             poke, apoke = twins(_poke)
 
         with Bridge("twins") as bridge:
             thing = Thing(bridge)
-            assert thing.poke(3) == 3
-            assert run_loop(lambda: thing.apoke(4)) == 4
+            assert thing.poke(0) == 0
+            assert run_loop(lambda: thing.apoke(0)) == 0
+            with pytest.raises(CallTimeoutError, match=r"^Thing\.poke\(\) did not finish within 0\.05 s"):
+                thing.poke(5, timeout=0.05)
+            with pytest.raises(CallTimeoutError, match=r"^Thing\.apoke\(\) did not finish within 0\.05 s"):
+                run_loop(lambda: thing.apoke(5, timeout=0.05))
 
 
 def connections(admin_dsn: str, application_name: str) -> int:

@@ -204,7 +204,7 @@ class TestSsl:
 
 class TestStats:
     def test_calls_submitted_counts_calls_still_waiting_to_start(self, dsn: str) -> None:
-        # Regression (audit): calls_submitted counted the calls started on the bridge loop.
+        # Regression: calls_submitted counted the calls started on the bridge loop.
         with Bridge("stats", block_threshold=None) as bridge:
             db = Database(dsn, bridge=bridge)
             blocking, busy = threading.Event(), threading.Event()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import loopbridge
 from loopbridge import errors
-from tests.support import run_script
+from tests.support import run_loop, run_script
 
 
 def test_every_name_in_all_exists() -> None:
@@ -87,3 +89,80 @@ def test_importing_loopbridge_imports_no_framework() -> None:
         """
     )
     assert out.strip() == "[]"
+
+
+def _public_classes() -> list[type]:
+    return [value for name in loopbridge.__all__ if inspect.isclass(value := getattr(loopbridge, name))]
+
+
+def test_every_a_named_method_of_the_public_api_is_a_coroutine_function() -> None:
+    # The twin convention: "a" + the name of a method that exists is its async twin, awaited. A
+    # factory named that way (a transaction, a stream, a subscription for async code) would read as one.
+    checked = 0
+    for cls in _public_classes():
+        for name in dir(cls):
+            if name.startswith("a") and hasattr(cls, name[1:]) and callable(getattr(cls, name)):
+                assert inspect.iscoroutinefunction(getattr(cls, name)), f"{cls.__name__}.{name}"
+                checked += 1
+    assert checked > 20
+
+
+@pytest.mark.parametrize(
+    ("make", "right_form"),
+    [
+        (lambda db: db.transaction(), "async with db.transaction() as tx:"),
+        (lambda db: db.iterate("SELECT 1"), "async for row in db.iterate(...):"),
+        (lambda db: db.listen("events"), "async with db.listen(...) as sub:"),
+    ],
+    ids=["transaction", "iterate", "listen"],
+)
+def test_awaiting_an_object_used_in_a_block_names_the_right_form(
+    make: Any, right_form: str, admin_dsn: str
+) -> None:
+    db = loopbridge.Database(admin_dsn)
+    try:
+
+        async def misuse() -> None:
+            await make(db)
+
+        with pytest.raises(TypeError, match=re.escape(right_form)):
+            run_loop(misuse)
+        assert db.stats().size == 0  # refused before anything ran: the pool was not even opened
+    finally:
+        db.close()
+
+
+def test_importing_loopbridge_changes_nothing_in_the_process() -> None:
+    # No exit hook, collector callback, fork hook, thread or signal handler until the first bridge
+    # starts; then the three hooks, once.
+    out = run_script(
+        """
+        import atexit, gc, os, signal, sys, threading
+
+        registered = []  # by loopbridge's own modules (the standard library registers its own)
+
+        def note(kind):
+            if sys._getframe(2).f_globals.get("__name__", "").startswith("loopbridge"):
+                registered.append(kind)
+
+        real_atexit, real_fork = atexit.register, os.register_at_fork
+        atexit.register = lambda *a, **k: note("atexit") or real_atexit(*a, **k)
+        os.register_at_fork = lambda **k: note("fork") or real_fork(**k)
+        callbacks, threads = len(gc.callbacks), threading.active_count()
+        handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+        import loopbridge, loopbridge.database, loopbridge.transaction, loopbridge.listen
+        import loopbridge.contrib, loopbridge.contrib.pytest_plugin
+        db = loopbridge.Database("postgresql://nobody@127.0.0.1:1/none")
+        print(registered, len(gc.callbacks) - callbacks, threading.active_count() - threads,
+              {n: signal.getsignal(n) for n in handlers} == handlers)
+
+        bridge = loopbridge.Bridge("first")
+        bridge.run(lambda: __import__("asyncio").sleep(0))
+        loopbridge.Bridge("second").run(lambda: __import__("asyncio").sleep(0))
+        print(sorted(registered), len(gc.callbacks) - callbacks)
+        """
+    )
+    before, after = out.strip().splitlines()
+    assert before == "[] 0 0 True"
+    assert after == "['atexit', 'fork', 'fork'] 1"  # the bridge's exit and fork hooks, the waiters' fork hook

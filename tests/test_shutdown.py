@@ -54,7 +54,7 @@ def test_a_call_racing_close_opens_its_pool_finishes_and_the_pool_is_closed(
     closer = threading.Thread(target=bridge.close, args=(10,))
     closer.start()
     deadline = time.monotonic() + WAIT
-    while bridge._live is not None and time.monotonic() < deadline:
+    while bridge.state == "running" and time.monotonic() < deadline:
         time.sleep(0.01)
     close_began.set()
     closer.join(WAIT)

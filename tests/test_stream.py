@@ -229,7 +229,7 @@ class TestStoppingEarly:
     def test_the_end_of_its_block_closes_it_even_if_the_caller_stopped_waiting_before_it_began(
         self, dsn: str, admin_dsn: str, schema: str
     ) -> None:
-        # Regression (audit): a task cancelled while its exit call still waited to start on a busy bridge
+        # Regression: a task cancelled while its exit call still waited to start on a busy bridge
         # loop had that exit dropped: the stream stayed open as long as its owner lived.
         driver = Driver("foreign-loop")  # its loop keeps running: the owner watch does not step in
         with Bridge("stream-exit", block_threshold=None) as bridge:
@@ -319,7 +319,7 @@ class TestInATransaction:
     def test_stopping_a_stream_early_leaves_its_transaction_usable(
         self, db: Database, dsn: str, driver: Driver, how: str
     ) -> None:
-        # Regression (audit): stopping a stream while its producer was fetching cancelled the query,
+        # Regression: stopping a stream while its producer was fetching cancelled the query,
         # which aborted the caller's transaction; the block then "committed" and nothing was kept.
         db.execute("CREATE TABLE items (id int)")
         with driver.block(db.transaction()) as tx:
@@ -436,7 +436,7 @@ class TestLostConnection:
     def test_a_lost_connection_under_a_stream_raises_connection_lost_error(
         self, db: Database, driver: Driver, admin_dsn: str, schema: str, producer: str
     ) -> None:
-        # Regression (audit): the consumer of db.iterate() got TransactionClosedError ("begin a new
+        # Regression: the consumer of db.iterate() got TransactionClosedError ("begin a new
         # transaction"), about a transaction it never opened.
         if producer == "fetching":  # the second row takes a minute: the producer is waiting for it
             stream = db.iterate("SELECT g, pg_sleep(g * 60) FROM generate_series(0, 1) AS g", prefetch=1)

@@ -149,7 +149,7 @@ class TestCommitAndRollback:
 
 
 class TestCaughtErrors:
-    """Regression (audit): a block that caught a failed statement and ended normally reported 'committed'
+    """Regression: a block that caught a failed statement and ended normally reported 'committed'
     although the server had answered its COMMIT with ROLLBACK and kept nothing."""
 
     def test_a_block_that_caught_a_failed_statement_raises_instead_of_committing(
@@ -413,7 +413,7 @@ class TestAbandoned:
     def test_an_event_loop_left_unclosed_by_a_thread_that_ended_counts_as_gone(
         self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str
     ) -> None:
-        # Regression (audit): the owner of an async with block was alive as long as its loop was not
+        # Regression: the owner of an async with block was alive as long as its loop was not
         # closed, so a worker thread that ran a loop and returned left the transaction open for as long
         # as the handle lived.
         held: list[Transaction] = []
@@ -658,7 +658,7 @@ class TestTwinContexts:
             wait_until(lambda: held.log == ["open", "close NoneType"])
 
     def test_the_exit_runs_even_when_the_caller_stops_waiting_before_it_started(self) -> None:
-        # Regression (audit): a task cancelled while its exit call was still queued on a busy bridge loop
+        # Regression: a task cancelled while its exit call was still queued on a busy bridge loop
         # had the exit closed unrun; the transaction stayed idle in transaction until garbage collection.
         with Bridge("twin-contexts", block_threshold=None) as bridge:
             held = self.Held(bridge)
@@ -686,7 +686,7 @@ class TestTwinContexts:
             wait_until(lambda: held.log == ["open", "close NoneType"])
 
     def test_ctrl_c_before_the_exit_started_still_ends_the_transaction(self, dsn: str) -> None:
-        # Regression (audit): the same for a sync caller, interrupted while its COMMIT waited to start.
+        # Regression: the same for a sync caller, interrupted while its COMMIT waited to start.
         out = run_script(
             """
             import signal, sys, threading, time
