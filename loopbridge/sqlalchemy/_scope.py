@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult, AsyncSession
 from sqlalchemy.sql.base import Executable
 
 from loopbridge._loop import GRACE
-from loopbridge._owner import Owner
 from loopbridge._stream import DEFAULT_PREFETCH
 from loopbridge.bridge import Bridge
 from loopbridge.errors import ConfigurationError
@@ -34,9 +33,9 @@ from .errors import EngineClosedError, _HomeSession
 from .streaming import STREAM_CLOSED, StreamResult
 
 if sys.version_info >= (3, 11):
-    from typing import Self
+    pass
 else:
-    from typing_extensions import Self
+    pass
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -78,7 +77,7 @@ class _Scope(Generic[C]):
     once.
     """
 
-    _facade = "session"
+    _async = False  # the facade of async code
     _connection_class: type[C]
 
     def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
@@ -96,7 +95,6 @@ class _Scope(Generic[C]):
         # bridge (a call or the scope's end, under _lock) or the caller's thread (a method that needs
         # no database). A caller that stopped waiting for a call may go on while it still unwinds.
         self._guard = threading.Lock()
-        self._entered = False  # its block was entered (see _claim_opening)
         self._bridge_holds = 0
         self._caller_holds = False
         self._caller_left: asyncio.Event | None = None  # set when the caller's thread lets go
@@ -394,13 +392,8 @@ class _Scope(Generic[C]):
         self._state = "open"
         self._engine._scopes.add(self)
 
-    async def _open(self, owner: Owner) -> Self:
-        """Enter the block (see ``_scope_contexts``): open the scope, for the caller's thread or loop."""
-        await self._begin()
-        return self
-
     async def _close(self, error: BaseException | None) -> None:
-        """Leave the block (see ``_scope_contexts``): commit if it ended normally, else roll back."""
+        """Leave the block (see ``SessionScope``): commit if it ended normally, else roll back."""
         if error is None:
             await self._end(commit=True)
             return
@@ -550,16 +543,8 @@ class _Scope(Generic[C]):
             raise self._unusable()
         return True
 
-    def _claim_opening(self) -> None:
-        """Before the crossing that opens the scope: refuse a second opening in the caller's thread, so
-        that the cleanup of a failed opening can only ever end what that opening began."""
-        with self._guard:
-            entered, self._entered = self._entered, True
-        if entered:
-            raise sqlalchemy.exc.InvalidRequestError(
-                f"{self!r} was already used: a session scope opens once; open a new one with "
-                f"`{self._opening()} as session:`"
-            )
-
     def _opening(self) -> str:
-        return f"{'async with' if self._facade == 'asession' else 'with'} engine.{self._facade}()"
+        return f"{'async with' if self._async else 'with'} engine.session()"
+
+    def _right_form(self) -> str:
+        return f"`{self._opening()} as session:` binds it; use it inside that block"

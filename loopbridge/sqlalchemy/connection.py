@@ -4,9 +4,9 @@ its savepoints (``session.begin_nested()``)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy.engine import ScalarResult
@@ -17,6 +17,7 @@ from loopbridge._owner import Owner
 from loopbridge._twins import twin_contexts, twins
 from loopbridge.bridge import Bridge
 
+from ._forms import NotAContext
 from ._options import _check_sync_fn
 
 if sys.version_info >= (3, 11):
@@ -32,7 +33,7 @@ __all__ = ["AsyncBridgedConnection", "BridgedConnection", "Savepoint"]
 R = TypeVar("R")
 
 
-class _ScopeConnection:
+class _ScopeConnection(NotAContext):
     """What the two connection facades share: the session's connection, in the scope's transaction,
     each call made in the scope's turn on the bridge loop (see ``_Scope._connection``)."""
 
@@ -45,6 +46,10 @@ class _ScopeConnection:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self._scope!r}>"
+
+    def _right_form(self) -> str:
+        call = "await session.connection()" if self._scope._async else "session.connection()"
+        return f"it is the session's connection, `connection = {call}`, valid inside the session's block"
 
     @asynccontextmanager
     async def _on_connection(self) -> AsyncIterator[AsyncConnection]:
@@ -193,3 +198,9 @@ class Savepoint:
             )
 
     __enter__, __exit__, __aenter__, __aexit__ = twin_contexts(_begin, _end)
+
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            "a savepoint is not awaited: use 'async with session.begin_nested():' (or, in sync code, "
+            "'with session.begin_nested():')"
+        )

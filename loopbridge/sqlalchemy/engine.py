@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import asyncpg
 from sqlalchemy import URL, event
@@ -32,7 +32,7 @@ from ._options import (
     _transaction_pooling,
 )
 from .errors import EngineClosedError
-from .session import AsyncBridgedSession, BridgedSession
+from .session import SessionScope
 
 if TYPE_CHECKING:
     from ._scope import _Scope
@@ -52,7 +52,7 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
         engine = Engine("postgresql://app@db:5432/app")
         with engine.session() as session:                  # sync code: each call blocks
             session.add(User(name="ada"))
-        async with engine.asession() as session:           # async code, on any loop
+        async with engine.session() as session:            # async code, on any loop
             users = (await session.scalars(select(User))).all()
 
     The ``AsyncEngine`` is created on the bridge loop on first use (or by :meth:`open`), used only there
@@ -138,28 +138,29 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
     def closed(self) -> bool:
         return self._closed
 
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            "an Engine is not awaited: 'async with Engine(...) as engine:', or await engine.aopen() to "
+            "connect now"
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._engine is not None else "not opened yet"
         return f"<Engine {self._info.redacted!r} on bridge {self._bridge.name!r}, {state}>"
 
     # -- session scopes -----------------------------------------------------------------------------
 
-    def session(self, **options: Any) -> BridgedSession:
-        """A session scope for sync code: ``with engine.session() as session:``.
+    def session(self, **options: Any) -> SessionScope:
+        """A session scope: ``with engine.session() as session:`` in sync code (a
+        :class:`BridgedSession`, whose calls block), ``async with engine.session() as session:`` in async
+        code on any loop (an :class:`AsyncBridgedSession`, whose calls are awaited).
 
         Commits when the block ends normally, rolls back when it raises. *options* go to
         ``AsyncSession`` (``autoflush``, ``info``, ``expire_on_commit``, which defaults to False here).
 
         :raises ConfigurationError: for ``bind``, ``binds`` or ``sync_session_class``.
         """
-        return BridgedSession(self, _session_options(options))
-
-    def asession(self, **options: Any) -> AsyncBridgedSession:
-        """A session scope for async code on any loop: ``async with engine.asession() as session:``.
-
-        Same options and the same commit/rollback rule as :meth:`session`.
-        """
-        return AsyncBridgedSession(self, _session_options(options))
+        return SessionScope(self, _session_options(options))
 
     # -- calls: each written once, as the coroutine that runs on the bridge loop ---------------------
 

@@ -8,82 +8,36 @@ drift apart.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+import threading
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import IdentitySet
 
 from loopbridge._owner import Owner
 from loopbridge._twins import twin_contexts, twins
+from loopbridge.bridge import Bridge
 
+from ._forms import NotAContext
 from ._scope import C, _Scope
 from .connection import AsyncBridgedConnection, BridgedConnection
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 if sys.version_info >= (3, 11):
     from typing import Self
 else:
     from typing_extensions import Self
 
-__all__ = ["AsyncBridgedSession", "BridgedSession"]
+__all__ = ["AsyncBridgedSession", "BridgedSession", "SessionScope"]
 
 
-def scope_contexts(
-    open_: Callable[[Any, Owner], Coroutine[Any, Any, Any]],
-    close: Callable[[Any, BaseException | None], Coroutine[Any, Any, None]],
-) -> tuple[
-    Callable[[Any], Any],
-    Callable[[Any, type[BaseException] | None, BaseException | None, TracebackType | None], None],
-    Callable[[Any], Coroutine[Any, Any, Any]],
-    Callable[
-        [Any, type[BaseException] | None, BaseException | None, TracebackType | None],
-        Coroutine[Any, Any, None],
-    ],
-]:
-    """``twin_contexts(open_, close)`` for a session scope (its promises included: the exit runs to
-    completion, and an opening interrupted on the caller's side is ended), with two checks made in the
-    caller's thread first, without crossing:
-
-    * entering a scope a second time is refused (``_claim_opening``): the cleanup of that failed
-      opening must never end the scope its first block still uses;
-    * leaving a block whose scope the engine already ended, or that the parent process opened before a
-      fork, needs nothing from the bridge (which may be closed by then): the block's own error goes on,
-      and a block that succeeded is told its work was not committed (``_ended_elsewhere``).
-    """
-    enter, exit_, aenter, aexit = twin_contexts(open_, close)
-
-    def __enter__(self: _Scope[Any]) -> Any:
-        self._claim_opening()
-        return enter(self)
-
-    def __exit__(
-        self: _Scope[Any],
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._ended_elsewhere(exc):
-            exit_(self, exc_type, exc, tb)
-
-    async def __aenter__(self: _Scope[Any]) -> Any:
-        self._claim_opening()
-        return await aenter(self)
-
-    async def __aexit__(
-        self: _Scope[Any],
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._ended_elsewhere(exc):
-            await aexit(self, exc_type, exc, tb)
-
-    return __enter__, __exit__, __aenter__, __aexit__
-
-
-class _PlainCalls(_Scope[C]):
+class _PlainCalls(_Scope[C], NotAContext):
     """The methods of both facades that need no database: plain calls, in the caller's thread (see
     ``_Scope._in_memory``)."""
 
@@ -193,8 +147,6 @@ _run_sync = twins(_Scope._run_sync, owners=_OWNERS)
 _connection = twins(_Scope._connection, owners=_OWNERS)
 _stream = twins(_Scope._stream, owners=_OWNERS)
 _stream_scalars = twins(_Scope._stream_scalars, owners=_OWNERS)
-# Entering and leaving a scope's block, for both facades: written once, as _Scope._open and _close.
-_contexts = scope_contexts(_Scope._open, _Scope._close)
 
 
 class BridgedSession(_PlainCalls[BridgedConnection]):
@@ -214,7 +166,7 @@ class BridgedSession(_PlainCalls[BridgedConnection]):
     :raises sqlalchemy.exc.InvalidRequestError: if used outside its block.
     """
 
-    _facade = "session"
+    _async = False
     _connection_class = BridgedConnection
 
     execute = _execute[0]
@@ -233,19 +185,9 @@ class BridgedSession(_PlainCalls[BridgedConnection]):
     stream = _stream[0]
     stream_scalars = _stream_scalars[0]
 
-    if TYPE_CHECKING:
-
-        def __enter__(self) -> Self: ...
-        def __exit__(
-            self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-        ) -> None: ...
-
-    else:
-        __enter__, __exit__ = _contexts[:2]
-
 
 class AsyncBridgedSession(_PlainCalls[AsyncBridgedConnection]):
-    """The session of ``async with engine.asession() as session:``, for async code on any loop.
+    """The session of ``async with engine.session() as session:``, for async code on any loop.
 
     It reads like SQLAlchemy's ``AsyncSession``. These are awaited and run on the bridge loop (cancelling
     the awaiting task cancels the work there): ``await session.execute(...)``, ``scalar``, ``scalars``,
@@ -261,7 +203,7 @@ class AsyncBridgedSession(_PlainCalls[AsyncBridgedConnection]):
     :raises sqlalchemy.exc.InvalidRequestError: if used outside its block.
     """
 
-    _facade = "asession"
+    _async = True
     _connection_class = AsyncBridgedConnection
 
     execute = _execute[1]
@@ -280,12 +222,112 @@ class AsyncBridgedSession(_PlainCalls[AsyncBridgedConnection]):
     stream = _stream[1]
     stream_scalars = _stream_scalars[1]
 
-    if TYPE_CHECKING:
 
-        async def __aenter__(self) -> Self: ...
-        async def __aexit__(
-            self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-        ) -> None: ...
+class SessionScope:
+    """What ``engine.session(**options)`` returns: a session scope, for ``with`` in sync code and for
+    ``async with`` in async code on any loop.
 
-    else:
-        __aenter__, __aexit__ = _contexts[2:]
+    ::
+
+        with engine.session() as session:          # a BridgedSession: each call blocks this thread
+            session.add(User(name="ada"))
+        async with engine.session() as session:    # an AsyncBridgedSession: each call is awaited
+            users = (await session.scalars(select(User))).all()
+
+    The block is the transaction: it commits when the block ends normally and rolls back when it raises
+    (cancellation included). A scope opens once; call ``engine.session()`` again for another.
+
+    :raises TypeError: for ``await engine.session()`` (use ``async with``), or a session method called
+        on the scope itself (open it first).
+    :raises EngineClosedError: if the engine is (or gets) closed.
+    """
+
+    def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
+        self._engine = engine
+        self._options = options
+        self._entered = False  # its block was entered: a scope opens once (see _claim)
+        self._guard = threading.Lock()
+        self._session: BridgedSession | AsyncBridgedSession | None = None  # set on the bridge loop
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._engine.bridge
+
+    def __repr__(self) -> str:
+        state = "not entered" if self._session is None else self._session._state
+        return f"<SessionScope of {self._engine!r}, {state}>"
+
+    async def _open(self, owner: Owner) -> BridgedSession | AsyncBridgedSession:
+        """Open the scope, for the caller's thread (``with``) or the caller's event loop (``async with``)."""
+        facade = BridgedSession if owner.loop is None else AsyncBridgedSession
+        session = facade(self._engine, self._options)
+        await session._begin()
+        self._session = session
+        return session
+
+    async def _close(self, error: BaseException | None) -> None:
+        """Commit if the block ended normally, else roll back; nothing if it never opened."""
+        if self._session is not None:
+            await self._session._close(error)
+
+    def _claim(self) -> None:
+        """Before the crossing that opens the scope: refuse a second opening in the caller's thread, so
+        that the cleanup of a failed opening can only ever end what that opening began."""
+        with self._guard:
+            entered, self._entered = self._entered, True
+        if entered:
+            raise sqlalchemy.exc.InvalidRequestError(
+                f"{self!r} was already used: a session scope opens once; call engine.session() again for "
+                "a new one"
+            )
+
+    def _ended_elsewhere(self, exc: BaseException | None) -> bool:
+        session = self._session
+        return session is None or session._ended_elsewhere(exc)
+
+    # The four methods come from twin_contexts, with two checks in the caller's thread first (no
+    # crossing): a second opening is refused before it could start a cleanup that ends the first; and
+    # leaving a block whose scope the engine already ended, or that the parent process opened before a
+    # fork, needs nothing from the bridge, which may be closed by then.
+    _enter, _exit, _aenter, _aexit = twin_contexts(_open, _close)
+
+    def __enter__(self) -> BridgedSession:
+        self._claim()
+        session = self._enter()
+        assert isinstance(session, BridgedSession)
+        return session
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._ended_elsewhere(exc):
+            self._exit(exc_type, exc, tb)
+
+    async def __aenter__(self) -> AsyncBridgedSession:
+        self._claim()
+        session = await self._aenter()
+        assert isinstance(session, AsyncBridgedSession)
+        return session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._ended_elsewhere(exc):
+            await self._aexit(exc_type, exc, tb)
+
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            "a session scope is not awaited: use 'async with engine.session() as session:' (or, in sync "
+            "code, 'with engine.session() as session:')"
+        )
+
+    if not TYPE_CHECKING:  # for type checkers, the scope has no such attributes
+
+        def __getattr__(self, name: str) -> NoReturn:
+            if name.startswith("_") or not hasattr(BridgedSession, name):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            raise AttributeError(
+                f"session.{name}() is a method of the session the scope opens, not of the scope: "
+                f"'with engine.session() as session: session.{name}(...)' (sync), or 'async with "
+                f"engine.session() as session: ...' (async)"
+            )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult
@@ -102,6 +103,12 @@ class StreamResult(Generic[T]):
 
     def __aiter__(self) -> Self:
         return self
+
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            "a StreamResult is not awaited but iterated: 'async for row in result:' (or, in sync code, "
+            "'for row in result:')"
+        )
 
     async def __anext__(self) -> T:
         if self._index >= len(self._batch):
