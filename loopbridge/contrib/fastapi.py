@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from loopbridge._extras import require
+
+require("loopbridge.contrib.fastapi", "fastapi", "fastapi")
+
 from fastapi import Depends
 
 from loopbridge.database import Database

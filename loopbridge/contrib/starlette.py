@@ -27,6 +27,15 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+from loopbridge._extras import require
+
+require(
+    "loopbridge.contrib.starlette",
+    "fastapi",
+    "starlette",
+    also=" (or 'loopbridge[starlette]' for Starlette alone)",
+)
+
 from starlette.requests import HTTPConnection
 
 from loopbridge.database import Database

@@ -28,6 +28,11 @@ Needs the ``loopbridge[sqlalchemy]`` extra; ``import loopbridge`` never imports 
 
 from __future__ import annotations
 
+from loopbridge._extras import require
+
+# SQLAlchemy's asyncio support needs greenlet: both come with the extra.
+require("loopbridge.sqlalchemy", "sqlalchemy", "sqlalchemy", "greenlet", "sqlalchemy.ext.asyncio")
+
 from .connection import AsyncBridgedConnection, BridgedConnection, Savepoint
 from .engine import Engine
 from .errors import EngineClosedError, LazyLoadError

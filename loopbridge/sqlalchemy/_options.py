@@ -9,13 +9,14 @@ import inspect
 import re
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 import asyncpg
 import sqlalchemy.exc
 from sqlalchemy import URL
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 from loopbridge._call import describe
 from loopbridge._dsn import parse_dsn
@@ -190,17 +191,39 @@ async def _never_connect() -> asyncpg.Connection:  # pragma: no cover - the dry-
     raise AssertionError("the engine built to check options must not connect")
 
 
-def _session_options(options: dict[str, Any]) -> dict[str, Any]:
+class SessionConfig(NamedTuple):
+    """How a scope makes its ``AsyncSession``: the classes, and the keywords for them."""
+
+    async_class: type[AsyncSession]
+    sync_class: type[Session]
+    options: dict[str, Any]
+
+
+def _session_options(options: dict[str, Any]) -> SessionConfig:
+    """The ``engine.session(**options)`` keywords, checked: ``class_`` chooses the classes (see
+    :meth:`Engine.session`), the rest go to the ``AsyncSession``."""
     for name in options:
         if name in _RESERVED_SESSION_OPTIONS:
             raise ConfigurationError(
                 f"a session scope does not take {name!r}: it is always bound to its Engine, on the "
                 "bridge loop"
             )
+    options = dict(options)
+    class_ = options.pop("class_", AsyncSession)
+    if isinstance(class_, type) and issubclass(class_, AsyncSession):
+        # SQLModel's AsyncSession, say: its own sync class (SQLModel's Session) runs inside it.
+        async_class, sync_class = class_, class_.sync_session_class
+    elif isinstance(class_, type) and issubclass(class_, Session):
+        async_class, sync_class = AsyncSession, class_
+    else:
+        raise ConfigurationError(
+            "class_ must be a subclass of sqlalchemy.orm.Session (sqlmodel.Session, say) or of "
+            f"sqlalchemy.ext.asyncio.AsyncSession, not {class_!r}"
+        )
     # Objects leave the scope with their attributes: expiring them at commit would make every later
     # read a lazy load, which cannot work outside the bridge loop (SQLAlchemy advises the same for
     # asyncio).
-    return {"expire_on_commit": False, **options}
+    return SessionConfig(async_class, sync_class, {"expire_on_commit": False, **options})
 
 
 def _check_sync_fn(fn: object, label: str, first: str) -> None:

@@ -21,15 +21,16 @@ import sqlalchemy.exc
 from sqlalchemy.engine import Result, Row, ScalarResult
 from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult, AsyncSession
 from sqlalchemy.sql.base import Executable
+from sqlalchemy.util import greenlet_spawn
 
 from loopbridge._loop import GRACE
 from loopbridge._stream import DEFAULT_PREFETCH
 from loopbridge.bridge import Bridge
 from loopbridge.errors import ConfigurationError
 
-from ._options import _check_sync_fn
+from ._options import SessionConfig, _check_sync_fn
 from .connection import Savepoint, _ScopeConnection
-from .errors import EngineClosedError, _HomeSession
+from .errors import EngineClosedError, home_session_class
 from .streaming import STREAM_CLOSED, StreamResult
 
 if sys.version_info >= (3, 11):
@@ -80,9 +81,9 @@ class _Scope(Generic[C]):
     _async = False  # the facade of async code
     _connection_class: type[C]
 
-    def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
+    def __init__(self, engine: Engine, config: SessionConfig) -> None:
         self._engine = engine
-        self._options = options
+        self._config = config
         self._pid = os.getpid()
         self._state: _State = "new"
         # Bridge-loop state, created by _begin.
@@ -157,6 +158,38 @@ class _Scope(Generic[C]):
         (``.all()``, ``.first()``, ``.one()``)."""
         async with self._using() as session:
             return await session.scalars(statement, params, **kw)
+
+    async def _exec(
+        self,
+        /,
+        statement: Executable,
+        *,
+        params: Params | None = None,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """SQLModel's ``session.exec(statement)``: ``session.exec(select(Hero)).all()`` gives ``Hero``
+        objects, as ``sqlmodel.Session.exec`` does (a buffered ``ScalarResult`` for a ``select()`` of one
+        model, a ``Result`` otherwise). Needs a scope opened with ``engine.session(class_=sqlmodel.Session)``
+        (or SQLModel's ``AsyncSession``).
+
+        :raises AttributeError: in a scope whose session class has no ``exec`` (plain SQLAlchemy).
+        """
+        async with self._using() as session:
+            exec_ = getattr(session.sync_session, "exec", None)
+            if exec_ is None:
+                raise AttributeError(
+                    "session.exec() is SQLModel's: open the scope with "
+                    "engine.session(class_=sqlmodel.Session) (sqlmodel.ext.asyncio.session.AsyncSession "
+                    "works too); with plain SQLAlchemy use "
+                    "session.execute(...) or session.scalars(...)"
+                )
+            # As SQLModel's AsyncSession does: the rows are fetched before the result leaves the loop.
+            options = {"prebuffer_rows": True, **(execution_options or {})}
+            return await greenlet_spawn(
+                exec_, statement, params=params, execution_options=options, bind_arguments=bind_arguments
+            )
 
     async def _get(
         self, /, entity: type[M], ident: Any, *, timeout: float | None = None, **kw: Any
@@ -386,7 +419,12 @@ class _Scope(Generic[C]):
         """Open the scope: a fresh ``AsyncSession`` on the bridge loop (its connection comes at the first
         statement)."""
         engine = self._engine._async_engine()
-        self._session = AsyncSession(engine, sync_session_class=_HomeSession, **self._options)
+        config = self._config
+        session = config.async_class(
+            engine, sync_session_class=home_session_class(config.sync_class), **config.options
+        )
+        session.sync_session._loopbridge_async = self._async  # type: ignore[attr-defined]
+        self._session = session
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._state = "open"

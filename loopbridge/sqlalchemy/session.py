@@ -7,6 +7,7 @@ drift apart.
 
 from __future__ import annotations
 
+import difflib
 import sys
 import threading
 from collections.abc import Generator, Iterable, Iterator
@@ -23,6 +24,7 @@ from loopbridge._twins import twin_contexts, twins
 from loopbridge.bridge import Bridge
 
 from ._forms import NotAContext
+from ._options import SessionConfig
 from ._scope import C, _Scope
 from .connection import AsyncBridgedConnection, BridgedConnection
 
@@ -39,7 +41,12 @@ __all__ = ["AsyncBridgedSession", "BridgedSession", "SessionScope"]
 
 class _PlainCalls(_Scope[C], NotAContext):
     """The methods of both facades that need no database: plain calls, in the caller's thread (see
-    ``_Scope._in_memory``)."""
+    ``_Scope._in_memory``); and what a name the facades do not have says instead."""
+
+    if not TYPE_CHECKING:  # for type checkers, the facades have no such attributes
+
+        def __getattr__(self, name: str) -> NoReturn:
+            raise AttributeError(_missing(type(self), name))
 
     def add(self, instance: object) -> None:
         """Place *instance* in the session; it is inserted at the next flush, query or commit."""
@@ -135,6 +142,7 @@ _OWNERS = ("BridgedSession", "AsyncBridgedSession")
 _execute = twins(_Scope._execute, owners=_OWNERS)
 _scalar = twins(_Scope._scalar, owners=_OWNERS)
 _scalars = twins(_Scope._scalars, owners=_OWNERS)
+_exec = twins(_Scope._exec, owners=_OWNERS)
 _get = twins(_Scope._get, owners=_OWNERS)
 _get_one = twins(_Scope._get_one, owners=_OWNERS)
 _merge = twins(_Scope._merge, owners=_OWNERS)
@@ -172,6 +180,7 @@ class BridgedSession(_PlainCalls[BridgedConnection]):
     execute = _execute[0]
     scalar = _scalar[0]
     scalars = _scalars[0]
+    exec = _exec[0]
     get = _get[0]
     get_one = _get_one[0]
     merge = _merge[0]
@@ -209,6 +218,7 @@ class AsyncBridgedSession(_PlainCalls[AsyncBridgedConnection]):
     execute = _execute[1]
     scalar = _scalar[1]
     scalars = _scalars[1]
+    exec = _exec[1]
     get = _get[1]
     get_one = _get_one[1]
     merge = _merge[1]
@@ -242,9 +252,9 @@ class SessionScope:
     :raises EngineClosedError: if the engine is (or gets) closed.
     """
 
-    def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
+    def __init__(self, engine: Engine, config: SessionConfig) -> None:
         self._engine = engine
-        self._options = options
+        self._config = config
         self._entered = False  # its block was entered: a scope opens once (see _claim)
         self._guard = threading.Lock()
         self._session: BridgedSession | AsyncBridgedSession | None = None  # set on the bridge loop
@@ -260,7 +270,7 @@ class SessionScope:
     async def _open(self, owner: Owner) -> BridgedSession | AsyncBridgedSession:
         """Open the scope, for the caller's thread (``with``) or the caller's event loop (``async with``)."""
         facade = BridgedSession if owner.loop is None else AsyncBridgedSession
-        session = facade(self._engine, self._options)
+        session = facade(self._engine, self._config)
         await session._begin()
         self._session = session
         return session
@@ -331,3 +341,29 @@ class SessionScope:
                 f"'with engine.session() as session: session.{name}(...)' (sync), or 'async with "
                 f"engine.session() as session: ...' (async)"
             )
+
+
+def _missing(facade: type[_Scope[Any]], name: str) -> str:
+    """What a session facade says of an attribute it does not have: what to use instead."""
+    awaited = "await " if facade._async else ""
+    block = "async with" if facade._async else "with"
+    if name == "query":
+        return (
+            f"{facade.__name__} has no query(): the legacy Query API would do its I/O in your thread. Use "
+            f"{awaited}session.execute(select(User).where(...)) or {awaited}session.scalars(select(User)) "
+            f"(SQLAlchemy 2.0 style), or run existing Query code on the bridge loop: "
+            f"{awaited}session.run_sync(lambda s: s.query(User).all())"
+        )
+    if name == "begin":
+        return (
+            f"{facade.__name__} has no begin(): the scope is the transaction (it commits when the block ends "
+            f"and rolls back when it raises; {awaited}session.commit() commits so far). For a savepoint: "
+            f"'{block} session.begin_nested():'"
+        )
+    public = [attribute for attribute in dir(facade) if not attribute.startswith("_")]
+    close = difflib.get_close_matches(name, public, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{facade.__name__!r} object has no attribute {name!r}{hint} (what the session does not offer, "
+        f"{awaited}session.run_sync(fn) reaches with the real sync Session)"
+    )
