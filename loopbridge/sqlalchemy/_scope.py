@@ -29,8 +29,9 @@ from loopbridge.bridge import Bridge
 from loopbridge.errors import ConfigurationError
 
 from ._options import SessionConfig, _check_sync_fn
+from ._sources import PLAIN, Plain
 from .connection import Savepoint, _ScopeConnection
-from .errors import EngineClosedError, home_session_class
+from .errors import EngineClosedError
 from .streaming import STREAM_CLOSED, StreamResult
 
 if sys.version_info >= (3, 11):
@@ -84,6 +85,7 @@ class _Scope(Generic[C]):
     def __init__(self, engine: Engine, config: SessionConfig) -> None:
         self._engine = engine
         self._config = config
+        self._source: Plain = PLAIN  # where its session's connection comes from (see _begin)
         self._pid = os.getpid()
         self._state: _State = "new"
         # Bridge-loop state, created by _begin.
@@ -415,14 +417,18 @@ class _Scope(Generic[C]):
 
     # -- the scope ------------------------------------------------------------------------------------
 
-    async def _begin(self) -> None:
-        """Open the scope: a fresh ``AsyncSession`` on the bridge loop (its connection comes at the first
-        statement)."""
+    async def _begin(self, caller: object) -> None:
+        """Open the scope for *caller* (its task or thread): a fresh ``AsyncSession`` on the bridge loop
+        (its connection comes at the first statement)."""
         engine = self._engine._async_engine()
-        config = self._config
-        session = config.async_class(
-            engine, sync_session_class=home_session_class(config.sync_class), **config.options
-        )
+        source = self._engine._sessions
+        await source.enter(caller)
+        try:
+            session = source.session(engine, self._config)
+        except BaseException:
+            source.leave()
+            raise
+        self._source = source
         session.sync_session._loopbridge_async = self._async  # type: ignore[attr-defined]
         self._session = session
         self._loop = asyncio.get_running_loop()
@@ -468,6 +474,7 @@ class _Scope(Generic[C]):
                     try:
                         await session.close()  # rolls back whatever was not committed
                     finally:
+                        self._source.leave()
                         self._engine._forget_scope(self)
             finally:
                 self._let_go()
@@ -496,7 +503,10 @@ class _Scope(Generic[C]):
             # Unless its owner's own end got there first (then it ends as the owner asked).
             if self._state == "abandoned" and self._session is not None:
                 self._streams = set()  # their cursors go with the connection
-                await self._session.invalidate()  # the server rolls back; the connection is discarded
+                try:
+                    await self._source.discard(self._session)  # and the server rolls back
+                finally:
+                    self._source.leave()
         except Exception:
             logger.exception("%r: error while ending an abandoned session", self._engine)
         finally:

@@ -31,6 +31,7 @@ from ._options import (
     _split_connect_args,
     _transaction_pooling,
 )
+from ._sources import PLAIN, Pinned, Plain
 from .errors import EngineClosedError
 from .session import SessionScope
 
@@ -121,6 +122,7 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
         self._engine: AsyncEngine | None = None
         self._scopes: set[_Scope[Any]] = set()
         self._drained: asyncio.Event | None = None  # set when closing and the last scope ends
+        self._sessions: Plain = PLAIN  # where sessions get their connection; Pinned while pinned
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
         ``functools.partial``.)
         """
         _check_sync_fn(fn, "Engine.run_sync()", "connection")
-        async with self._async_engine().begin() as connection:
+        async with self._sessions.transaction(self._async_engine()) as connection:
             return await connection.run_sync(fn, *args, **kwargs)
 
     async def _open(self, *, timeout: float | None = None) -> None:
@@ -222,6 +224,7 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
                     "%r: a session scope was still open after %g s; ending it without commit", self, timeout
                 )
                 await scope._abandon()
+        await self._unpin(max(deadline - loop.time(), GRACE))  # give the pinned connection back first
         engine, self._engine = self._engine, None
         if engine is None:
             return
@@ -231,13 +234,65 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
             logger.warning("%r: the pool did not close in time; leaving its connections to the server", self)
 
     def _forget_after_fork(self) -> list[object]:
-        dropped: list[object] = [*self._scopes]
+        dropped: list[object] = [*self._scopes, self._sessions]
+        self._sessions = PLAIN
         if self._engine is not None:
             dropped.append(self._engine)
         self._engine = None
         self._scopes = set()
         self._drained = None
         return dropped
+
+    # -- pinning: every session on one connection, in a transaction rolled back at the end -----------
+    #
+    # For test fixtures (loopbridge.contrib.pytest_plugin): the code under test opens its sessions as
+    # usual, from any thread or loop, and they all run on one connection, inside an outer transaction
+    # that _unpin rolls back. Each session joins it with join_transaction_mode="create_savepoint", so
+    # its commits and rollbacks are savepoints and it sees what the test wrote before it. Sessions take
+    # turns on the connection, one call at a time; sessions whose lifetimes overlap must end in the
+    # reverse order of their first statements, as savepoints do (nested scopes do). Engine.run_sync
+    # runs in a savepoint on the connection; Engine.run, which hands out the AsyncEngine, is not pinned.
+    # Private: run both on the bridge loop, e.g. engine.bridge.run(engine._pin).
+
+    async def _pin(self) -> None:
+        """From now on, until :meth:`_unpin`, every session scope opened on this engine (and every
+        ``run_sync``) runs on one connection, taken from the pool now, inside a transaction begun now.
+        Scopes already open go on as they were.
+
+        :raises RuntimeError: if the engine is already pinned.
+        :raises EngineClosedError: if the engine is closed.
+        """
+        if isinstance(self._sessions, Pinned):
+            raise RuntimeError(f"{self!r} is already pinned to a connection; unpin it first")
+        connection = await self._async_engine().connect()
+        try:
+            transaction = await connection.begin()
+            # The dialect sends BEGIN with the first statement: send one, so that the transaction is
+            # open on the server from now on (and _unpin can tell whether something ended it).
+            await connection.exec_driver_sql("SELECT 1")
+        except BaseException:
+            await connection.close()
+            raise
+        if isinstance(self._sessions, Pinned):  # pinned by another task while we connected
+            await connection.close()
+            raise RuntimeError(f"{self!r} is already pinned to a connection; unpin it first")
+        self._sessions = Pinned(connection, transaction)
+
+    async def _unpin(self, timeout: float = 10.0) -> bool:
+        """Roll the outer transaction back and return the connection to the pool; scopes opened from now
+        on use the pool again. Waits up to *timeout* seconds for a call still running on the connection,
+        then discards the connection (the server rolls back). Scopes still open on it fail at their
+        next call. Safe to call when not pinned.
+
+        :returns: True if the outer transaction was still open when rolled back; False if something
+            ended it from inside (a ``COMMIT`` sent as SQL, say), and what came after was committed, or
+            if the engine was not pinned.
+        """
+        pinned = self._sessions
+        if not isinstance(pinned, Pinned):
+            return False
+        self._sessions = PLAIN
+        return await pinned.release(timeout)
 
     # -- the engine, on the bridge loop -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import sys
 import threading
@@ -256,6 +257,7 @@ class SessionScope:
         self._engine = engine
         self._config = config
         self._entered = False  # its block was entered: a scope opens once (see _claim)
+        self._caller: object = None  # the task or thread that entered it (see _claim)
         self._guard = threading.Lock()
         self._session: BridgedSession | AsyncBridgedSession | None = None  # set on the bridge loop
 
@@ -271,7 +273,7 @@ class SessionScope:
         """Open the scope, for the caller's thread (``with``) or the caller's event loop (``async with``)."""
         facade = BridgedSession if owner.loop is None else AsyncBridgedSession
         session = facade(self._engine, self._config)
-        await session._begin()
+        await session._begin(self._caller)
         self._session = session
         return session
 
@@ -290,6 +292,14 @@ class SessionScope:
                 f"{self!r} was already used: a session scope opens once; call engine.session() again for "
                 "a new one"
             )
+        # Who opens it: the task, where one runs in this thread (a sync 'with' inside a running loop
+        # included), else the thread. A pinned Engine lets one caller's scopes nest (see _sources).
+        try:
+            self._caller = asyncio.current_task()
+        except RuntimeError:  # no running loop in this thread
+            self._caller = None
+        if self._caller is None:
+            self._caller = threading.current_thread()
 
     def _ended_elsewhere(self, exc: BaseException | None) -> bool:
         session = self._session
