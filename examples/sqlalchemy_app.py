@@ -6,8 +6,8 @@ Run it (PostgreSQL at $LOOPBRIDGE_DSN, else postgresql://postgres@127.0.0.1:5432
 
 ADR-047's team had two session scopes: ``session_scope()`` for code on the server's loop and
 ``session_scope_fresh()`` (a new engine per request) for everything that might run on another loop. Here
-there is one ``Engine`` and one scope, whatever the caller: ``with engine.session()`` in sync code,
-``async with engine.asession()`` in async code on any loop. The app creates its tables (DF-501), runs a
+there is one ``Engine`` and one scope, whatever the caller: ``engine.session()``, entered with ``with`` in
+sync code and with ``async with`` in async code on any loop. The app creates its tables (DF-501), runs a
 setup wizard on one ``asyncio.run()`` loop, serves requests on a second loop while sync views write from
 threads, reuses a sync report function through ``run_sync``, then checks every row over a connection of
 its own, not through the engine.
@@ -60,7 +60,7 @@ engine = Engine(DSN, pool_size=4, max_overflow=0)
 
 async def setup_wizard() -> None:
     await engine.arun_sync(Base.metadata.create_all)  # DF-501: really created, or it raises
-    async with engine.asession() as session:
+    async with engine.session() as session:
         session.add_all([Team(name="core"), Team(name="web")])
 
 
@@ -74,7 +74,7 @@ async def join_team(session: AsyncBridgedSession, member: str, team: str) -> Non
 
 async def serve() -> None:
     async def request(n: int) -> None:
-        async with engine.asession() as session:  # the one scope, on a loop the engine never saw
+        async with engine.session() as session:  # the one scope, on a loop the engine never saw
             await join_team(session, f"async-{n:02}", "core" if n % 2 else "web")
 
     await asyncio.gather(*(request(n) for n in range(REQUESTS)))
@@ -102,7 +102,7 @@ def report(session: BridgedSession) -> dict[str, int]:
 
 async def test_a_member_lookup() -> None:
     # What a pytest-asyncio test does: a fresh loop, the same engine.
-    async with engine.asession() as session:
+    async with engine.session() as session:
         member = (
             await session.scalars(
                 select(Member).options(selectinload(Member.team)).where(Member.name == "async-01")

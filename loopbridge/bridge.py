@@ -325,7 +325,7 @@ class Bridge:
                 assert self._live is not None
                 return self._live
             if self._state == "created":
-                _install_process_hooks()
+                install_process_hooks()
                 live = LoopThread(self._name, self._loop_factory, self._block_threshold)
                 live.start()
                 self._live, self._state = live, "running"
@@ -661,7 +661,7 @@ _hooks_installed = False
 _hooks_lock = threading.Lock()
 
 
-def _install_process_hooks() -> None:
+def install_process_hooks() -> None:
     """Close the bridges at exit, stop dropped ones after a collection, reset them in a forked child.
 
     Installed when the first bridge starts, never at import: importing loopbridge changes nothing in the

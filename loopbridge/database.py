@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from ._closing import Closing
 from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, resolve_dsn
 from ._pgbouncer import transaction_pooling_options
@@ -24,7 +25,7 @@ from ._source import Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
-from .errors import BridgeClosedError, ConfigurationError
+from .errors import ConfigurationError
 from .listen import DEFAULT_QUEUE_SIZE, Subscription
 from .stats import DatabaseStats
 from .transaction import Transaction, _Core
@@ -32,9 +33,6 @@ from .transaction import Transaction, _Core
 __all__ = ["Database"]
 
 logger = logging.getLogger("loopbridge")
-
-#: How much longer than its own timeout a close may take to cross to the bridge and back.
-_CLOSE_MARGIN = 5.0
 
 # Options Database manages itself, and may not be passed through to asyncpg.
 _RESERVED_OPTIONS = {"dsn", "loop", "min_size", "max_size"}
@@ -51,7 +49,7 @@ _POOL_OPTIONS = _pass_through_options()
 _OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout", "pgbouncer"})
 
 
-class Database(Queries, OpenClose, CopyMethods, StreamMethods):
+class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     """A PostgreSQL connection pool on a bridge, for sync and async callers alike.
 
     ::
@@ -207,37 +205,13 @@ class Database(Queries, OpenClose, CopyMethods, StreamMethods):
         # A stream of the Database declares its cursor in a transaction of its own.
         return Transaction(self._source)._core, True
 
-    # -- closing ------------------------------------------------------------------------------------
+    # -- closing: close() and aclose() come from Closing -----------------------------------------------
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Close the pool on the bridge loop: calls in flight may finish within *timeout* seconds, then
-        their connections are terminated. Later calls raise :class:`DatabaseClosedError`. Safe to call
-        twice. The bridge keeps running (other Databases may share it).
+    def _mark_closed(self) -> bool:
+        return self._source.mark_closed()
 
-        :raises DeadlockError: if called on the bridge thread (await :meth:`aclose` there); the Database
-            stays open, so a later close() still closes it.
-        """
-        # Before marking it closed: a close() that cannot run must not leave a pool nobody closes.
-        self.bridge._refuse_blocking_call("Database.close()")
-        source = self._source
-        if source.mark_closed():
-            try:
-                self.bridge._run(
-                    source._aclose_on_bridge, (timeout,), None, timeout + _CLOSE_MARGIN, "Database.close()"
-                )
-            except BridgeClosedError:  # the bridge closed meanwhile, and closed the pool with it
-                pass
-
-    async def aclose(self, timeout: float = 10.0) -> None:
-        """:meth:`close` for async code, from any loop."""
-        source = self._source
-        if source.mark_closed():
-            try:
-                await self.bridge._arun(
-                    source._aclose_on_bridge, (timeout,), None, timeout + _CLOSE_MARGIN, "Database.aclose()"
-                )
-            except BridgeClosedError:  # the bridge closed meanwhile, and closed the pool with it
-                pass
+    async def _aclose_on_bridge(self, timeout: float) -> None:
+        await self._source._aclose_on_bridge(timeout)
 
 
 def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> None:

@@ -150,14 +150,25 @@ import asyncio, atexit, json, os, time
 
 import asyncpg
 
-import loopbridge  # its own exit handler (closing every bridge) is registered now, so it runs last
+from loopbridge.contrib.django import Databases
+
+seen = {}
+close_all = Databases.close_all
 
 
-def after_the_apps_hook():
-    # Registered before django.setup(): at exit it runs after the app's close_all and before
-    # loopbridge's own exit handler, while the bridge still runs and could still hold the pools.
-    from loopbridge.contrib.django import databases
+def watched_close_all(self):
+    # The app's own exit hook: it must run while the bridge still runs, before loopbridge's own exit
+    # handler closes the bridges (and with them, less gracefully, whatever is still open).
+    seen["bridge_running"] = self["default"].bridge.running
+    close_all(self)
+    seen["closed"] = {name: db.closed for name, db in self.items()}
 
+
+Databases.close_all = watched_close_all
+
+
+def last():
+    # Registered first, so it runs last: after every hook, what does the server still see?
     async def sessions():
         conn = await asyncpg.connect(os.environ["ADMIN_DSN"])
         try:
@@ -169,15 +180,10 @@ def after_the_apps_hook():
         finally:
             await conn.close()
 
-    report = {
-        "closed": {name: db.closed for name, db in databases.items()},
-        "bridge_running": databases["default"].bridge.running,
-        "sessions": asyncio.run(sessions()),
-    }
-    print("AT EXIT", json.dumps(report), flush=True)
+    print("AT EXIT", json.dumps({**seen, "sessions": asyncio.run(sessions())}), flush=True)
 
 
-atexit.register(after_the_apps_hook)
+atexit.register(last)
 
 from django.conf import settings
 
@@ -202,7 +208,7 @@ def test_the_apps_exit_hook_closes_every_database_and_the_server_sees_its_sessio
     out = run_script(AT_EXIT, env={"LOOPBRIDGE_DSN": dsn, "ADMIN_DSN": admin_dsn, "APP_NAME": schema})
     assert "OPEN 3" in out  # default's two, reports' one
     report = json.loads(out.split("AT EXIT ", 1)[1])
-    assert report == {"closed": {"default": True, "reports": True}, "bridge_running": True, "sessions": 0}
+    assert report == {"bridge_running": True, "closed": {"default": True, "reports": True}, "sessions": 0}
 
 
 def test_the_dsn_defaults_to_loopbridge_dsn_then_database_url(

@@ -18,9 +18,18 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from loopbridge import Database, DatabaseClosedError
-from loopbridge.contrib.fastapi import DatabaseDep, get_database, lifespan
+from loopbridge.contrib.fastapi import (
+    DatabaseDep,
+    EngineDep,
+    SessionDep,
+    SyncSessionDep,
+    get_database,
+    lifespan,
+)
 from tests.servers import Served, free_port, python, serve
 from tests.support import WAIT, independent, pool_source, run_loop
 
@@ -199,7 +208,9 @@ class TestLifespanHelper:
             TestClient(app).get("/")
 
     def test_lifespan_refuses_what_is_not_a_database(self) -> None:
-        with pytest.raises(TypeError, match=r"takes a loopbridge\.Database or a function"):
+        with pytest.raises(
+            TypeError, match=r"takes a loopbridge\.Database or loopbridge\.sqlalchemy\.Engine"
+        ):
             lifespan("postgresql://nope")  # type: ignore[arg-type]
 
     def test_get_database_is_usable_from_starlette(self, dsn: str) -> None:
@@ -219,3 +230,84 @@ class TestLifespanHelper:
 
 async def _pool_open(db: Database) -> bool:
     return pool_source(db).pool is not None
+
+
+class TestEngineLifespan:
+    """lifespan(engine) and the per-request session dependencies, for a loopbridge.sqlalchemy.Engine."""
+
+    def make_app(self, engine: Any, close: bool = True) -> FastAPI:
+        async def create_tables(engine: Any) -> None:
+            await engine.arun_sync(_Base.metadata.create_all)
+
+        app = FastAPI(lifespan=lifespan(engine, setup=create_tables, close=close))
+
+        @app.post("/notes/{text}")
+        async def add(text: str, session: SessionDep) -> dict[str, Any]:  # on the server's loop
+            note = _Note(text=text)
+            session.add(note)
+            await session.flush()
+            return {"id": note.id}
+
+        @app.post("/sync-notes/{text}")
+        def add_sync(text: str, session: SyncSessionDep) -> dict[str, Any]:  # in the threadpool
+            note = _Note(text=text)
+            session.add(note)
+            session.flush()
+            return {"id": note.id}
+
+        @app.get("/notes")
+        def notes(session: SyncSessionDep) -> list[str]:
+            return list(session.scalars(select(_Note.text).order_by(_Note.id)))
+
+        @app.post("/fail")
+        async def fail(session: SessionDep) -> None:
+            session.add(_Note(text="never"))
+            await session.flush()
+            raise RuntimeError("the handler failed")
+
+        @app.get("/engine")
+        async def which(engine: EngineDep) -> str:
+            return repr(engine)
+
+        return app
+
+    def test_sessions_per_request_commit_for_async_and_sync_handlers(self, dsn: str) -> None:
+        from loopbridge.sqlalchemy import Engine
+
+        engine = Engine(dsn, pool_size=2)
+        with TestClient(self.make_app(engine), raise_server_exceptions=False) as client:
+            assert client.post("/notes/a").json() == {"id": 1}
+            assert client.post("/sync-notes/b").json() == {"id": 2}
+            assert client.post("/fail").status_code == 500  # rolled back
+            assert client.get("/notes").json() == ["a", "b"]
+            assert "Engine" in client.get("/engine").json()
+        assert engine.closed  # closed at shutdown
+        rows = independent(dsn, "SELECT text FROM lb_notes ORDER BY id")
+        assert [row[0] for row in rows] == ["a", "b"]
+
+    def test_a_factory_makes_a_fresh_engine_per_startup(self, dsn: str) -> None:
+        from loopbridge.sqlalchemy import Engine
+
+        made: list[Engine] = []
+
+        def make() -> Engine:
+            made.append(Engine(dsn, pool_size=1))
+            return made[-1]
+
+        app = self.make_app(make)
+        for text in ("x", "y"):
+            with TestClient(app) as client:
+                assert client.post(f"/notes/{text}").status_code == 200
+        assert len(made) == 2
+        assert all(engine.closed for engine in made)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Note(_Base):
+    __tablename__ = "lb_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str]

@@ -2,7 +2,7 @@
 cancellation, close, fork, and the DF-501 / ADR-047 scenarios in SQLAlchemy terms.
 
 Session tests run once per kind of caller (see tests.support.Caller): the sync kinds use
-``with engine.session()``, the foreign loop ``async with engine.asession()``. The test bodies are
+``with engine.session()``, the foreign loop ``async with engine.session()``. The test bodies are
 written once, against the async session's interface; for the sync kinds, :func:`in_session` hands them
 the sync session behind an adapter whose coroutines never suspend (each call just blocks).
 """
@@ -58,6 +58,7 @@ from loopbridge.sqlalchemy import (
     EngineClosedError,
     LazyLoadError,
     Savepoint,
+    SessionScope,
     StreamResult,
 )
 from tests.boundary import wait_until
@@ -125,7 +126,7 @@ def in_session(
     if caller.kind == "foreign-loop":
 
         async def scoped() -> T:
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 return await work(session)
 
         return run_loop(scoped)
@@ -145,7 +146,7 @@ def in_session(
 
 # What AsyncBridgedSession (and AsyncBridgedConnection) await; everything else is a plain call.
 _AWAITED = {
-    "execute", "scalar", "scalars", "get", "get_one", "merge", "delete", "refresh", "flush", "commit",
+    "execute", "scalar", "scalars", "exec", "get", "get_one", "merge", "delete", "refresh", "flush", "commit",
     "rollback", "run_sync", "connection", "stream", "stream_scalars",
 }  # fmt: skip
 _AWAITED_ON_CONNECTIONS = {"execute", "scalar", "scalars", "exec_driver_sql", "run_sync"}
@@ -225,6 +226,23 @@ class _BlockingStream:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         self._stream.close()
+
+
+def entered(obj: Any) -> None:
+    """``with obj: pass``, for an object that is not meant for it."""
+    with obj:
+        pass
+
+
+async def async_entered(obj: Any) -> None:
+    """``async with obj: pass``, for an object that is not meant for it."""
+    async with obj:
+        pass
+
+
+async def awaited(obj: Any) -> Any:
+    """``await obj``, for an object that is not meant for it."""
+    return await obj
 
 
 def _drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -586,7 +604,7 @@ class TestPgBouncer:
             def loop(i: int) -> None:
                 async def task(t: int) -> None:
                     for n in range(per_caller):
-                        async with engine.asession() as session:
+                        async with engine.session() as session:
                             session.add(User(name=f"loop-{i}-{t}-{n}"))
                             await session.flush()
                             assert await session.scalar(
@@ -832,25 +850,74 @@ class TestSessionScopes:
         assert engine.run(checked_out) == 0
         wait_until(lambda: not {"active", "idle in transaction"} & set(backend_states(admin_dsn, schema)))
 
-    def test_a_session_used_outside_its_block_says_how_to_use_it(self, engine: Engine, tables: None) -> None:
-        session = engine.session()
-        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match=r"`with engine.session\(\) as session"):
-            session.execute(text("SELECT 1"))
-        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="not open"):
-            session.add(User(name="ada"))
-        with session:
+    def test_a_session_used_after_its_block_says_it_has_ended(self, engine: Engine, tables: None) -> None:
+        scope = engine.session()
+        with scope as session:
             session.add(User(name="ada"))
         with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="has ended"):
             session.scalar(text("SELECT 1"))
-        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="already used"), session:
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="has ended"):
+            session.add(User(name="bob"))
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="already used"), scope:
             pass
 
         async def reuse() -> None:
-            asession = engine.asession()
-            with pytest.raises(sqlalchemy.exc.InvalidRequestError, match=r"`async with engine.asession\(\)"):
+            async with engine.session() as asession:
+                pass
+            with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="has ended"):
                 await asession.scalar(text("SELECT 1"))
 
         run_loop(reuse)
+
+    def test_a_session_method_on_the_scope_itself_says_to_open_it_first(self, engine: Engine) -> None:
+        scope = engine.session()
+        with pytest.raises(AttributeError, match=r"'with engine.session\(\) as session: session.execute"):
+            scope.execute(text("SELECT 1"))  # type: ignore[attr-defined]
+        with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
+            scope.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
+
+    def test_one_scope_binds_the_sync_session_with_with_and_the_async_one_with_async_with(
+        self, engine: Engine
+    ) -> None:
+        with engine.session() as session:
+            assert type(session) is BridgedSession
+            assert session.scalar(text("SELECT 1")) == 1
+
+        async def awaited() -> type[Any]:
+            async with engine.session() as asession:
+                assert await asession.scalar(text("SELECT 1")) == 1
+                return type(asession)
+
+        assert run_loop(awaited) is AsyncBridgedSession
+        assert isinstance(engine.session(), SessionScope)
+
+    def test_each_object_used_in_the_wrong_form_names_the_right_one(self, engine: Engine) -> None:
+        async def misuse() -> None:
+            with pytest.raises(TypeError, match=r"use 'async with engine.session\(\) as session:'"):
+                await awaited(engine.session())
+            async with engine.session() as asession:
+                with pytest.raises(TypeError, match=r"'with' on a AsyncBridgedSession.*async with engine"):
+                    entered(asession)
+                with pytest.raises(TypeError, match="'await' on a AsyncBridgedSession"):
+                    await awaited(asession)
+                with pytest.raises(TypeError, match=r"use 'async with session.begin_nested\(\):'"):
+                    await awaited(asession.begin_nested())
+                connection = await asession.connection()
+                with pytest.raises(TypeError, match=r"'with' on a AsyncBridgedConnection.*await session"):
+                    entered(connection)
+                stream = await asession.stream(text("SELECT 1"))
+                with pytest.raises(TypeError, match="'async for row in result:'"):
+                    await awaited(stream)
+                await stream.aclose()
+            with pytest.raises(TypeError, match=r"'async with Engine\(...\) as engine:'"):
+                await awaited(engine)
+
+        run_loop(misuse)
+        with (
+            engine.session() as session,
+            pytest.raises(TypeError, match=r"'async with' on a BridgedSession.*`with engine.session"),
+        ):
+            _drive(async_entered(session))
 
     @pytest.mark.parametrize(
         ("sync_class", "async_class", "names"),
@@ -1055,8 +1122,14 @@ class TestLazyLoading:
             with pytest.raises(LazyLoadError) as info:
                 _ = user.addresses
             message = str(info.value)
-            assert "loading Address" in message
-            assert "selectinload" in message
+            assert message.startswith("User.addresses tried to load from the database")
+            refresh = "session.refresh(obj, ['addresses'])"
+            if caller.kind == "foreign-loop":  # the async session: the fix is awaited
+                assert f"await {refresh}" in message
+            else:
+                assert refresh in message
+                assert "await" not in message
+            assert "selectinload(User.addresses)" in message
             assert "session.run_sync(fn)" in message
             assert isinstance(info.value, sqlalchemy.exc.MissingGreenlet)
             # Nothing broke: the session goes on and commits the change.
@@ -1074,7 +1147,7 @@ class TestLazyLoading:
         async def work(session: AsyncBridgedSession) -> str:
             user: User = (await session.scalars(select(User))).one()
             session.expire(user)
-            with pytest.raises(LazyLoadError, match="loading User"):
+            with pytest.raises(LazyLoadError, match=r"^User\.name tried to load"):
                 _ = user.name
             await session.refresh(user)
             return user.name
@@ -1086,7 +1159,7 @@ class TestLazyLoading:
     ) -> None:
         async def work(session: AsyncBridgedSession) -> str:
             user: User = (await session.scalars(select(User).options(defer(User.name)))).one()
-            with pytest.raises(LazyLoadError, match="loading User"):
+            with pytest.raises(LazyLoadError, match=r"^User\.name .*session\.refresh\(obj, \['name'\]\)"):
                 _ = user.name
             await session.refresh(user, ["name"])  # what the message says to do
             return user.name
@@ -1098,7 +1171,7 @@ class TestLazyLoading:
     ) -> None:
         async def work(session: AsyncBridgedSession) -> list[str]:
             user = (await session.scalars(select(User))).one()
-            with pytest.raises(LazyLoadError, match="loading Address"):
+            with pytest.raises(LazyLoadError, match=r"^User\.addresses tried to load"):
                 user.addresses.append(Address(email="a@3"))  # the ORM loads the collection first
             assert not session.new  # nothing was added half-way
             await session.refresh(user, ["addresses"])
@@ -1149,7 +1222,7 @@ class TestCancellationAndClose:
         scopes: list[AsyncBridgedSession] = []
 
         async def handler() -> None:
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 scopes.append(session)
                 session.add(User(name="ada"))
                 await session.flush()  # the INSERT holds a transaction open on the server
@@ -1235,9 +1308,9 @@ class TestCancellationAndClose:
     def test_a_caller_cancelled_while_opening_leaves_no_scope_open(
         self, engine: Engine, tables: None
     ) -> None:
-        async def main() -> AsyncBridgedSession:
-            session = engine.asession()
-            opening = asyncio.ensure_future(session.__aenter__())
+        async def main() -> SessionScope:
+            scope = engine.session()
+            opening = asyncio.ensure_future(scope.__aenter__())
             await asyncio.sleep(0)  # the opening is submitted; the task awaits the bridge
             # Block this loop while the opening completes on the bridge, then cancel: the caller never
             # gets its session, and no __aexit__ will come.
@@ -1245,10 +1318,10 @@ class TestCancellationAndClose:
             opening.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await opening
-            return session
+            return scope
 
-        session = run_loop(main)
-        wait_until(lambda: session._state == "ended")
+        scope = run_loop(main)
+        wait_until(lambda: scope._session is not None and scope._session._state == "ended")
         assert engine._scopes == set()
 
     def test_a_call_in_flight_when_the_engine_closes_gets_engine_closed_error(
@@ -1423,7 +1496,7 @@ class TestDF501:
             engine.run_sync(Base.metadata.create_all, tables=[users_table])
             # ... and the ensure_table_exists() of DF-501: an await on that loop.
             await engine.arun_sync(Base.metadata.create_all)
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 session.add(User(name="ada"))
 
         run_loop(lifespan)
@@ -1451,7 +1524,7 @@ class TestDF501:
 
         @app.post("/users/{name}")
         async def create_user(name: str) -> dict[str, Any]:
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 user = User(name=name)
                 session.add(user)
                 await session.flush()
@@ -1498,13 +1571,13 @@ class TestADR047:
 
         async def setup_wizard() -> None:
             await engine.arun_sync(Base.metadata.create_all)
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 session.add(User(name="admin"))
             identities.add(await engine.arun(engine_identity))
 
         async def serve() -> list[str]:
             async def request(i: int) -> str:
-                async with engine.asession() as session:
+                async with engine.session() as session:
                     session.add(User(name=f"user-{i:02}"))
                     admin: User = (await session.scalars(select(User).where(User.name == "admin"))).one()
                     return admin.name
@@ -1518,7 +1591,7 @@ class TestADR047:
         for n in range(3):  # a new loop per test, as pytest-asyncio makes
 
             async def one_test(n: int = n) -> int:
-                async with engine.asession() as session:
+                async with engine.session() as session:
                     session.add(User(name=f"test-{n}"))
                     await session.flush()
                     count = await session.scalar(select(sqlalchemy.func.count()).select_from(User))
@@ -1544,7 +1617,7 @@ class TestADR047:
 
         # ... a handler on a foreign loop queries them (eagerly) and changes one, from another scope...
         async def handler() -> list[str]:
-            async with engine.asession() as session:
+            async with engine.session() as session:
                 user = (
                     await session.scalars(
                         select(User).options(selectinload(User.addresses)).where(User.id == ada.id)
@@ -1582,7 +1655,7 @@ class TestADR047:
         def loop(i: int) -> None:
             async def task(t: int) -> None:
                 for n in range(per_caller):
-                    async with engine.asession() as session:
+                    async with engine.session() as session:
                         session.add(User(name=f"loop-{i}-{t}-{n}"))
 
             async def main() -> None:
@@ -1622,7 +1695,8 @@ class TestFork:
             backend = text("SELECT pg_backend_pid()")
             with engine.session() as s:
                 parent_backend = s.scalar(backend)
-            held = engine.session().__enter__()  # a scope open across the fork
+            scope = engine.session()
+            held = scope.__enter__()  # a scope open across the fork
             held.scalar(text("SELECT 1"))
             r, w = os.pipe()
             pid = os.fork()
@@ -1635,7 +1709,7 @@ class TestFork:
                     report["held"] = str(exc)
 
                 async def handler():
-                    async with engine.asession() as s:
+                    async with engine.session() as s:
                         return await s.scalar(backend)
 
                 with engine.session() as s:
@@ -1651,7 +1725,7 @@ class TestFork:
             child["exit"] = os.waitstatus_to_exitcode(status)
             child["parent_backend"] = parent_backend
             child["held_after"] = held.scalar(backend)
-            held.__exit__(None, None, None)
+            scope.__exit__(None, None, None)
             with engine.session() as s:
                 child["parent_after"] = s.scalar(backend)
             print(json.dumps(child))

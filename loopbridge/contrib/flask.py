@@ -27,6 +27,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from loopbridge._extras import require
+
+require("loopbridge.contrib.flask", "flask", "flask")
+
 from flask import Flask, current_app, has_app_context
 
 from loopbridge.database import Database

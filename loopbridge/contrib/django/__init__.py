@@ -29,6 +29,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from loopbridge._extras import require
+
+require("loopbridge.contrib.django", "django", "django")
+
 from loopbridge.contrib import _held
 from loopbridge.database import Database
 from loopbridge.errors import ConfigurationError

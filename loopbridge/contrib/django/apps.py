@@ -8,6 +8,8 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from loopbridge.bridge import install_process_hooks
+
 from . import _EXAMPLE, databases
 
 __all__ = ["LoopBridgeConfig"]
@@ -26,6 +28,8 @@ class LoopBridgeConfig(AppConfig):
             )
         databases.configure(settings.LOOPBRIDGE)
         # Django has no shutdown signal; the process's exit is the end of every request. Registered
-        # after loopbridge's own exit handler, so it runs first: the pools close while the bridge runs.
+        # after loopbridge's own exit handler (installed now if no bridge has started yet), so it runs
+        # first: the pools close while the bridge runs.
+        install_process_hooks()
         atexit.unregister(databases.close_all)  # once, however often Django is set up
         atexit.register(databases.close_all)
