@@ -1059,9 +1059,11 @@ class TestSessionAPI:
 
         read, crossings, kinds, count, first = in_session(caller, engine, work)
         assert read == [row["name"] for row in rows]
-        # Opening, 11 batches (10 of 100, one of 50), and the empty one that ends it: never more than
-        # one batch of rows crosses at a time, whatever the size of the result.
-        assert crossings == 1 + 11 + 1
+        if caller.kind == "foreign-loop":
+            # Opening, 11 batches (10 of 100, one of 50), and the end: a crossing per batch.
+            assert crossings == 1 + 11 + 1
+        else:  # a sync consumer reads the batches from the pipe directly: only the opening crosses
+            assert crossings == 1
         assert (kinds, count) == ([User], 1050)
         assert first == [(1, "user-0000"), (2, "user-0001")]
 
@@ -1087,7 +1089,7 @@ class TestSessionAPI:
             dropped = await session.stream_scalars(query, prefetch=10)
             async for _ in dropped:
                 break
-            dropped_result = dropped._result
+            dropped_result = dropped._core.batches.result  # type: ignore[attr-defined]
             del dropped
             session.add(User(name="after"))
             await session.flush()  # the scope goes on...
@@ -1096,7 +1098,7 @@ class TestSessionAPI:
             left_open = await session.stream_scalars(query, prefetch=10)
             async for _ in left_open:
                 break
-            return left_open._result
+            return left_open._core.batches.result  # type: ignore[attr-defined]
 
         left_open_result = in_session(caller, engine, work)
         assert left_open_result.closed

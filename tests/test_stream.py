@@ -23,6 +23,7 @@ from loopbridge import (
     TransactionClosedError,
 )
 from loopbridge._dead import CONNECTION_FAILURES
+from loopbridge._stream import Stream
 from tests.boundary import Driver, sessions, settled, terminate, wait_until
 from tests.support import WAIT, independent, run_loop, run_script
 
@@ -235,7 +236,7 @@ class TestStoppingEarly:
         with Bridge("stream-exit", block_threshold=None) as bridge:
             db = Database(dsn, bridge=bridge)
             blocking, busy = threading.Event(), threading.Event()
-            streams: list[RowStream] = []
+            streams: list[Stream[Any]] = []
 
             async def block_the_bridge_loop() -> None:
                 blocking.set()

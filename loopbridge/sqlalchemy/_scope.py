@@ -19,20 +19,19 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy.engine import Result, Row, ScalarResult
-from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import greenlet_spawn
 
 from loopbridge._loop import GRACE
-from loopbridge._stream import DEFAULT_PREFETCH
+from loopbridge._stream import DEFAULT_PREFETCH, Producer, check_prefetch
 from loopbridge.bridge import Bridge
-from loopbridge.errors import ConfigurationError
 
 from ._options import SessionConfig, _check_sync_fn
 from ._sources import PLAIN, Plain
 from .connection import Savepoint, _ScopeConnection
 from .errors import EngineClosedError
-from .streaming import STREAM_CLOSED, StreamResult
+from .streaming import ResultBatches, StreamResult
 
 if sys.version_info >= (3, 11):
     pass
@@ -93,7 +92,7 @@ class _Scope(Generic[C]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task[Any] | None = None  # the call using the session now
-        self._streams: set[AsyncResult[Any] | AsyncScalarResult[Any]] = set()  # open cursors
+        self._streams: set[Producer[Any]] = set()  # streams whose cursors are open
         # Which side holds the session, shared by the two threads (see _claim and _in_memory): the
         # bridge (a call or the scope's end, under _lock) or the caller's thread (a method that needs
         # no database). A caller that stopped waiting for a call may go on while it still unwinds.
@@ -301,7 +300,7 @@ class _Scope(Generic[C]):
 
         :raises ConfigurationError: if *prefetch* is not a positive integer.
         """
-        return StreamResult(self, await self._open_stream(statement, params, prefetch, kw), prefetch)
+        return await self._open_stream(statement, params, prefetch, kw)
 
     async def _stream_scalars(
         self,
@@ -315,8 +314,7 @@ class _Scope(Generic[C]):
     ) -> StreamResult[Any]:
         """Like :meth:`stream`, yielding the first column of each row (ORM objects for
         ``select(User)``)."""
-        result = await self._open_stream(statement, params, prefetch, kw, scalars=True)
-        return StreamResult(self, result, prefetch)
+        return await self._open_stream(statement, params, prefetch, kw, scalars=True)
 
     async def _open_stream(
         self,
@@ -326,51 +324,22 @@ class _Scope(Generic[C]):
         kw: dict[str, Any],
         *,
         scalars: bool = False,
-    ) -> AsyncResult[Any] | AsyncScalarResult[Any]:
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
-            raise ConfigurationError(f"prefetch must be a positive number of rows, not {prefetch!r}")
+    ) -> StreamResult[Any]:
+        check_prefetch(prefetch)
         # The ORM buffers every row of a result unless told yield_per; with it, both the ORM and the
         # cursor hold about one batch.
         options = {"yield_per": prefetch, **(kw.pop("execution_options", None) or {})}
         async with self._using() as session:
             rows = await session.stream(statement, params, execution_options=options, **kw)
-            result = rows.scalars() if scalars else rows
-            self._streams.add(result)
-        return result
+        label = f"{type(self).__name__}.{'stream_scalars' if scalars else 'stream'}()"
+        batches = ResultBatches(self, rows.scalars() if scalars else rows, prefetch)
+        stream: StreamResult[Any] = StreamResult(batches, self.bridge, label, None)
+        return await stream._opened_here()
 
-    async def _fetch_from(self, result: AsyncResult[Any] | AsyncScalarResult[Any], size: int) -> list[Any]:
-        """Up to *size* rows of an open stream; [] (and the cursor closed) at its end."""
-        async with self._using():
-            if result not in self._streams:
-                raise sqlalchemy.exc.ResourceClosedError(STREAM_CLOSED)
-            rows = list(await result.fetchmany(size))
-            if not rows:
-                self._streams.discard(result)
-                await result.close()
-            return rows
-
-    async def _close_stream(self, result: AsyncResult[Any] | AsyncScalarResult[Any]) -> None:
-        """Close an open stream's cursor; nothing if it is closed already (the scope's end closes them)."""
-        if result not in self._streams or self._state != "open" or self._pid != os.getpid():
-            return
-        try:
-            async with self._using():
-                if result in self._streams:
-                    self._streams.discard(result)
-                    await result.close()
-        except Exception:
-            if self._state == "open":
-                raise
-            # The scope ended meanwhile, and its end closed the cursor.
-
-    async def _close_streams(self) -> None:
-        """At the scope's end: close the cursors still open, before the commit ends their transaction."""
-        streams, self._streams = list(self._streams), set()
-        for result in streams:
-            try:
-                await result.close()
-            except Exception as exc:  # the end's commit or rollback says what matters
-                logger.debug("%r: a stream's cursor did not close cleanly: %r", self, exc)
+    async def _close_streams(self, why: str) -> None:
+        """Close the streams still open (before the scope takes its turn to end: they fetch in turn)."""
+        for producer in list(self._streams):
+            await producer._abandon_on_bridge(why)
 
     def begin_nested(self) -> Savepoint:
         """A SAVEPOINT: ``with session.begin_nested():`` (sync) or ``async with session.begin_nested():``.
@@ -457,6 +426,8 @@ class _Scope(Generic[C]):
             return
         assert self._lock is not None
         assert self._session is not None
+        # The streams first: each fetches in the scope's turn, which the end is about to take.
+        await self._close_streams("its session scope ended")
         async with self._lock:
             await self._claim()
             try:
@@ -467,7 +438,6 @@ class _Scope(Generic[C]):
                 session = self._session
                 self._state = "ended"
                 try:
-                    await self._close_streams()
                     if commit:
                         await session.commit()
                 finally:
