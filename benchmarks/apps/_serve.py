@@ -77,26 +77,37 @@ class Server:
     # The processes whose CPU time counts: uvicorn's one process, or gunicorn's worker (its master only
     # supervises). Known once the server answers; a different set later means the worker was replaced.
     app_pids: list[int] = field(default_factory=list)
+    output_shown: bool = False
+
+    @property
+    def name(self) -> str:
+        """The app as errors name it: its key (which pair's side) and what it is."""
+        return f"{self.app.key} ({self.app.label})"
 
     def output(self) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text if len(text) <= OUTPUT_TAIL else "...\n" + text[-OUTPUT_TAIL:]
 
+    def _error(self, message: str) -> AppError:
+        """*message* with the server's output, which :func:`stop_all` then does not show again."""
+        # A server logs a failed request's traceback after sending the 500: give it a moment to land.
+        time.sleep(0.5)
+        self.output_shown = True
+        return AppError(f"{message}\n{self.output()}")
+
     def wait_ready(self, deadline: float) -> None:
         """Until the app answers a real request (a row of the table) correctly, or *deadline*
         (``time.monotonic()``) passes, or the server exits: then :class:`AppError` with its output."""
-        problem = "no answer yet"
-        while time.monotonic() < deadline:
+        while True:  # probed at least once: another server's wait may have used up the deadline
             if self.proc.poll() is not None:
-                raise AppError(
-                    f"{self.app.label} exited with {self.proc.returncode} before answering\n{self.output()}"
-                )
+                raise self._error(f"{self.name} exited with {self.proc.returncode} before answering")
             problem = self._probe()
             if not problem:
                 self.app_pids = self._find_app_pids(deadline)
                 return
+            if time.monotonic() >= deadline:
+                raise self._error(f"{self.name} did not answer in time ({problem})")
             time.sleep(0.1)
-        raise AppError(f"{self.app.label} did not answer in time ({problem})\n{self.output()}")
 
     def _probe(self) -> str:
         """'' if ``GET <prefix>1`` returns row 1, else what went wrong."""
@@ -128,15 +139,15 @@ class Server:
             if len(workers) == 1:
                 return workers
             if time.monotonic() >= deadline:
-                raise AppError(f"{self.app.label}: {len(workers)} gunicorn workers, expected 1")
+                raise AppError(f"{self.name}: {len(workers)} gunicorn workers, expected 1")
             time.sleep(0.1)
 
     def check(self) -> None:
         """:class:`AppError` if the server exited or gunicorn replaced its worker (it crashed)."""
         if self.proc.poll() is not None:
-            raise AppError(f"{self.app.label} exited with {self.proc.returncode}\n{self.output()}")
+            raise self._error(f"{self.name} exited with {self.proc.returncode}")
         if self.app.server == "gunicorn" and _children(self.proc.pid) != self.app_pids:
-            raise AppError(f"{self.app.label}: gunicorn's worker was replaced (it died)\n{self.output()}")
+            raise self._error(f"{self.name}: gunicorn's worker was replaced (it died)")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the app's processes so far, every thread included (also threads
@@ -185,14 +196,21 @@ def stop_all(servers: list[Server]) -> None:
             try:
                 server.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"apps: {server.app.label} did not stop within {STOP_TIMEOUT:g} s; killed", flush=True)
+                print(f"apps: {server.name} did not stop within {STOP_TIMEOUT:g} s; killed", flush=True)
     finally:
         for server in servers:
             _signal_group(server.proc, signal.SIGKILL)
             try:
                 server.proc.wait(5)
             except subprocess.TimeoutExpired:
-                print(f"apps: {server.app.label} (pid {server.proc.pid}) survived SIGKILL", flush=True)
+                print(f"apps: {server.name} (pid {server.proc.pid}) survived SIGKILL", flush=True)
+            # The servers log at warning level: whatever they said (a traceback, loopbridge's watchdog)
+            # is worth seeing next to the numbers.
+            said = server.output().strip()
+            if said and not server.output_shown:
+                print(
+                    f"apps: {server.name} wrote:\n" + "\n".join(f"  | {line}" for line in said.splitlines())
+                )
             server.log.unlink(missing_ok=True)
 
 

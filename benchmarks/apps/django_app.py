@@ -58,6 +58,13 @@ settings.configure(
     USE_TZ=True,
     DATABASES={"default": _django_database()},
     LOOPBRIDGE={"default": {"dsn": dsn(), "min_size": POOL_SIZE, "max_size": POOL_SIZE}},
+    # A view's exception on stderr, which the runner shows: without DEBUG, Django only mails it to ADMINS.
+    LOGGING={
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+        "loggers": {"django.request": {"handlers": ["stderr"], "level": "ERROR"}},
+    },
 )
 
 
