@@ -354,7 +354,8 @@ def write_chart(path: Path, run: Run) -> None:
             highest = max(highest, max(finite), goal or 0)
             low, high = mid - min(finite), max(finite) - mid
             ax.bar(i + offset, mid, width, yerr=[[low], [high]], capsize=3, color=colour)
-            ax.text(i + offset, max(finite) + 0.02, f"{mid:.2f}", ha="center", va="bottom", fontsize=8)
+            # The median inside its bar, at the foot: clear of the whiskers and the target labels.
+            ax.text(i + offset, 0.02, f"{mid:.2f}", ha="center", va="bottom", fontsize=8, color="white")
             if goal is not None:
                 ax.hlines(
                     goal, i + offset - width / 2, i + offset + width / 2, colors="black", linestyles="--"
