@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     slices = args.slices or (2 if args.quick else 4)
     memory_rows = args.memory_rows or 1_000_000
-    cases = [c for c in CASES if args.cases is None or c.key in args.cases or c.key == c.baseline]
+    cases = _selected(args.cases)
 
     server = None
     dsn = args.dsn
@@ -91,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _selected(keys: list[str] | None) -> list[Case]:
+    """The cases to run: those asked for (every one by default), the baselines, and the further
+    baselines the chosen cases are measured against (which run as cases of their own too)."""
+    if keys is None:
+        return list(CASES)
+    wanted = set(keys)
+    for case in CASES:
+        if case.key in keys:
+            wanted.update(case.also)
+    return [c for c in CASES if c.key in wanted or c.key == c.baseline]
+
+
 def _run(
     m: Measurements,
     cases: list[Case],
@@ -107,7 +119,7 @@ def _run(
     available = iterate_available()
     if not available:
         m.stream_note = "not available on this build (Database.iterate arrives with issue 3)"
-    baselines = {case.key: case for case in cases if case.key == case.baseline}
+    by_key = {case.key: case for case in cases}
     for rep in range(reps):
         for n in m.ns:
             todo = []
@@ -120,18 +132,28 @@ def _run(
                     todo.append(case)
             order.shuffle(todo)
             with contextlib.ExitStack() as stack:
-                # The baselines' sessions stay open for the whole of this N; each case opens its own.
+                # The baselines' sessions (and those of the further baselines some cases are measured
+                # against too) stay open for the whole of this N; each case opens its own, unless it is
+                # one of those further baselines, already open.
+                needed = {case.baseline for case in todo} | {key for case in todo for key in case.also}
                 base_measures = {
-                    key: stack.enter_context(base.session(dsn))
-                    for key, base in baselines.items()
-                    if any(case.baseline == key for case in todo)
+                    key: stack.enter_context(by_key[key].session(dsn)) for key in by_key if key in needed
                 }
                 for case in todo:
-                    with case.session(dsn) as measure:
-                        sample, base = _paired(measure, base_measures[case.baseline], n, window, slices)
+                    others = [case.baseline, *case.also]
+                    with contextlib.ExitStack() as own:
+                        measure = base_measures.get(case.key)
+                        if measure is None:
+                            measure = own.enter_context(case.session(dsn))
+                        sample, *bases = _alongside(
+                            measure, [base_measures[key] for key in others], n, window, slices
+                        )
                     m.add(case.key, n, rep, sample)
-                    m.add(case.baseline, n, rep, base)
-                    m.ratios[case.key, n, rep] = sample.throughput / base.throughput
+                    for key, base in zip(others, bases, strict=True):
+                        m.add(key, n, rep, base)
+                    m.ratios[case.key, n, rep] = sample.throughput / bases[0].throughput
+                    for key, base in zip(case.also, bases[1:], strict=True):
+                        m.also_ratios[case.key, key, n, rep] = sample.throughput / base.throughput
             _progress(m, rep, reps, n)
         _stream(m, rep, dsn, stream_rows, prefetch, slices, available)
 
@@ -159,23 +181,22 @@ def _stream(m: Measurements, rep: int, dsn: str, rows: int, prefetch: int, slice
         print(f"  rep {rep + 1}: streaming {rows:,} rows: {ratio:.2f}× native", flush=True)
 
 
-def _paired(case: Measure, base: Measure, n: int, window: Window, slices: int) -> tuple[Sample, Sample]:
-    """Measure *case* and its baseline in alternating slices of the window: A B B A A B ...
+def _alongside(case: Measure, bases: list[Measure], n: int, window: Window, slices: int) -> list[Sample]:
+    """Measure *case* and its baselines in alternating slices of the window: B A A B B A ... for one
+    baseline, B C A A C B ... for two; the samples of *case*, then of each baseline in order.
 
-    The machine is shared and its speed drifts within seconds; two measurements taken side by side
-    in short alternating slices see the same drift, so their ratio holds where absolute numbers do not.
+    The machine is shared and its speed drifts within seconds; measurements taken side by side in
+    short alternating slices see the same drift, so their ratios hold where absolute numbers do not.
     """
-    ours: list[Sample] = []
-    theirs: list[Sample] = []
+    measures = [*bases, case]
+    parts: list[list[Sample]] = [[] for _ in measures]
     for i in range(slices):
         part = Window(window.warmup if i == 0 else min(window.warmup, 0.05), window.duration / slices)
-        if i % 2 == 0:
-            theirs.append(base(n, part))
-            ours.append(case(n, part))
-        else:
-            ours.append(case(n, part))
-            theirs.append(base(n, part))
-    return Sample.merge(ours), Sample.merge(theirs)
+        order = list(enumerate(measures))
+        for j, measure in order if i % 2 == 0 else reversed(order):
+            parts[j].append(measure(n, part))
+    samples = [Sample.merge(p) for p in parts]
+    return [samples[-1], *samples[:-1]]
 
 
 def _memory(m: Measurements, dsn: str, rows: int, prefetch: int) -> None:
@@ -201,7 +222,12 @@ def _progress(m: Measurements, rep: int, reps: int, n: int) -> None:
         if case.group == "hop":
             parts.append(f"{case.key} {1 / ratio:.2f}×t")
         else:
-            parts.append(f"{case.key} {ratio:.2f}")
+            further = "".join(
+                f" ({m.also_ratios[case.key, key, n, rep]:.2f} to {key})"
+                for key in case.also
+                if (case.key, key, n, rep) in m.also_ratios
+            )
+            parts.append(f"{case.key} {ratio:.2f}{further}")
     print(f"rep {rep + 1}/{reps} N={n}: " + ", ".join(parts), flush=True)
 
 

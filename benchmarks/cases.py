@@ -23,7 +23,7 @@ from loopbridge import Bridge, Database
 
 from .harness import Sample, Window, drive_tasks, drive_threads
 
-__all__ = ["CASES", "POOL_SIZE", "QUERY", "Case", "Measure"]
+__all__ = ["CASES", "NO_RESET", "POOL_SIZE", "QUERY", "Case", "Measure", "no_reset"]
 
 T = TypeVar("T")
 
@@ -45,6 +45,8 @@ class Case:
     session: Callable[[str], AbstractContextManager[Measure]]  # takes the DSN
     max_n: int | None = None  # larger N is skipped, and the reason is printed
     skip_reason: str = ""
+    # Further baselines measured alongside this case in the same slices, each giving a ratio of its own.
+    also: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -65,24 +67,42 @@ def _on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run_coroutine_threadsafe(coro, loop).result(120)
 
 
-async def _create_pool(dsn: str) -> asyncpg.Pool:
+async def _create_pool(dsn: str, *, reset: bool = True) -> asyncpg.Pool:
     # Called on the loop that will own the pool: a Pool binds to the loop current at its creation.
-    return await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    return await asyncpg.create_pool(
+        dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, reset=None if reset else no_reset
+    )
 
 
-# -- the baseline: native asyncpg, N tasks on the loop that owns the pool ----------------------------
+async def no_reset(con: asyncpg.Connection) -> None:
+    """A pool's ``reset=`` that sends nothing: a call is one round trip instead of two.
+
+    asyncpg (0.30 and later: ``create_pool(reset=...)``) still runs ``Connection._reset()`` before this,
+    which rolls back an open transaction and drops listeners without a round trip when there is none;
+    what is skipped is the reset *query* (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL``). Session state a statement set (``SET``, ``LISTEN``, advisory locks) would then reach
+    the connection's next user: fine for ``SELECT 1``, not for a general-purpose pool.
+    """
 
 
-@contextmanager
-def _native(dsn: str) -> Iterator[Measure]:
-    # The loop runs in a thread of its own only so that the session can stay open between slices;
-    # the N tasks run on it, with the pool: the caller's own loop. The runner's thread just waits.
-    with _loop_thread("bench-native") as loop:
-        pool = _on(loop, _create_pool(dsn))
-        try:
-            yield lambda n, window: _on(loop, drive_tasks(n, functools.partial(pool.fetchval, QUERY), window))
-        finally:
-            _on(loop, pool.close())
+# -- the baselines: native asyncpg, N tasks on the loop that owns the pool ---------------------------
+
+
+def _native(reset: bool) -> Callable[[str], AbstractContextManager[Measure]]:
+    @contextmanager
+    def session(dsn: str) -> Iterator[Measure]:
+        # The loop runs in a thread of its own only so that the session can stay open between slices;
+        # the N tasks run on it, with the pool: the caller's own loop. The runner's thread just waits.
+        with _loop_thread("bench-native" if reset else "bench-native-noreset") as loop:
+            pool = _on(loop, _create_pool(dsn, reset=reset))
+            try:
+                yield lambda n, window: _on(
+                    loop, drive_tasks(n, functools.partial(pool.fetchval, QUERY), window)
+                )
+            finally:
+                _on(loop, pool.close())
+
+    return session
 
 
 # -- loopbridge -------------------------------------------------------------------------------------
@@ -229,12 +249,46 @@ def _loopbridge_ahop(dsn: str) -> Iterator[Measure]:
         yield lambda n, window: asyncio.run(drive_tasks(n, functools.partial(bridge.arun, _noop), window))
 
 
+#: The native pool without the reset query: one round trip per call, as loopbridge's caller sees it
+#: (loopbridge hands the result over before the reset). loopbridge's own cases are measured against it
+#: too, in the same slices as against the limit. Listed after the earlier cases, so that the table and
+#: the chart keep their order and colours.
+NO_RESET = "limit-noreset"
+
 CASES: list[Case] = [
-    Case("limit", "native asyncpg pool, caller's loop (limit)", "db", "limit", _native),
-    Case("lb-sync", "loopbridge, sync threads", "db", "limit", _loopbridge_sync(uvloop=False)),
-    Case("lb-async", "loopbridge, async tasks on a foreign loop", "db", "limit", _loopbridge_async(False)),
-    Case("lb-sync-uv", "loopbridge on uvloop, sync threads", "db", "limit", _loopbridge_sync(uvloop=True)),
-    Case("lb-async-uv", "loopbridge on uvloop, async tasks", "db", "limit", _loopbridge_async(True)),
+    Case("limit", "native asyncpg pool, caller's loop (limit)", "db", "limit", _native(reset=True)),
+    Case(
+        "lb-sync",
+        "loopbridge, sync threads",
+        "db",
+        "limit",
+        _loopbridge_sync(uvloop=False),
+        also=(NO_RESET,),
+    ),
+    Case(
+        "lb-async",
+        "loopbridge, async tasks on a foreign loop",
+        "db",
+        "limit",
+        _loopbridge_async(False),
+        also=(NO_RESET,),
+    ),
+    Case(
+        "lb-sync-uv",
+        "loopbridge on uvloop, sync threads",
+        "db",
+        "limit",
+        _loopbridge_sync(uvloop=True),
+        also=(NO_RESET,),
+    ),
+    Case(
+        "lb-async-uv",
+        "loopbridge on uvloop, async tasks",
+        "db",
+        "limit",
+        _loopbridge_async(True),
+        also=(NO_RESET,),
+    ),
     Case("naive", "naive bridge: run_coroutine_threadsafe", "db", "limit", _naive_bridge),
     Case("anyio", "anyio start_blocking_portal + asyncpg", "db", "limit", _anyio_portal),
     Case("psycopg", "psycopg 3 ConnectionPool, sync threads", "db", "limit", _psycopg_pool),
@@ -246,6 +300,13 @@ CASES: list[Case] = [
         _new_connection,
         max_n=NEW_CONNECTION_MAX_N,
         skip_reason=f"more than {NEW_CONNECTION_MAX_N} connections opened at once on a shared server",
+    ),
+    Case(
+        NO_RESET,
+        "native asyncpg pool released without the reset query, caller's loop",
+        "db",
+        "limit",
+        _native(reset=False),
     ),
     Case("floor", "floor: call_soon_threadsafe + lock", "hop", "floor", _floor),
     Case("hop", "loopbridge hop, sync threads", "hop", "floor", _loopbridge_hop(uvloop=False)),

@@ -24,6 +24,7 @@ DEFAULT_CASES = [
     "hop",
     "hop-uv",
     "limit",
+    "limit-noreset",
     "lb-sync",
     "lb-async",
     "lb-sync-uv",

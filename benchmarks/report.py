@@ -27,6 +27,8 @@ class Measurements:
     samples: dict[tuple[str, int, int], Sample] = field(default_factory=dict)  # (case, n, rep)
     # A case's throughput over its baseline's, measured alongside in alternating slices.
     ratios: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (case, n, rep)
+    # The same, to each further baseline a case is measured alongside (Case.also).
+    also_ratios: dict[tuple[str, str, int, int], float] = field(default_factory=dict)  # (case, base, n, rep)
     streams: dict[tuple[str, int], float] = field(default_factory=dict)  # (case, rep) -> seconds
     stream_rows: int = 0
     stream_note: str = ""
@@ -48,6 +50,8 @@ class Cell:
     throughput: float  # median calls per second
     p50: float  # seconds, pooled over repetitions
     p99: float
+    # Throughput / each further baseline's (Case.also), per repetition.
+    also: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -81,6 +85,8 @@ TARGETS: list[Target] = [
 ]
 STREAM_TARGET = 0.95
 
+_NO_CELL = Cell(ratios=[], throughput=0.0, p50=float("nan"), p99=float("nan"))
+
 
 def summarize(m: Measurements) -> Summary:
     cells: dict[tuple[str, int], Cell] = {}
@@ -90,11 +96,18 @@ def summarize(m: Measurements) -> Summary:
     for (key, n), samples in by_cell.items():
         ratios = [1.0] if key == _CASE[key].baseline else [m.ratios[key, n, rep] for rep, _ in samples]
         pooled = Sample.merge([sample for _, sample in samples])
+        also = {
+            base: [
+                m.also_ratios[key, base, n, rep] for rep, _ in samples if (key, base, n, rep) in m.also_ratios
+            ]
+            for base in _CASE[key].also
+        }
         cells[key, n] = Cell(
             ratios=ratios,
             throughput=statistics.median(sample.throughput for _, sample in samples),
             p50=pooled.percentile(50),
             p99=pooled.percentile(99),
+            also={base: values for base, values in also.items() if values},
         )
     reps = {rep for _, rep in m.streams}
     stream_ratios = [
@@ -129,6 +142,7 @@ def render_markdown(m: Measurements, s: Summary) -> str:
     out.append("")
     out.extend(_table(m, s, "db", _ratio_cell))
     out.append("")
+    out.extend(_also_tables(m, s))
     out.append("**Latency per call, p50 / p99 (µs), pooled over repetitions**")
     out.append("")
     out.extend(_table(m, s, "db", _latency_cell))
@@ -160,6 +174,38 @@ def _table(m: Measurements, s: Summary, group: str, fmt: Any) -> list[str]:
             else:
                 row.append(fmt(case, cell))
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _also_tables(m: Measurements, s: Summary) -> list[str]:
+    """One table per further baseline: the ratios of the cases measured alongside it too."""
+    lines: list[str] = []
+    for base in dict.fromkeys(key for case in CASES for key in case.also):
+        rows = [
+            c
+            for c in CASES
+            if base in c.also and any(base in s.cells.get((c.key, n), _NO_CELL).also for n in m.ns)
+        ]
+        if not rows:
+            continue
+        lines.append(
+            f"**The same cases as a ratio to the {_CASE[base].label}, measured in the same slices** "
+            "(median, with min–max over repetitions)"
+        )
+        lines.append("")
+        lines.append("| case | " + " | ".join(f"N={n}" for n in m.ns) + " |")
+        lines.append("|---" * (len(m.ns) + 1) + "|")
+        for case in rows:
+            row = [case.label]
+            for n in m.ns:
+                values = s.cells.get((case.key, n), _NO_CELL).also.get(base)
+                if values:
+                    mid = statistics.median(values)
+                    row.append(f"**{mid:.2f}** ({min(values):.2f}–{max(values):.2f})")
+                else:
+                    row.append("–")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     return lines
 
 
@@ -269,6 +315,11 @@ def write_json(path: Path, m: Measurements, s: Summary) -> None:
                 "seconds": sample.seconds,
                 "throughput": sample.throughput,
                 "ratio_to_baseline": m.ratios.get((key, n, rep)),
+                "ratio_to": {
+                    base: m.also_ratios[key, base, n, rep]
+                    for base in _CASE[key].also
+                    if (key, base, n, rep) in m.also_ratios
+                },
                 "p50_us": sample.percentile(50) * 1e6,
                 "p99_us": sample.percentile(99) * 1e6,
             }
@@ -282,6 +333,10 @@ def write_json(path: Path, m: Measurements, s: Summary) -> None:
                 "n": n,
                 "ratio": cell.ratio,
                 "ratios": cell.ratios,
+                "ratios_to": {
+                    base: {"ratio": statistics.median(values), "ratios": values}
+                    for base, values in cell.also.items()
+                },
                 "throughput": cell.throughput,
                 "p50_us": cell.p50 * 1e6,
                 "p99_us": cell.p99 * 1e6,
@@ -336,7 +391,8 @@ def write_chart(path: Path, m: Measurements, s: Summary) -> None:
     left.set_title("SELECT 1, pool of 16, N concurrent callers")
     left.legend(fontsize=7, loc="upper left", ncol=2)
     highest = max((max(c.ratios) for (key, _), c in s.cells.items() if _CASE[key].group == "db"), default=1)
-    left.set_ylim(0, max(1.6, highest + 0.2))
+    # Headroom above the highest whisker for the legend's rows.
+    left.set_ylim(0, max(1.6, highest * 1.35))
 
     hop_cases = [c for c in CASES if c.group == "hop" and c.key != c.baseline and (c.key, 1) in s.cells]
     times = [1 / s.cells[c.key, 1].ratio for c in hop_cases]

@@ -1,0 +1,7 @@
+"""``python -m benchmarks.apps``: whole web apps on real servers (uvicorn, gunicorn) loaded by ``wrk``,
+loopbridge against each framework's usual way of reaching PostgreSQL. See benchmarks/NOTES.md, "Real
+apps".
+
+The app modules here are imported by the servers; the runner is ``__main__.py``. Nothing heavy is
+imported by this package itself, so that each server loads only what its app needs.
+"""
