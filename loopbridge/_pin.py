@@ -26,7 +26,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from . import _asyncpg
 from ._dead import lost_connection
-from ._source import Held, Lease, PoolSource
+from ._source import ClosedSource, Held, Lease, PoolSource
 from .errors import ConnectionLostError, PoolTimeoutError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ logger = logging.getLogger("loopbridge")
 class _Pinnable(Protocol):
     """What can be pinned: a facade whose every call goes through its ``_source``."""
 
-    _source: PoolSource | PinnedSource
+    _source: PoolSource | PinnedSource | ClosedSource
 
 
 async def pin(facade: _Pinnable) -> PinnedSource:

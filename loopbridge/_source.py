@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -39,7 +40,7 @@ from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, Pool
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["Held", "Lease", "PoolSource", "Source", "connect_failure"]
+__all__ = ["ClosedSource", "Held", "Lease", "PoolSource", "Source", "connect_failure"]
 
 logger = logging.getLogger("loopbridge")
 
@@ -152,6 +153,52 @@ class PoolSource(ClosedWhenUnreachable):
         self._releasing: set[asyncio.Task[None]] = set()  # connections being reset after their call
         self._kept: set[Resource] = set()  # they hold a connection until closed: closed first
         self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
+
+        self._users: weakref.WeakSet[object] = weakref.WeakSet()  # the facades using it, not closed
+
+    @classmethod
+    def shared(
+        cls,
+        user: object,
+        info: DsnInfo,
+        bridge: Bridge,
+        *,
+        min_size: int,
+        max_size: int,
+        pool_timeout: float | None,
+        pool_options: dict[str, Any],
+        secrets: tuple[str | None, ...],
+    ) -> PoolSource:
+        """The open source of this configuration on *bridge*, or a new one; *user* (a facade) uses it
+        until :meth:`let_go`.
+
+        Databases of the same bridge and configuration share one pool: a notebook cell that makes its
+        Database again (and whose previous result IPython's output history keeps alive) does not pile up
+        pools, nor does code that makes a Database per request by mistake. Options are compared by
+        value; functions and other unhashable values (``init=``, an ``ssl`` context) by identity.
+        """
+        key = (info.dsn, min_size, max_size, pool_timeout, _frozen(pool_options))
+        with _shared_lock:
+            sources = _shared.setdefault(bridge, weakref.WeakValueDictionary())
+            source = sources.get(key)
+            if source is None or source.closed_flag:
+                source = sources[key] = cls(
+                    info,
+                    bridge,
+                    min_size=min_size,
+                    max_size=max_size,
+                    pool_timeout=pool_timeout,
+                    pool_options=dict(pool_options),
+                    secrets=secrets,
+                )
+            source._users.add(user)
+        return source
+
+    def let_go(self, user: object) -> bool:
+        """*user* is done with the source; True if nobody uses it any more (close it then)."""
+        with _shared_lock:
+            self._users.discard(user)
+            return len(self._users) == 0
 
     # -- Source -------------------------------------------------------------------------------------
 
@@ -448,6 +495,68 @@ class PoolSource(ClosedWhenUnreachable):
         return pool.get_size(), pool.get_idle_size(), self.leased
 
 
+class ClosedSource:
+    """The source of a Database facade that was closed while others share its pool: every call says it
+    is closed, with no check on the hot path of the open ones."""
+
+    def __init__(self, was: PoolSource) -> None:
+        self.was = was
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.was.bridge
+
+    @property
+    def closed(self) -> bool:
+        return True
+
+    @property
+    def command_timeout(self) -> float | None:
+        return self.was.command_timeout
+
+    @property
+    def max_size(self) -> int:
+        return self.was.max_size
+
+    def _refuse(self) -> DatabaseClosedError:
+        return DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
+
+    def lease(self) -> Lease:
+        raise self._refuse()
+
+    async def hold(self) -> Held:
+        raise self._refuse()
+
+    hold_apart = hold
+
+    async def open(self) -> asyncpg.Pool:
+        raise self._refuse()
+
+    def keep(self, resource: Resource) -> None:
+        raise self._refuse()
+
+    def forget(self, resource: Resource) -> None:
+        pass
+
+    def redact(self, text: str) -> str:
+        return self.was.redact(text)
+
+    def lost_message(self, exc: BaseException) -> str:
+        return self.was.lost_message(exc)
+
+    def figures(self) -> tuple[int, int, int]:
+        return 0, 0, 0
+
+    def mark_closed(self) -> bool:
+        return False
+
+    async def _aclose_on_bridge(self, timeout: float) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<Database {self.was.info.redacted!r} on bridge {self.bridge.name!r}, closed>"
+
+
 class _PoolLease:
     """``async with source.lease() as con``: a pooled connection for the length of the block.
 
@@ -572,6 +681,41 @@ def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
         hint = "check the DSN and the server's log"
     detail = redact(str(exc) or type(exc).__name__, *secrets)
     return f"could not connect to {info.describe()}: {type(exc).__name__}: {detail}. {hint}"
+
+
+_shared_lock = threading.Lock()
+#: The sources of each bridge by configuration, held weakly: a source nobody uses is closed and goes.
+_shared: weakref.WeakKeyDictionary[Bridge, weakref.WeakValueDictionary[tuple[Any, ...], PoolSource]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _frozen(value: Any) -> Any:
+    """*value* as a hashable key: containers by value, anything else unhashable by identity."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    try:
+        hash(value)
+    except TypeError:
+        return _Identity(value)
+    return value
+
+
+class _Identity:
+    """An unhashable option, compared by identity (and kept alive by the key that holds it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 def _released(source: weakref.ref[PoolSource], task: asyncio.Task[None]) -> None:

@@ -21,7 +21,7 @@ from ._dsn import DsnInfo, parse_dsn, resolve_dsn
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
-from ._source import Lease, PoolSource
+from ._source import ClosedSource, Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
@@ -79,7 +79,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or an unknown option.
     """
 
-    __slots__ = ("__weakref__", "_info", "_source")
+    __slots__ = ("__weakref__", "_closing", "_info", "_source")
 
     def __init__(
         self,
@@ -99,8 +99,10 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             pool_options = transaction_pooling_options(pool_options)
         password = pool_options.get("password")
         self._info = info
-        # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin).
-        self._source: PoolSource | PinnedSource = PoolSource(
+        # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin),
+        # and close() a closed one.
+        self._source: PoolSource | PinnedSource | ClosedSource = PoolSource.shared(
+            self,
             info,
             bridge if bridge is not None else default_bridge(),
             min_size=min_size,
@@ -208,10 +210,20 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     # -- closing: close() and aclose() come from Closing -----------------------------------------------
 
     def _mark_closed(self) -> bool:
-        return self._source.mark_closed()
+        """Refuse calls from now on; True if the pool must be closed on the bridge: no other Database
+        shares it (see ``PoolSource.shared``)."""
+        source = self._source
+        if isinstance(source, ClosedSource):
+            return False
+        pool = source.inner if isinstance(source, PinnedSource) else source
+        self._source = ClosedSource(pool)
+        if not pool.let_go(self):
+            return False
+        self._closing = source
+        return source.mark_closed()
 
     async def _aclose_on_bridge(self, timeout: float) -> None:
-        await self._source._aclose_on_bridge(timeout)
+        await self._closing._aclose_on_bridge(timeout)
 
 
 def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> None:

@@ -249,10 +249,11 @@ class TestUnreachable:
         self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caplog: pytest.LogCaptureFixture
     ) -> None:
         """Regression: the bridge's registry held every Database strongly, so each one dropped this way
-        kept its pool open until the bridge closed (six re-runs: six pools)."""
+        kept its pool open until the bridge closed (six re-runs: six pools). Each configuration here is
+        its own (a distinct option), so that no two share a pool: each is closed once dropped."""
         with caplog.at_level(logging.INFO, logger="loopbridge"):
-            for _ in range(6):
-                db = Database(dsn, bridge=bridge, min_size=2, max_size=2)
+            for run in range(6):
+                db = Database(dsn, bridge=bridge, min_size=2, max_size=2, statement_cache_size=100 + run)
                 assert db.fetchval("SELECT 1") == 1
             # Each is collected once its last connection is back (a reset may finish in the background).
             wait_until(lambda: gc.collect() >= 0 and sessions(admin_dsn, schema) == 2)  # the last one's
@@ -260,6 +261,38 @@ class TestUnreachable:
         assert db.fetchval("SELECT 2") == 2
         db.close()
         wait_until(lambda: sessions(admin_dsn, schema) == 0)
+
+    def test_databases_of_one_configuration_share_one_pool_even_while_all_are_kept(
+        self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caller: Caller
+    ) -> None:
+        # A notebook cell that ends by displaying its Database: IPython's output history keeps every
+        # earlier one alive, so none can be collected; four re-runs made four pools.
+        history = []
+        for _ in range(4):
+            db = Database(dsn, bridge=bridge, min_size=2, max_size=3)
+            assert caller.call(db, "fetchval", "SELECT 1") == 1
+            history.append(db)
+        assert sessions(admin_dsn, schema) == 2
+        assert all(kept.stats().size == 2 for kept in history)
+        # Closing one leaves the pool to the others; the last one closes it.
+        history[0].close()
+        assert history[0].closed
+        with pytest.raises(DatabaseClosedError, match="create a new Database"):
+            caller.call(history[0], "fetchval", "SELECT 1")
+        assert caller.call(history[1], "fetchval", "SELECT 2") == 2
+        for kept in history[1:]:
+            kept.close()
+        wait_until(lambda: sessions(admin_dsn, schema) == 0)
+        # A configuration that differs in anything gets a pool of its own.
+        first = Database(dsn, bridge=bridge, max_size=3)
+        other = Database(dsn, bridge=bridge, max_size=4)
+        try:
+            first.fetchval("SELECT 1")
+            other.fetchval("SELECT 1")
+            assert sessions(admin_dsn, schema) == 2
+        finally:
+            first.close()
+            other.close()
 
     def test_a_dropped_database_is_closed_at_once_without_the_cyclic_collector(
         self, dsn: str, bridge: Bridge, admin_dsn: str, schema: str, caller: Caller

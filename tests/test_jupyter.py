@@ -159,3 +159,31 @@ def test_a_notebook_runs_and_reruns_sync_await_and_streaming_cells(
 
     # The kernel exited normally: loopbridge closed every pool on its way out.
     assert sessions_settle_at(admin_dsn, schema, want=0) == 0
+
+
+DISPLAYED = """\
+from loopbridge import Database
+
+db = Database(min_size=2, max_size=2)  # $LOOPBRIDGE_DSN
+db.fetchval("SELECT 1")
+db  # displayed: IPython's output history (Out[n], _, __, ___) keeps this Database alive for good
+"""
+
+
+@pytest.mark.slow
+def test_rerunning_a_cell_that_displays_its_database_leaves_one_pool(
+    dsn: str, admin_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)  # the kernel inherits it
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    notebook = notebook_of(DISPLAYED)
+    client = NotebookClient(notebook, timeout=60, startup_timeout=60, kernel_name="python3")
+    with client.setup_kernel():
+        for _ in range(RUNS):
+            client.execute_cell(notebook.cells[0], 0)
+            outputs = notebook.cells[0].outputs
+            assert not [out for out in outputs if out.get("output_type") == "error"], outputs
+            assert any("<Database " in json.dumps(out.get("data", {})) for out in outputs)
+        # Every run's Database is still referenced by the output history: they share one pool.
+        assert sessions_settle_at(admin_dsn, schema, want=2) == 2
+    assert sessions_settle_at(admin_dsn, schema, want=0) == 0

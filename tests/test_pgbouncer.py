@@ -72,8 +72,9 @@ class TestTransactionPooling:
     def test_without_the_option_asyncpgs_named_statements_break(self, fresh_pgbouncer: PgBouncer) -> None:
         """The control: this PgBouncer really pools by transaction, so asyncpg's statement cache fails."""
         with Bridge("pgb-control") as bridge:
-            first = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1)
-            second = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1)
+            # Pools of their own (Databases of one configuration would share one): distinct options.
+            first = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, command_timeout=60)
+            second = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, command_timeout=61)
             assert first.fetchval("SELECT $1::int", 1) == 1  # prepared, by name, on server connection S1
             holding, release = threading.Event(), threading.Event()
 
@@ -95,8 +96,12 @@ class TestTransactionPooling:
 
     def test_with_pgbouncer_true_the_same_sequence_works(self, fresh_pgbouncer: PgBouncer) -> None:
         with Bridge("pgb-option") as bridge:
-            first = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, pgbouncer=True)
-            second = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, pgbouncer=True)
+            first = Database(
+                fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, pgbouncer=True, command_timeout=60
+            )
+            second = Database(
+                fresh_pgbouncer.dsn(), bridge=bridge, max_size=1, pgbouncer=True, command_timeout=61
+            )
             assert first.fetchval("SELECT $1::int", 1) == 1
             holding, release = threading.Event(), threading.Event()
 
