@@ -10,6 +10,7 @@ class derives its public sync and async methods from these implementations with
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -98,6 +99,11 @@ class Queries:
             result: R = await invoke(label, fn, (con, *args))
             return result
 
+    def __getattr__(self, name: str) -> Any:
+        # Only for names that do not exist: the other libraries' names for these operations, and
+        # misspellings, say what to call instead.
+        raise AttributeError(_missing(type(self), name), name=name, obj=self)
+
     async def _statement(self, method: str, query: object, args: tuple[Any, ...], **options: Any) -> Any:
         """``con.<method>(query, *args)`` on the call's connection.
 
@@ -132,6 +138,48 @@ class Queries:
                     f"command_timeout={self._command_timeout!r} s; asyncpg cancelled it on the server"
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: What other database libraries call these operations, and what to use here instead.
+_OTHER_NAMES = {
+    "fetchone": "fetchrow() (the first row, or None)",
+    "fetch_one": "fetchrow() (the first row, or None)",
+    "fetchall": "fetch() (every row)",
+    "fetch_all": "fetch() (every row)",
+    "fetchmany": "iterate() (rows streamed in batches), or fetch()",
+    "fetch_val": "fetchval() (one value)",
+    "fetch_value": "fetchval() (one value)",
+    "scalar": "fetchval() (one value)",
+    "query": "fetch() for rows, execute() for a command",
+    "cursor": "iterate() (a server-side cursor, streamed), or run(fn) for asyncpg's own cursor",
+    "acquire": "run(fn): fn gets a pooled connection, as in db.run(work) with async def work(conn): ...",
+    "connection": "run(fn): fn gets a pooled connection, as in db.run(work) with async def work(conn): ...",
+    "begin": "transaction(): 'with db.transaction() as tx:' or 'async with db.transaction() as tx:'",
+    "commit": "a transaction block, which commits when it ends: 'with db.transaction() as tx:'",
+    "rollback": "a transaction block, which rolls back when it raises: 'with db.transaction() as tx:'",
+    "connect": "open() (or nothing: the pool opens on first use)",
+    "disconnect": "close()",
+    "dispose": "close()",
+}
+
+
+_TWINNED = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany", "run", "open", "close"})
+
+
+def _missing(cls: type, name: str) -> str:
+    """The AttributeError's message for *name*, with what to use instead if there is a likely one."""
+    message = f"{cls.__name__!r} object has no attribute {name!r}"
+    if name.startswith("_"):
+        return message
+    awaited = name.startswith("a") and name[1:] in _OTHER_NAMES
+    hint = _OTHER_NAMES.get(name[1:] if awaited else name)
+    if hint is not None:
+        if awaited and hint.partition("(")[0] in _TWINNED:
+            hint = f"a{hint}"  # the async twin of what the sync name would be
+        return f"{message}: use {hint}"
+    public = [attribute for attribute in dir(cls) if not attribute.startswith("_")]
+    close = difflib.get_close_matches(name, public, n=1)
+    return f"{message}; did you mean {close[0]!r}?" if close else message
 
 
 def _check_callable(fn: object, label: str) -> None:

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
 
+from ._blocking import call_on_running_loop
 from ._call import ToCompletion
 from ._owner import Owner
 from .errors import BridgeClosedError
@@ -50,6 +53,9 @@ class Bridged(Protocol):
 
 
 S = TypeVar("S", bound=Bridged)
+
+#: How the documentation and the messages call an instance of each class.
+_SHORT_NAMES = {"Database": "db", "Transaction": "tx", "Engine": "engine"}
 
 _SYNC_NOTE = (
     "\n\n(Blocking: runs on the bridge loop while the calling thread waits. On the bridge thread itself "
@@ -88,11 +94,23 @@ def twins(
         (sync_owner, async_owner), async_name = owners, name
     sync_label = f"{sync_owner}.{name}()"
     async_label = f"{async_owner}.{async_name}()"
+    short = _SHORT_NAMES.get(async_owner, async_owner.lower())
+    async_hint = f"await {short}.{async_name}(...)"
 
     def sync(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]
-        result: R = self.bridge._run(impl, (self, *args), kwargs, timeout, sync_label)
-        return result
+        bridge = self.bridge
+        if _get_running_loop() is None:  # a plain sync caller: nothing more to check
+            result: R = bridge._run(impl, (self, *args), kwargs, timeout, sync_label)
+            return result
+        outcome: R = call_on_running_loop(
+            bridge,
+            sys._getframe(1),
+            sync_label,
+            async_hint,
+            lambda: bridge._run(impl, (self, *args), kwargs, timeout, sync_label),
+        )
+        return outcome
 
     async def async_(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]

@@ -18,11 +18,13 @@ import sys
 import threading
 import time
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from ._blocking import call_on_running_loop
 from ._call import (
     AsyncCall,
     BlockingCall,
@@ -68,6 +70,10 @@ class Bridge:
     :param block_threshold: seconds; when code on the bridge loop blocks it for longer (a synchronous
         call hidden in a coroutine), a watchdog thread logs a warning with the loop thread's stack.
         None turns the watchdog off.
+    :param warn_blocking: seconds; when a blocking call (``db.fetch()``, ``bridge.run()``) made from code
+        running in an event loop (an ``async def`` that meant ``await db.afetch()``) takes longer, a
+        warning names the call site and the twin to await, once per call site. None turns it off; it is
+        off in IPython kernels, whose cells run on the kernel's loop.
     """
 
     def __init__(
@@ -78,12 +84,15 @@ class Bridge:
         uvloop: bool = False,
         close_timeout: float = 10.0,
         block_threshold: float | None = 1.0,
+        warn_blocking: float | None = 0.1,
     ) -> None:
         if loop_factory is not None and uvloop:
             raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
         _check_seconds("close_timeout", close_timeout, allow_none=False)
         _check_seconds("block_threshold", block_threshold, allow_none=True)
+        _check_seconds("warn_blocking", warn_blocking, allow_none=True)
         self._name = name
+        self.warn_blocking = warn_blocking
         self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
         self._close_timeout = close_timeout
         self._block_threshold = block_threshold
@@ -181,7 +190,15 @@ class Bridge:
             event loop (a future or task of that loop, an asyncpg pool made there). Nothing is queued.
         :raises KeyboardInterrupt: re-raised after cancelling the work when Ctrl-C interrupts the wait.
         """
-        return self._run(fn, args, None, timeout, None)
+        if _get_running_loop() is None:
+            return self._run(fn, args, None, timeout, None)
+        return call_on_running_loop(
+            self,
+            sys._getframe(1),
+            "Bridge.run()",
+            "await bridge.arun(...)",
+            lambda: self._run(fn, args, None, timeout, None),
+        )
 
     @overload
     async def arun(self, fn: Awaitable[T], /, *, timeout: float | None = None) -> T: ...

@@ -165,7 +165,7 @@ DISPLAYED = """\
 from loopbridge import Database
 
 db = Database(min_size=2, max_size=2)  # $LOOPBRIDGE_DSN
-db.fetchval("SELECT 1")
+db.fetchval("SELECT pg_sleep(0.2)")  # blocks the kernel's loop, as cells do: no warning in a kernel
 db  # displayed: IPython's output history (Out[n], _, __, ___) keeps this Database alive for good
 """
 
@@ -184,6 +184,7 @@ def test_rerunning_a_cell_that_displays_its_database_leaves_one_pool(
             outputs = notebook.cells[0].outputs
             assert not [out for out in outputs if out.get("output_type") == "error"], outputs
             assert any("<Database " in json.dumps(out.get("data", {})) for out in outputs)
+            assert "blocked the event loop" not in json.dumps(outputs)
         # Every run's Database is still referenced by the output history: they share one pool.
         assert sessions_settle_at(admin_dsn, schema, want=2) == 2
     assert sessions_settle_at(admin_dsn, schema, want=0) == 0

@@ -7,6 +7,7 @@ never cost the others their bridge.
 from __future__ import annotations
 
 import ast
+import asyncio
 import logging
 import re
 import threading
@@ -31,7 +32,7 @@ from loopbridge import (
     DeadlockError,
 )
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, pool_source
+from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
 
 
 async def add(a: int, b: int) -> int:
@@ -211,6 +212,108 @@ class TestBlockingOnTheBridge:
         with pytest.raises(DeadlockError, match=r"correct: await db\.afetch"):
             db.run(nested)
         still_serves(db)
+
+
+class TestWrongForms:
+    """Using a name or a form of another library, or of the other world, says what to write instead."""
+
+    @pytest.mark.parametrize(
+        ("name", "advice"),
+        [
+            ("fetchone", "use fetchrow()"),
+            ("fetchall", "use fetch()"),
+            ("fetch_one", "use fetchrow()"),
+            ("afetchall", "use afetch()"),
+            ("query", "use fetch() for rows, execute() for a command"),
+            ("acquire", "use run(fn)"),
+            ("begin", "use transaction()"),
+            ("exeute", "did you mean 'execute'?"),
+        ],
+    )
+    def test_a_near_miss_name_says_what_to_use(self, db: Database, name: str, advice: str) -> None:
+        with pytest.raises(AttributeError, match=re.escape(advice)):
+            getattr(db, name)
+        with db.transaction() as tx, pytest.raises(AttributeError, match="'Transaction' object has no"):
+            getattr(tx, name)
+        still_serves(db)
+
+    def test_awaiting_a_blocking_method_raises_before_it_runs(self, db: Database) -> None:
+        # It ran the query while blocking the loop, then failed: "object int can't be used in 'await'".
+        db.execute("CREATE TABLE t (n int)")
+
+        async def misuse() -> list[str]:
+            errors = []
+            try:
+                await db.execute("INSERT INTO t VALUES (1)")  # type: ignore[misc]
+            except TypeError as exc:
+                errors.append(str(exc))
+            try:
+                await db.fetchval("INSERT INTO t VALUES (2) RETURNING n")
+            except TypeError as exc:
+                errors.append(str(exc))
+            try:
+                await db.bridge.run(add, 1, 2)  # type: ignore[misc]
+            except TypeError as exc:
+                errors.append(str(exc))
+            return errors
+
+        errors = run_loop(misuse)
+        assert len(errors) == 3
+        assert "correct: await db.aexecute(...)" in errors[0]
+        assert "incorrect: await db.fetchval(...); correct: await db.afetchval(...)" in errors[1]
+        assert "correct: await bridge.arun(...)" in errors[2]
+        assert all("Nothing was run" in error for error in errors)
+        assert db.fetchval("SELECT count(*) FROM t") == 0
+        still_serves(db)
+
+    def test_a_slow_blocking_call_on_a_running_loop_warns_once_per_call_site(
+        self, dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with Bridge("warns", warn_blocking=0.1) as bridge:
+            db = Database(dsn, bridge=bridge)
+            db.fetchval("SELECT 1")  # the pool is open: what follows measures the statements
+
+            async def handler() -> int:
+                ticks = 0
+
+                async def ticker() -> None:
+                    nonlocal ticks
+                    while True:
+                        await asyncio.sleep(0.01)
+                        ticks += 1
+
+                task = asyncio.ensure_future(ticker())
+                await asyncio.sleep(0.05)
+                before = ticks
+                for _ in range(2):
+                    db.fetchval("SELECT pg_sleep(0.3)")  # the mistake: one call site, twice
+                stalled = ticks == before
+                db.fetchval("SELECT 1")  # fast: no warning
+                task.cancel()
+                return int(stalled)
+
+            with caplog.at_level(logging.WARNING, logger="loopbridge"):
+                assert run_loop(handler) == 1  # the loop stood still meanwhile: nothing ticked
+                in_thread(lambda: db.fetchval("SELECT pg_sleep(0.3)"))  # no loop there: nothing to warn
+            warnings = [r.getMessage() for r in caplog.records if "blocked the event loop" in r.getMessage()]
+            assert len(warnings) == 1, warnings
+            assert "Database.fetchval() blocked the event loop of thread 'test-loop'" in warnings[0]
+            assert f"{Path(__file__).name}:" in warnings[0]
+            assert "in handler()" in warnings[0]
+            assert "await db.afetchval(...)" in warnings[0]
+            db.close()
+
+    def test_the_blocking_warning_can_be_turned_off(self, dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+        with Bridge("quiet", warn_blocking=None) as bridge:
+            db = Database(dsn, bridge=bridge)
+
+            async def handler() -> None:
+                db.fetchval("SELECT pg_sleep(0.2)")
+
+            with caplog.at_level(logging.WARNING, logger="loopbridge"):
+                run_loop(handler)
+            assert "blocked the event loop" not in caplog.text
+            db.close()
 
 
 class TestHugeResults:
