@@ -65,7 +65,9 @@ class Bridge:
 
     :param name: names the thread (``loopbridge-<name>``) and appears in messages.
     :param loop_factory: makes the bridge's event loop (default: ``asyncio.new_event_loop``).
-    :param uvloop: run the bridge loop on uvloop (needs the ``loopbridge[uvloop]`` extra).
+    :param uvloop: run the bridge loop on uvloop: True requires it (the ``loopbridge[uvloop]`` extra),
+        False never; None (the default) uses it when it is installed, unless ``LOOPBRIDGE_UVLOOP=0``
+        is set (``LOOPBRIDGE_UVLOOP=1`` requires it). uvloop cuts the bridge's own cost per call.
     :param close_timeout: default for :meth:`close`: how long calls in flight may take to finish.
     :param block_threshold: seconds; when code on the bridge loop blocks it for longer (a synchronous
         call hidden in a coroutine), a watchdog thread logs a warning with the loop thread's stack.
@@ -81,7 +83,7 @@ class Bridge:
         name: str = "bridge",
         *,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
-        uvloop: bool = False,
+        uvloop: bool | None = None,
         close_timeout: float = 10.0,
         block_threshold: float | None = 1.0,
         warn_blocking: float | None = 0.1,
@@ -93,7 +95,7 @@ class Bridge:
         _check_seconds("warn_blocking", warn_blocking, allow_none=True)
         self._name = name
         self.warn_blocking = warn_blocking
-        self._loop_factory = _uvloop_factory() if uvloop else loop_factory or asyncio.new_event_loop
+        self._loop_factory = loop_factory or _loop_factory_for(uvloop)
         self._close_timeout = close_timeout
         self._block_threshold = block_threshold
         self._state: _State = "created"
@@ -581,6 +583,23 @@ def _deadlock_message(label: str, name: str) -> str:
     )
 
 
+def _loop_factory_for(uvloop: bool | None) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The bridge loop's factory: uvloop where asked for, or by default where it is installed."""
+    if uvloop is None:
+        setting = os.environ.get("LOOPBRIDGE_UVLOOP", "")
+        if setting == "0":
+            return asyncio.new_event_loop
+        if setting == "":
+            try:
+                import uvloop as module
+            except ImportError:
+                return asyncio.new_event_loop
+            factory: Callable[[], asyncio.AbstractEventLoop] = module.new_event_loop
+            return factory
+        uvloop = True
+    return _uvloop_factory() if uvloop else asyncio.new_event_loop
+
+
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
@@ -605,7 +624,7 @@ def default_bridge() -> Bridge:
     given a bridge of its own. It is closed gracefully at interpreter exit. If it was closed
     explicitly, the next call makes a new one.
 
-    Set ``LOOPBRIDGE_UVLOOP=1`` to run it on uvloop.
+    It runs on uvloop where uvloop is installed (``LOOPBRIDGE_UVLOOP=0`` turns that off).
     """
     global _default
     bridge = _default
@@ -613,7 +632,7 @@ def default_bridge() -> Bridge:
         return bridge
     with _default_lock:
         if _default is None or (_default.closed and not _exiting):
-            _default = Bridge("default", uvloop=os.environ.get("LOOPBRIDGE_UVLOOP", "") not in ("", "0"))
+            _default = Bridge("default")
         return _default
 
 

@@ -114,6 +114,23 @@ class TestThread:
         with Bridge("uv", uvloop=True) as bridge:
             assert bridge.run(loop_type) is uvloop.Loop
 
+    def test_uvloop_is_the_default_where_installed_unless_turned_off(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import uvloop
+
+        async def loop_type() -> type:
+            return type(asyncio.get_running_loop())
+
+        monkeypatch.delenv("LOOPBRIDGE_UVLOOP", raising=False)
+        with Bridge("default-loop") as bridge:
+            assert bridge.run(loop_type) is uvloop.Loop
+        with Bridge("asked-off", uvloop=False) as bridge:
+            assert not issubclass(bridge.run(loop_type), uvloop.Loop)
+        monkeypatch.setenv("LOOPBRIDGE_UVLOOP", "0")
+        with Bridge("env-off") as bridge:
+            assert not issubclass(bridge.run(loop_type), uvloop.Loop)
+
     def test_loop_factory_and_uvloop_are_exclusive(self) -> None:
         with pytest.raises(ConfigurationError, match="either loop_factory or uvloop"):
             Bridge(loop_factory=asyncio.new_event_loop, uvloop=True)
