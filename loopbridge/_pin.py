@@ -27,6 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 from . import _asyncpg
 from ._dead import lost_connection
 from ._source import ClosedSource, Held, Lease, PoolSource
+from ._turns import Turns
 from .errors import ConnectionLostError, PoolTimeoutError
 
 if TYPE_CHECKING:
@@ -84,9 +85,7 @@ class PinnedSource:
         self.inner = inner
         self.con = con
         self._give_back = give_back
-        self._lock = asyncio.Lock()
-        self._owner: asyncio.Task[Any] | None = None
-        self._depth = 0  # turns taken by the owner and not yet ended
+        self._turns = Turns()
         self.gone = False  # being unpinned: no new turns, callers use the pool
         self._orphaned = False  # let_go gave up waiting: the last holder returns the connection
 
@@ -150,38 +149,27 @@ class PinnedSource:
 
     async def _enter(self) -> bool:
         task = asyncio.current_task()
-        if task is not None and self._owner is task:  # re-entry by the task whose turn it is
-            self._depth += 1
-            return True
-        if self.gone:
+        if self.gone and (task is None or task is not self._turns.holder):  # the holder still finishes
             return False
         timeout = self.inner.pool_timeout
-        try:
-            await asyncio.wait_for(self._lock.acquire(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise PoolTimeoutError(
-                f"{self!r} is pinned to one connection (a test's rolled-back transaction) and another "
-                f"call held it for pool_timeout={timeout:g} s. Calls on a pinned Database take turns: do "
-                "not start concurrent calls from inside one (asyncio.gather inside db.run)"
-            ) from None
-        if self._unpinning():  # unpinned while we waited
-            self._lock.release()
+        await self._turns.enter(task, timeout, lambda: self._refused(timeout))
+        if self._unpinning() and self._turns.depth == 1:  # unpinned while we waited
+            self._turns.leave()
             return False
-        self._owner, self._depth = task, 1
         return True
+
+    def _refused(self, timeout: float | None) -> PoolTimeoutError:
+        return PoolTimeoutError(
+            f"{self!r} is pinned to one connection (a test's rolled-back transaction) and another "
+            f"call held it for pool_timeout={timeout:g} s. Calls on a pinned Database take turns: do "
+            "not start concurrent calls from inside one (asyncio.gather inside db.run)"
+        )
 
     def _unpinning(self) -> bool:
         return self.gone
 
     async def _leave(self) -> None:
-        # Not checked against the current task: a turn may end in another call than it began in, so
-        # turns are counted rather than owned.
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        self._owner = None
-        self._lock.release()
-        if self._orphaned:  # let_go gave up waiting for us: we return the connection
+        if self._turns.leave() and self._orphaned:  # let_go gave up waiting for us: we return it
             self._orphaned = False
             await self._give_back()
 
@@ -189,16 +177,14 @@ class PinnedSource:
         if self.gone:
             return
         self.gone = True  # no new turns
-        try:
-            await asyncio.wait_for(self._lock.acquire(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        if not await self._turns.wait_for_the_holder(timeout):
             logger.warning(
                 "%r: the pinned connection is still in use after %g s; terminating it", self, timeout
             )
             self._orphaned = True
             self.con.terminate()
             return
-        self._lock.release()  # wakes the callers waiting for a turn: they see `gone`
+        self._turns.hand_back()  # wakes the callers waiting for a turn: they see `gone`
         await self._give_back()
 
     # -- the pool's own business: the inner source's

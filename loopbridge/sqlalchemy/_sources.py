@@ -11,7 +11,6 @@ was opened with.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
+from loopbridge._turns import Turns
 from loopbridge.errors import PoolTimeoutError
 
 from .errors import home_session_class
@@ -68,9 +68,7 @@ class Pinned(Plain):
     def __init__(self, connection: AsyncConnection, transaction: AsyncTransaction) -> None:
         self.connection = connection
         self.outer = transaction
-        self.lock = asyncio.Lock()  # held by the scopes of one caller at a time (see enter)
-        self.holder: object = None  # that caller: a task, or a thread
-        self.depth = 0  # its scopes open (nested) now
+        self.turns = Turns()  # held by the scopes of one caller at a time (see enter)
 
     def session(self, engine: AsyncEngine, config: SessionConfig) -> AsyncSession:
         sync_class = home_session_class(config.sync_class)
@@ -88,25 +86,10 @@ class Pinned(Plain):
 
         :raises PoolTimeoutError: if another caller's scope held the connection for too long.
         """
-        if caller is not None and caller is self.holder:
-            self.depth += 1
-            return
-        try:
-            await asyncio.wait_for(self.lock.acquire(), TURN_TIMEOUT)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise PoolTimeoutError(
-                f"the Engine is pinned to one connection (a test's rolled-back transaction), and another "
-                f"caller's session scope held it for {TURN_TIMEOUT:g} s. On a pinned Engine, scopes of "
-                "different callers (threads, tasks) take turns: end one before another begins (and use "
-                "session.run_sync() rather than engine.run_sync() inside a scope)"
-            ) from None
-        self.holder, self.depth = caller, 1
+        await self.turns.enter(caller, TURN_TIMEOUT, _refused)
 
     def leave(self) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.holder = None
-            self.lock.release()
+        self.turns.leave()
 
     @asynccontextmanager
     async def transaction(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
@@ -124,9 +107,7 @@ class Pinned(Plain):
     async def release(self, timeout: float) -> bool:
         """Wait for the call on the connection, then roll the outer transaction back and close the
         connection; True if the transaction was still open (nothing ended it from inside)."""
-        try:
-            await asyncio.wait_for(self.lock.acquire(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        if not await self.turns.wait_for_the_holder(timeout):
             logger.warning("the pinned connection is still in use after %g s; discarding it", timeout)
             await self.connection.invalidate()
             return False
@@ -143,4 +124,13 @@ class Pinned(Plain):
             try:
                 await self.connection.close()  # back to the pool, which resets it (rolls back) if need be
             finally:
-                self.lock.release()
+                self.turns.hand_back()
+
+
+def _refused() -> PoolTimeoutError:
+    return PoolTimeoutError(
+        f"the Engine is pinned to one connection (a test's rolled-back transaction), and another caller's "
+        f"session scope held it for {TURN_TIMEOUT:g} s. On a pinned Engine, scopes of different callers "
+        "(threads, tasks) take turns: end one before another begins (and use session.run_sync() rather "
+        "than engine.run_sync() inside a scope)"
+    )
