@@ -355,6 +355,7 @@ class TestTimeoutsAndCancellation:
         out = run_script(
             """
             import asyncio, signal, threading
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Bridge
             cancelled = threading.Event()
             async def sleeper():

@@ -271,6 +271,7 @@ class TestStoppingEarly:
         out = run_script(
             """
             import signal, sys, threading, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Database
             db = Database(sys.argv[1])
             main = threading.main_thread().ident
