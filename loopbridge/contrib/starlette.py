@@ -70,7 +70,8 @@ class _Resource(Protocol):
     @property
     def closed(self) -> bool: ...
     async def aopen(self) -> None: ...
-    async def aclose(self) -> None: ...
+    def close(self, timeout: float = ...) -> None: ...
+    async def aclose(self, timeout: float = ...) -> None: ...
 
 
 R = TypeVar("R", bound=_Resource)
@@ -124,9 +125,9 @@ def lifespan(
                     await outcome
             yield {ENGINE_KEY if _is_engine(resource) else STATE_KEY: resource}
         finally:
-            # The pytest plugin's loopbridge_app_db outlives every TestClient block of the session.
-            held = cast("Database", resource)
-            if (close or not _is_resource(database)) and not _held.defer_close(held):
+            # The pytest plugin's loopbridge_app_db (or loopbridge_app_engine) outlives every TestClient
+            # block of the session.
+            if (close or not _is_resource(database)) and not _held.defer_close(resource):
                 await resource.aclose()
 
     return run
