@@ -195,7 +195,12 @@ def throwaway_database(admin_dsn: str, prefix: str = "lbt_") -> Iterator[str]:
 
 
 def drop_database(admin_dsn: str, name: str) -> None:
-    """Drop database *name* if it exists, ending the sessions connected to it first (bounded)."""
+    """Drop database *name* if it exists: no new session may connect to it from now on (a pool left open
+    would reconnect), those connected are ended, then it is dropped (bounded)."""
+    found = independent(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name)[0][0]
+    if not found:
+        return
+    admin_command(admin_dsn, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
     deadline = time.monotonic() + WAIT
     while True:
         independent(
