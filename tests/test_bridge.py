@@ -382,6 +382,7 @@ class TestTimeoutsAndCancellation:
 
 
 class TestSyncWaiters:
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_late_wakeup_for_an_abandoned_call_does_not_end_the_next_call_early(self) -> None:
         # A thread reuses one waiter for all its calls: the wakeup of a call it gave up waiting for
         # (its loop was blocked) arrives during its next call, which must still wait for its own result.
@@ -695,6 +696,7 @@ class TestStatsAndWatchdog:
         future.cancel()
         assert recorder.cancelled.wait(WAIT)
 
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_blocked_loop_is_reported_with_the_blocking_stack(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -90,6 +90,7 @@ class TestRows:
 
 
 class TestBackpressure:
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_the_producer_waits_while_the_consumer_is_slow(
         self, db: Database, dsn: str, driver: Driver
     ) -> None:
