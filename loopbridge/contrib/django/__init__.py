@@ -75,17 +75,23 @@ _CLOSE_TIMEOUT = 10.0
 
 
 class _Slot:
-    """One entry, and what it has built: for an alias, what it was built for (``target``)."""
+    """One entry, and what it has built, with what that was built for (for an alias, its target)."""
 
-    __slots__ = ("entry", "real_name", "resource", "target")
+    __slots__ = ("built", "entry", "real_name")
 
     def __init__(self, entry: Entry) -> None:
         self.entry = entry
-        self.resource: _Resource | None = None
-        self.target: tuple[Any, ...] | None = None
+        # One attribute, replaced whole: a lookup without the lock never pairs one build's resource with
+        # another's target.
+        self.built: tuple[_Resource, tuple[Any, ...] | None] | None = None
         # The alias's NAME when Django started (outside any test environment): the real database, which
         # tests must not reach. None when unknown: no guard then.
         self.real_name: object = None
+
+    @property
+    def resource(self) -> _Resource | None:
+        built = self.built
+        return None if built is None else built[0]
 
 
 class _Registry:
@@ -114,11 +120,10 @@ class _Registry:
                 slot = slots[name] = _Slot(entry)
                 settings_dict = _alias_settings(entry) if entry.alias is not None else None
                 # Built now, so that a malformed entry stops Django at startup; nothing connects yet.
-                slot.resource = _build(entry, settings_dict)
-                if settings_dict is not None:
-                    slot.target = target_of(settings_dict)
-                    if not _in_test_environment():
-                        slot.real_name = settings_dict.get("NAME")
+                target = target_of(settings_dict) if settings_dict is not None else None
+                slot.built = (_build(entry, settings_dict), target)
+                if settings_dict is not None and not _in_test_environment():
+                    slot.real_name = settings_dict.get("NAME")
         except BaseException:
             for slot in slots.values():
                 if slot.resource is not None:
@@ -127,35 +132,36 @@ class _Registry:
         with self._lock:
             old, self._slots = self._slots, slots
         for slot in (old or {}).values():
-            if slot.resource is not None and not _held.defer_close(slot.resource):
-                slot.resource.close()
+            resource = slot.resource
+            if resource is not None and not _held.defer_close(resource):
+                resource.close()
 
     def get(self, name: str, kind: str) -> _Resource:
         slot = self.configured().get(name)
         if slot is None or slot.entry.kind != kind:
             raise KeyError(self._missing(name, kind))
-        resource = slot.resource
+        built = slot.built
         if slot.entry.alias is None:
-            assert resource is not None  # built by configure, never dropped
-            return resource
+            assert built is not None  # built by configure, never dropped
+            return built[0]
         # Following an alias: what does it name now? (A few dict lookups: this runs on every lookup.)
         settings_dict = _alias_settings(slot.entry)
         if slot.real_name is not None and _in_test_environment():
             self._refuse_the_real_database(slot, settings_dict)
         target = target_of(settings_dict)
-        if resource is not None and slot.target == target:
-            return resource
+        if built is not None and built[1] == target:
+            return built[0]
         return self._rebuild(slot, settings_dict, target)
 
     def _rebuild(self, slot: _Slot, settings_dict: Mapping[str, Any], target: tuple[Any, ...]) -> _Resource:
         with self._lock:
-            old = slot.resource
-            if old is not None and slot.target == target:  # rebuilt by another thread meanwhile
-                return old
+            built = slot.built
+            if built is not None and built[1] == target:  # rebuilt by another thread meanwhile
+                return built[0]
             new = _build(slot.entry, settings_dict)
-            slot.resource, slot.target = new, target
-        if old is not None:
-            _close_soon(old)
+            slot.built = (new, target)
+        if built is not None:
+            _close_soon(built[0])
         return new
 
     def close_followers(self) -> None:
@@ -165,9 +171,10 @@ class _Registry:
         with self._lock:
             found = []
             for slot in (self._slots or {}).values():
-                if slot.entry.alias is not None and slot.resource is not None:
-                    found.append(slot.resource)
-                    slot.resource, slot.target = None, None
+                resource = slot.resource
+                if slot.entry.alias is not None and resource is not None:
+                    found.append(resource)
+                    slot.built = None
         for resource in found:
             # Even one the pytest plugin holds: a DROP DATABASE that fails would break the test run.
             resource.close(_CLOSE_TIMEOUT)
@@ -185,7 +192,10 @@ class _Registry:
         slots = self._slots
         if slots is None:
             return "not configured yet"
-        return ", ".join(f"{name!r}: {slot.resource!r}" for name, slot in slots.items())
+        return ", ".join(
+            f"{name!r}: {'not built yet' if slot.resource is None else repr(slot.resource)}"
+            for name, slot in slots.items()
+        )
 
     def _missing(self, name: str, kind: str) -> str:
         slot = self.configured().get(name)
