@@ -98,7 +98,8 @@ def lifespan(
     :param close: close a given Database or Engine at shutdown. Pass False when the lifespan may run
         again in this process (several ``TestClient`` blocks on one app) or it outlives the app. One made
         by a factory is always closed. Under the pytest plugin, what it holds for the session
-        (``loopbridge_app_db``) is left open and closed at the session's end instead.
+        (``loopbridge_app_db``, ``loopbridge_app_engine``) is left open and closed at the session's end
+        instead.
     :raises TypeError: if *database* is neither a Database, an Engine nor a callable.
     """
     if not _is_resource(database) and not callable(database):
