@@ -8,7 +8,6 @@ fails with a message saying what to set; it never skips the database tests.
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +16,7 @@ from loopbridge import Bridge, Database
 from loopbridge._servers import NoServerError, Server, find_test_server
 from tests.boundary import Driver
 from tests.pgcluster import PrivateCluster
-from tests.support import CALLER_KINDS, Caller, independent, with_query
+from tests.support import CALLER_KINDS, Caller, throwaway_schema, with_query
 
 # pytester runs the pytest plugin in a project of its own (tests/test_pytest_plugin.py).
 pytest_plugins = ["pytester"]
@@ -62,11 +61,10 @@ def loopbridge_dsn(admin_dsn: str) -> str:
 
 @pytest.fixture
 def schema(admin_dsn: str) -> Iterator[str]:
-    """A schema of this test's own, dropped afterwards."""
-    name = f"lbt_{uuid.uuid4().hex[:12]}"
-    independent(admin_dsn, f"CREATE SCHEMA {name}")
-    yield name
-    independent(admin_dsn, f"DROP SCHEMA {name} CASCADE")
+    """A schema of this test's own, dropped afterwards (even if a session the test left, in a child
+    process say, still holds a lock in it)."""
+    with throwaway_schema(admin_dsn) as name:
+        yield name
 
 
 @pytest.fixture

@@ -10,8 +10,11 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -133,11 +136,105 @@ def independent(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
     return run_loop(go)
 
 
+def admin_command(dsn: str, command: str, *args: Any) -> str:
+    """Run *command* outside any transaction (CREATE/DROP DATABASE), over a connection of its own."""
+
+    async def go() -> str:
+        con = await asyncpg.connect(dsn, timeout=10)
+        try:
+            status: str = await con.execute(command, *args)
+            return status
+        finally:
+            await con.close()
+
+    return run_loop(go)
+
+
+def _drop_when_free(admin_dsn: str, drop: str, holders: str, name: str) -> None:
+    """Run *drop*; if sessions still hold what it drops (a child process killed in the middle of a
+    statement leaves its backend running until the statement ends), end those sessions first."""
+    try:
+        admin_command(admin_dsn, drop)
+    except (asyncpg.LockNotAvailableError, asyncpg.ObjectInUseError):
+        terminate = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {holders}"
+        independent(admin_dsn, terminate, name)
+        admin_command(admin_dsn, drop)
+
+
+@contextmanager
+def throwaway_schema(admin_dsn: str, prefix: str = "lbt_") -> Iterator[str]:
+    """``with throwaway_schema(admin_dsn) as name``: a new schema, dropped afterwards whatever happened,
+    even if a session (a child process, a leaked pool) still holds a lock in it."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    independent(admin_dsn, f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        # The sessions holding locks on objects of the schema are those whose search_path or
+        # application_name is the schema (tests tag their DSNs so), or that block the drop.
+        holders = (
+            "pid <> pg_backend_pid() AND (application_name = $1 OR pid IN (SELECT l.pid FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1))"
+        )
+        # One implicit transaction: the lock timeout holds for the DROP only.
+        drop = f"SET LOCAL lock_timeout = '5s'; DROP SCHEMA IF EXISTS {name} CASCADE"
+        _drop_when_free(admin_dsn, drop, holders, name)
+
+
+@contextmanager
+def throwaway_database(admin_dsn: str, prefix: str = "lbt_") -> Iterator[str]:
+    """``with throwaway_database(admin_dsn) as name``: a new database, dropped afterwards whatever
+    happened (the sessions still connected to it are ended first)."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    admin_command(admin_dsn, f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        drop_database(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop database *name* if it exists: no new session may connect to it from now on (a pool left open
+    would reconnect), those connected are ended, then it is dropped (bounded)."""
+    found = independent(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name)[0][0]
+    if not found:
+        return
+    admin_command(admin_dsn, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    deadline = time.monotonic() + WAIT
+    while True:
+        independent(
+            admin_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 "
+            "AND pid <> pg_backend_pid()",
+            name,
+        )
+        try:
+            admin_command(admin_dsn, f'DROP DATABASE IF EXISTS "{name}"')
+            return
+        except asyncpg.ObjectInUseError:  # a terminated session had not exited yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def on_database(dsn: str, database: str) -> str:
+    """*dsn* on another database of the same server."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
 def with_query(dsn: str, **params: str) -> str:
     """*dsn* with query parameters added (asyncpg passes unknown ones on as server settings)."""
     extra = "&".join(f"{key}={value}" for key, value in params.items())
     return f"{dsn}{'&' if '?' in dsn else '?'}{extra}"
 
+
+#: What a script that sends itself SIGINT (a test of Ctrl-C) runs first. A process started with SIGINT
+#: ignored (``nohup``, ``trap '' INT`` in a script: the test suite run in the background) passes that on
+#: to its children, and Python then installs no KeyboardInterrupt handler: the signal would be dropped and
+#: the test would wait for its timeout. Each such script says so at its top, in these words.
+CTRL_C = "signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 #: The strictest interpreter: asyncio debug mode, ResourceWarnings shown, every warning an error.
 STRICT = ("-X", "dev", "-W", "error")
@@ -158,6 +255,9 @@ def run_script(
     "Executing <...> took 0.123 seconds" report (``-X dev`` turns debug mode on): on this shared, loaded
     machine any callback may take 100 ms, and a sync call from a running loop blocks that loop by design.
     """
+    # A script that interrupts itself must not depend on the SIGINT disposition it inherited.
+    sends_sigint = "SIGINT" in code and any(send in code for send in _SENDERS)
+    assert not sends_sigint or CTRL_C in code, f"a script sending SIGINT must run {CTRL_C} first"
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, *flags, "-c", textwrap.dedent(code), *args],
@@ -173,5 +273,8 @@ def run_script(
     assert stderr == "", f"unexpected stderr:\n{proc.stderr}"
     return proc.stdout
 
+
+#: How a script may send itself a signal.
+_SENDERS = ("pthread_kill", "raise_signal", "os.kill", "killpg", "interrupt_main")
 
 _SLOW_CALLBACK = re.compile(r"^Executing <.*> took \d+\.\d+ seconds$")

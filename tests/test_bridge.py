@@ -372,6 +372,7 @@ class TestTimeoutsAndCancellation:
         out = run_script(
             """
             import asyncio, signal, threading
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Bridge
             cancelled = threading.Event()
             async def sleeper():
@@ -398,6 +399,7 @@ class TestTimeoutsAndCancellation:
 
 
 class TestSyncWaiters:
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_late_wakeup_for_an_abandoned_call_does_not_end_the_next_call_early(self) -> None:
         # A thread reuses one waiter for all its calls: the wakeup of a call it gave up waiting for
         # (its loop was blocked) arrives during its next call, which must still wait for its own result.
@@ -711,6 +713,7 @@ class TestStatsAndWatchdog:
         future.cancel()
         assert recorder.cancelled.wait(WAIT)
 
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_blocked_loop_is_reported_with_the_blocking_stack(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:

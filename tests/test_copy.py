@@ -209,6 +209,7 @@ class TestFileIn:
         out = run_script(
             """
             import signal, sys, threading, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Database
             db = Database(sys.argv[1])
             db.execute("CREATE TABLE copied (id int)")

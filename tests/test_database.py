@@ -383,6 +383,7 @@ class TestPool:
         with pytest.raises(ConfigurationError, match="_size must be"):
             Database(dsn, min_size=min_size, max_size=max_size)
 
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_an_exhausted_pool_raises_pool_timeout_error(
         self, dsn: str, bridge: Bridge, caller: Caller
     ) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,10 +21,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client
 
 from loopbridge import Database
+from loopbridge._dsn import parse_dsn
 from loopbridge.contrib import _held
-from loopbridge.contrib.django import Databases, build, databases
+from loopbridge.contrib.django import Databases, Engines, _build, databases, engines
+from loopbridge.contrib.django._settings import Entry, alias_dsn
+from loopbridge.sqlalchemy import Engine
 from tests.servers import Served, free_port, python, serve
-from tests.support import WAIT, independent, run_loop, run_script, with_query
+from tests.support import WAIT, independent, run_loop, run_script, throwaway_schema, with_query
 
 SETTINGS = "tests.apps.djangoproject.settings"
 HITS = "CREATE TABLE hits (id serial PRIMARY KEY, kind text NOT NULL)"
@@ -34,29 +36,31 @@ HITS = "CREATE TABLE hits (id serial PRIMARY KEY, kind text NOT NULL)"
 @pytest.fixture(scope="session")
 def django_dsn(admin_dsn: str) -> Iterator[str]:
     """Django set up once in this process, on a schema of its own for the whole session."""
-    schema = f"lbt_django_{uuid.uuid4().hex[:8]}"
-    independent(admin_dsn, f"CREATE SCHEMA {schema}")
-    dsn = with_query(admin_dsn, search_path=schema, application_name=schema)
-    independent(dsn, HITS)
-    # The settings module reads $LOOPBRIDGE_DSN when django.setup() imports it; only then.
-    saved = {name: os.environ.get(name) for name in ("LOOPBRIDGE_DSN", "DJANGO_SETTINGS_MODULE")}
-    os.environ.update(LOOPBRIDGE_DSN=dsn, DJANGO_SETTINGS_MODULE=SETTINGS)
-    try:
-        django.setup()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    yield dsn
-    databases.close_all()
-    independent(admin_dsn, f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_schema(admin_dsn, "lbt_django_") as schema:
+        dsn = with_query(admin_dsn, search_path=schema, application_name=schema)
+        independent(dsn, HITS)
+        # The settings module reads $LOOPBRIDGE_DSN when django.setup() imports it; only then.
+        saved = {name: os.environ.get(name) for name in ("LOOPBRIDGE_DSN", "DJANGO_SETTINGS_MODULE")}
+        os.environ.update(LOOPBRIDGE_DSN=dsn, DJANGO_SETTINGS_MODULE=SETTINGS)
+        try:
+            django.setup()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        try:
+            yield dsn
+        finally:
+            databases.close_all()
 
 
 class TestTestClients:
-    def test_the_app_builds_the_databases_of_the_settings(self, django_dsn: str) -> None:
+    def test_the_app_builds_the_databases_and_engines_of_the_settings(self, django_dsn: str) -> None:
         assert list(databases) == ["default"]
+        assert list(engines) == ["orm"]
+        assert isinstance(engines["orm"], Engine)
         db = databases["default"]
         assert isinstance(db, Database)
         assert "search_path=lbt_django_" in db.dsn
@@ -78,6 +82,20 @@ class TestTestClients:
         assert body["loop"] is not None
         assert body["bridge_loop_is_this_loop"] is False
 
+    def test_engine_views_under_wsgi(self, django_dsn: str) -> None:
+        ids = [Client().get(path).json()["id"] for path in ("/engine-sync", "/engine-async", "/engine-async")]
+        rows = independent(django_dsn, "SELECT kind FROM hits WHERE id = ANY($1) ORDER BY id", ids)
+        assert [row[0] for row in rows] == ["engine-sync", "engine-async", "engine-async"]
+
+    @pytest.mark.asyncio
+    async def test_engine_views_under_asgi(self, django_dsn: str) -> None:
+        synced = (await AsyncClient().get("/engine-sync")).json()
+        awaited = (await AsyncClient().get("/engine-async")).json()
+        assert synced["loop"] is None  # the thread-sensitive executor, blocking on the bridge
+        assert awaited["loop"] is not None
+        assert awaited["bridge_loop_is_this_loop"] is False
+        assert engines["orm"].bridge is databases["default"].bridge  # one bridge thread for both
+
     @pytest.mark.asyncio
     async def test_sync_view_under_asgi_runs_in_the_thread_sensitive_executor(self, django_dsn: str) -> None:
         responses = await asyncio.gather(*(AsyncClient().get("/sync") for _ in range(5)))
@@ -86,13 +104,55 @@ class TestTestClients:
         assert len({body["id"] for body in bodies}) == 5
 
 
+def build(setting: Any) -> Databases:
+    """The Databases (and, through ``Engines(built._registry)``, the Engines) of a LOOPBRIDGE setting."""
+    registry = Databases()
+    registry.configure(setting)
+    return registry
+
+
 class TestSettings:
     def test_each_entry_becomes_a_database_with_its_options(self, admin_dsn: str) -> None:
         built = build({"default": {"dsn": admin_dsn, "max_size": 3}, "other": {"dsn": admin_dsn}})
         assert sorted(built) == ["default", "other"]
         assert built["default"].stats().max_size == 3
-        for db in built.values():
-            db.close()
+        built.close_all()
+
+    def test_an_entry_of_kind_engine_becomes_a_sqlalchemy_engine(self, dsn: str, schema: str) -> None:
+        built = build({"default": {"dsn": dsn}, "orm": {"dsn": dsn, "kind": "engine", "pool_size": 1}})
+        engines = Engines(built._registry)
+        try:
+            assert list(built) == ["default"]
+            assert list(engines) == ["orm"]
+            assert isinstance(engines["orm"], Engine)
+            assert (
+                engines["orm"].run_sync(lambda c: c.exec_driver_sql("SELECT current_schema()").scalar())
+                == schema
+            )
+            with pytest.raises(
+                KeyError, match=r"builds an Engine \('kind': 'engine'\): use .*engines\['orm'\]"
+            ):
+                built["orm"]
+            with pytest.raises(KeyError, match=r"builds a Database: use .*databases\['default'\]"):
+                engines["default"]
+            assert "orm" not in built
+            assert "orm" in engines
+        finally:
+            built.close_all()
+        assert engines["orm"].closed
+
+    def test_an_entry_without_a_dsn_names_the_setting_to_set(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("LOOPBRIDGE_DSN", raising=False)
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        with pytest.raises(ImproperlyConfigured) as caught:
+            build({"default": {"max_size": 2}})
+        message = str(caught.value)
+        assert (
+            "settings.LOOPBRIDGE['default'] has no DSN: set settings.LOOPBRIDGE['default']['dsn'] ="
+            in message
+        )
+        assert "settings.LOOPBRIDGE['default']['alias'] = 'default'" in message
+        assert "Database(" not in message  # not the library's own advice: this is a Django setting
 
     @pytest.mark.parametrize(
         ("setting", "message"),
@@ -108,6 +168,16 @@ class TestSettings:
                 {"default": {"dsn": "postgresql://h/db", "command_timout": 3}},
                 "did you mean 'command_timeout'",
             ),
+            ({"default": {"dns": "postgresql://h/db"}}, r"has the key 'dns': did you mean 'dsn'\?"),
+            ({"default": {"DSN": "postgresql://h/db"}}, r"has the key 'DSN': did you mean 'dsn'\?"),
+            ({"default": {"alais": "default"}}, r"has the key 'alais': did you mean 'alias'\?"),
+            ({"default": {"engine": True}}, r"has the key 'engine': did you mean 'kind': 'engine'\?"),
+            ({"default": {"dsn": "postgresql://h/db", "kind": "orm"}}, r"\['kind'\] is 'orm': it must be"),
+            (
+                {"default": {"dsn": "postgresql://h/db", "alias": "default"}},
+                r"has both 'dsn' and 'alias': give one",
+            ),
+            ({"default": {"alias": 1}}, r"\['alias'\] must be the name of a DATABASES entry"),
         ],
     )
     def test_a_bad_setting_says_which_entry_and_what_to_do(self, setting: Any, message: str) -> None:
@@ -129,6 +199,19 @@ class TestSettings:
         with pytest.raises(KeyError, match="defines 'default'"):
             databases["analytics"]
 
+    def test_an_alias_settings_databases_lacks_lists_the_defined_ones(self, django_dsn: str) -> None:
+        with pytest.raises(
+            ImproperlyConfigured, match=r"\['alias'\] is 'nope', which settings.DATABASES does not"
+        ):
+            build({"default": {"alias": "nope"}})
+
+    def test_an_alias_that_is_not_postgresql_is_refused(self, django_dsn: str) -> None:
+        # The test project has no ORM database: Django's dummy backend stands in for DATABASES['default'].
+        with pytest.raises(
+            ImproperlyConfigured, match=r"names DATABASES\['default'\], whose ENGINE is 'django"
+        ):
+            build({"default": {"alias": "default"}})
+
     def test_close_all_leaves_the_database_the_pytest_plugin_holds_to_the_plugin(self, dsn: str) -> None:
         # loopbridge_app_db may be a Django app's Database; the plugin closes it when the session ends.
         registry = Databases()
@@ -143,6 +226,156 @@ class TestSettings:
         finally:
             assert _held.release(held)  # the close it asked for is the plugin's to do now
             held.close()
+
+
+POSTGRESQL = "django.db.backends.postgresql"
+ALIASED = Entry("default", "database", None, "default")
+
+
+def databases_entry(admin_dsn: str, **changes: Any) -> dict[str, Any]:
+    """A DATABASES entry for the test server, as a Django project would write it."""
+    info = parse_dsn(admin_dsn)
+    entry = {
+        "ENGINE": POSTGRESQL,
+        "NAME": info.database,
+        "HOST": info.hosts[0],
+        "PORT": info.ports[0],
+        "USER": info.user,
+        "PASSWORD": info.password or "",
+        "OPTIONS": {},
+    }
+    return {**entry, **changes}
+
+
+class TestTheDsnOfAnAlias:
+    def test_host_port_user_name_and_options_reach_the_server(self, admin_dsn: str, schema: str) -> None:
+        options = {
+            "application_name": schema,
+            "options": f"-c search_path={schema} --statement-timeout=4000",
+            "connect_timeout": "7",
+            "sslmode": "disable",
+            "isolation_level": 1,  # the ORM's: left to it
+            "server_side_binding": True,
+        }
+        settings_dict = databases_entry(admin_dsn, OPTIONS=options)
+        db = _build(ALIASED, settings_dict)
+        assert isinstance(db, Database)
+        try:
+            row = db.fetchrow(
+                "SELECT current_database() AS name, current_schema() AS schema, "
+                "current_setting('statement_timeout') AS timeout, current_setting('application_name') AS app"
+            )
+            assert row is not None
+            assert dict(row) == {
+                "name": settings_dict["NAME"],
+                "schema": schema,
+                "timeout": "4s",
+                "app": schema,
+            }
+        finally:
+            db.close()
+        assert alias_dsn(ALIASED, settings_dict)[1] == {"timeout": 7.0}  # connect_timeout: asyncpg's timeout
+
+    @pytest.mark.parametrize(
+        ("changes", "dsn"),
+        [
+            ({}, "postgresql://app@db:5432/shop"),
+            ({"PORT": 6432}, "postgresql://app@db:6432/shop"),
+            ({"HOST": "", "PORT": ""}, "postgresql://app@/shop"),
+            ({"HOST": "", "PORT": "5433"}, "postgresql://app@/shop?port=5433"),
+            (
+                {"HOST": "/var/run/postgresql"},
+                "postgresql://app@/shop?host=%2Fvar%2Frun%2Fpostgresql&port=5432",
+            ),
+            ({"HOST": "db1,db2", "PORT": ""}, "postgresql://app@db1,db2/shop"),
+            ({"HOST": "db1,db2", "PORT": "5432"}, "postgresql://app@db1:5432,db2:5432/shop"),
+            ({"HOST": "db1,db2", "PORT": "1,2"}, "postgresql://app@db1:1,db2:2/shop"),
+            ({"HOST": "::1"}, "postgresql://app@[::1]:5432/shop"),
+            ({"USER": "", "NAME": "a/b c"}, "postgresql://db:5432/a%2Fb%20c"),
+            (
+                {"OPTIONS": {"target_session_attrs": "read-write"}},
+                "postgresql://app@db:5432/shop?target_session_attrs=read-write",
+            ),
+        ],
+    )
+    def test_the_dsn_reads_the_entry_as_djangos_backend_does(self, changes: dict[str, Any], dsn: str) -> None:
+        settings_dict = {
+            "ENGINE": POSTGRESQL,
+            "NAME": "shop",
+            "HOST": "db",
+            "PORT": "5432",
+            "USER": "app",
+            **changes,
+        }
+        assert alias_dsn(ALIASED, settings_dict)[0] == dsn
+
+    def test_the_password_is_percent_encoded_and_never_shown(self) -> None:
+        secret = "hunter2 s/e@c:r#t"
+        settings_dict = {
+            "ENGINE": POSTGRESQL,
+            "NAME": "shop",
+            "HOST": "db",
+            "USER": "app",
+            "PASSWORD": secret,
+        }
+        db = _build(ALIASED, settings_dict)
+        assert isinstance(db, Database)
+        assert parse_dsn(alias_dsn(ALIASED, settings_dict)[0]).password == secret
+        assert "hunter2" not in repr(db) + db.dsn
+        db.close()
+        with pytest.raises(
+            ImproperlyConfigured, match=r"LOOPBRIDGE\['default'\] \(the server of DATABASES"
+        ) as caught:
+            _build(ALIASED, {**settings_dict, "PORT": "99999"})
+        assert "hunter2" not in str(caught.value)
+        assert "s%2Fe%40c" not in str(caught.value)
+
+    @pytest.mark.parametrize(
+        ("changes", "message"),
+        [
+            (
+                {"ENGINE": "django.db.backends.sqlite3"},
+                r"whose ENGINE is 'django.db.backends.sqlite3': loopbridge",
+            ),
+            (
+                {"OPTIONS": {"keepalives": 1}},
+                r"whose OPTIONS has 'keepalives', which loopbridge cannot pass on",
+            ),
+            (
+                {"OPTIONS": {"options": "-c"}},
+                r"OPTIONS\['options'\] is '-c': loopbridge reads '-c name=value'",
+            ),
+            ({"OPTIONS": {"connect_timeout": "soon"}}, r"\['connect_timeout'\] must be a number of seconds"),
+            ({"HOST": "/tmp,db"}, r"HOST'\] mixes socket directories and host names"),
+            ({"HOST": "a,b,c", "PORT": "1,2"}, r"lists 3 HOST\(s\) but 2 PORTs"),
+        ],
+    )
+    def test_what_loopbridge_cannot_follow_is_refused_naming_the_setting(
+        self, changes: dict[str, Any], message: str
+    ) -> None:
+        settings_dict = {
+            "ENGINE": POSTGRESQL,
+            "NAME": "shop",
+            "HOST": "db",
+            "PORT": "5432",
+            "USER": "app",
+            **changes,
+        }
+        with pytest.raises(ImproperlyConfigured, match=message):
+            alias_dsn(ALIASED, settings_dict)
+
+    def test_an_engine_gets_connect_timeout_among_its_connect_args(self, admin_dsn: str, schema: str) -> None:
+        entry = Entry("orm", "engine", None, "default", {"pool_size": 1})
+        engine = _build(
+            entry,
+            databases_entry(admin_dsn, OPTIONS={"connect_timeout": 3, "options": f"-c search_path={schema}"}),
+        )
+        assert isinstance(engine, Engine)
+        try:
+            assert engine._connect_args["timeout"] == 3.0
+            assert engine.run_sync(lambda c: c.exec_driver_sql("SELECT current_schema()").scalar()) == schema
+        finally:
+            engine.close()
 
 
 AT_EXIT = """
@@ -248,16 +481,22 @@ def kinds(dsn: str) -> list[tuple[str, int]]:
     return [(row[0], row[1]) for row in rows]
 
 
-def hit_both(served: Served, count: int) -> list[dict[str, Any]]:
+PATHS = ("/sync", "/async", "/engine-sync", "/engine-async")
+
+
+def hit_all(served: Served, count: int) -> list[dict[str, Any]]:
+    """*count* requests at once, spread over the four views."""
+
     async def go() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(base_url=served.url, timeout=WAIT) as client:
-            responses = await asyncio.gather(
-                *(client.get("/async" if n % 2 else "/sync") for n in range(count))
-            )
+            responses = await asyncio.gather(*(client.get(PATHS[n % len(PATHS)]) for n in range(count)))
         assert [response.status_code for response in responses] == [200] * count, served.output()
         return [response.json() for response in responses]
 
     return run_loop(go, timeout=90)
+
+
+EVERY_VIEW_TEN_TIMES = [("async", 10), ("engine-async", 10), ("engine-sync", 10), ("sync", 10)]
 
 
 @pytest.mark.slow
@@ -271,14 +510,14 @@ class TestServers:
             "--port", str(port), "--lifespan", "off", "--no-access-log",
         )  # fmt: skip
         with serve(argv, port=port, env=django_env) as served:
-            bodies = hit_both(served, 40)
+            bodies = hit_all(served, 40)
             served.stop()
             assert "Traceback" not in served.output()
         sync = [body for body in bodies if "bridge_loop_is_this_loop" not in body]
         asynchronous = [body for body in bodies if "bridge_loop_is_this_loop" in body]
         assert all(body["loop"] is None for body in sync)  # the thread-sensitive executor
         assert all(body["loop"] and not body["bridge_loop_is_this_loop"] for body in asynchronous)
-        assert kinds(dsn) == [("async", 20), ("sync", 20)]
+        assert kinds(dsn) == EVERY_VIEW_TEN_TIMES
         assert no_backends_left(admin_dsn, schema)  # closed at exit, by every worker
 
     def test_wsgi_under_gunicorn(
@@ -290,9 +529,9 @@ class TestServers:
             "--workers", "2", "--worker-class", "gthread", "--threads", "4", "--graceful-timeout", "5",
         )  # fmt: skip
         with serve(argv, port=port, env=django_env) as served:
-            bodies = hit_both(served, 40)
+            bodies = hit_all(served, 40)
             assert served.stop() == 0
             assert "Traceback" not in served.output()
         assert all(body.get("bridge_loop_is_this_loop") in (None, False) for body in bodies)
-        assert kinds(dsn) == [("async", 20), ("sync", 20)]
+        assert kinds(dsn) == EVERY_VIEW_TEN_TIMES
         assert no_backends_left(admin_dsn, schema)  # closed at exit, by every worker

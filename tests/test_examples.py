@@ -15,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from tests.servers import ROOT, free_port, serve
-from tests.support import WAIT, independent, with_query
+from tests.support import WAIT, independent, throwaway_schema, with_query
 
 EXAMPLES = ROOT / "examples"
 
@@ -90,10 +89,8 @@ def tables(dsn: str, schema: str) -> set[str]:
 @pytest.fixture(scope="class")
 def one_schema(admin_dsn: str) -> Iterator[tuple[str, str]]:
     """``(dsn, schema)``: one schema for every example in turn, as one database is for a user."""
-    schema = f"lbt_examples_{uuid.uuid4().hex[:8]}"
-    independent(admin_dsn, f"CREATE SCHEMA {schema}")
-    yield with_query(admin_dsn, search_path=schema), schema
-    independent(admin_dsn, f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_schema(admin_dsn, "lbt_examples_") as schema:
+        yield with_query(admin_dsn, search_path=schema), schema
 
 
 def test_every_example_is_covered() -> None:

@@ -164,6 +164,7 @@ class TestSilence:
         # Nothing reached the server either, not even the client's going: its backend is still there.
         assert backend_exists(target_dsn, pid)
 
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_new_connection_is_accepted_and_hears_nothing(self, proxy: FaultProxy, through: str) -> None:
         proxy.silence()
 

@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 from flask import Flask
+from sqlalchemy import text
 
-from loopbridge import ConfigurationError, Database
-from loopbridge.contrib.flask import LoopBridge, get_database
+from loopbridge import Bridge, ConfigurationError, Database
+from loopbridge.contrib.flask import LoopBridge, get_database, get_engine
+from loopbridge.sqlalchemy import Engine
 from tests.servers import Served, free_port, python, serve
 from tests.support import WAIT, independent
 
@@ -113,6 +115,106 @@ class TestExtension:
         lb.database.close()
 
 
+NOTE = text("INSERT INTO notes (kind) VALUES (:kind) RETURNING id")
+
+
+def make_engine_app(dsn: str) -> tuple[Flask, LoopBridge]:
+    app = Flask("lbengine")
+    app.config.update(
+        LOOPBRIDGE_DSN=dsn, LOOPBRIDGE_KIND="engine", LOOPBRIDGE_OPTIONS={"pool_size": 2, "max_overflow": 0}
+    )
+    lb = LoopBridge(app)
+
+    @app.post("/sync")
+    def sync_view() -> dict[str, Any]:
+        with lb.engine.session() as session:
+            return {"id": session.scalar(NOTE, {"kind": "sync"}), "same": lb.engine is get_engine()}
+
+    @app.post("/async")
+    async def async_view() -> dict[str, Any]:
+        async with lb.engine.session() as session:
+            return {"id": await session.scalar(NOTE, {"kind": "async"}), "same": lb.engine is get_engine()}
+
+    @app.post("/fails")
+    def failing_view() -> dict[str, Any]:
+        with lb.engine.session() as session:
+            session.execute(NOTE, {"kind": "rolled back"})
+            raise LookupError("the scope rolls back")
+
+    return app, lb
+
+
+class TestEngine:
+    def test_kind_engine_serves_sync_and_async_views_with_session_scopes(self, dsn: str) -> None:
+        independent(dsn, "CREATE TABLE notes (id serial PRIMARY KEY, kind text NOT NULL)")
+        app, lb = make_engine_app(dsn)
+        engine = lb.engine
+        assert isinstance(engine, Engine)
+        try:
+            client = app.test_client()
+            for _ in range(2):  # the async view gets a new loop per request
+                assert client.post("/sync").get_json()["same"] is True
+                assert client.post("/async").get_json()["same"] is True
+            app.testing = False  # the view's error becomes a 500, as in production
+            assert client.post("/fails").status_code == 500
+            assert lb.engine is engine  # one per process, not per request
+        finally:
+            engine.close()
+        rows = independent(dsn, "SELECT kind FROM notes ORDER BY id")
+        assert [row[0] for row in rows] == ["sync", "async", "sync", "async"]
+
+    def test_an_app_with_an_engine_says_so_when_asked_for_a_database(self, dsn: str) -> None:
+        app, lb = make_engine_app(dsn)
+        try:
+            with (
+                app.app_context(),
+                pytest.raises(RuntimeError, match=r"has a loopbridge.sqlalchemy Engine .*lb\.engine"),
+            ):
+                get_database()
+        finally:
+            lb.engine.close()
+        app, lb = make_app(dsn)
+        try:
+            with pytest.raises(
+                RuntimeError, match=r"has a loopbridge Database, no Engine: set .*LOOPBRIDGE_KIND"
+            ):
+                lb.engine  # noqa: B018
+        finally:
+            lb.database.close()
+
+    def test_a_given_engine_and_database_are_used_as_is(self, db: Database, dsn: str, bridge: Bridge) -> None:
+        engine = Engine(dsn, bridge=bridge)
+        lb = LoopBridge(Flask("given"), database=db, engine=engine)
+        assert lb.database is db
+        assert lb.engine is engine
+
+    def test_an_unknown_kind_names_the_config_key(self, dsn: str) -> None:
+        app = Flask("bad-kind")
+        app.config.update(LOOPBRIDGE_DSN=dsn, LOOPBRIDGE_KIND="sqlalchemy")
+        with pytest.raises(
+            ConfigurationError, match=r"app.config\['LOOPBRIDGE_KIND'\] is 'sqlalchemy'; it must be"
+        ):
+            LoopBridge(app)
+
+    def test_an_engine_option_error_names_the_config_keys(self, dsn: str) -> None:
+        app = Flask("bad-option")
+        app.config.update(LOOPBRIDGE_DSN=dsn, LOOPBRIDGE_KIND="engine", LOOPBRIDGE_OPTIONS={"pool_sise": 2})
+        with pytest.raises(ConfigurationError, match=r"LOOPBRIDGE_DSN / LOOPBRIDGE_OPTIONS.*pool_sise"):
+            LoopBridge(app)
+
+    @pytest.mark.parametrize("kind", ["database", "engine"])
+    def test_no_dsn_at_all_names_the_config_key(self, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("LOOPBRIDGE_DSN", raising=False)
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        app = Flask("no-dsn")
+        app.config["LOOPBRIDGE_KIND"] = kind
+        with pytest.raises(
+            ConfigurationError, match=r"has no DSN: set app.config\['LOOPBRIDGE_DSN'\] ="
+        ) as caught:
+            LoopBridge(app)
+        assert "Database(" not in str(caught.value)
+
+
 def post(served: Served, path: str) -> dict[str, Any]:
     response = httpx.post(served.url + path, timeout=WAIT)
     assert response.status_code == 200, served.output()
@@ -171,3 +273,26 @@ class TestGunicornPreload:
         while backends(admin_dsn, schema) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert backends(admin_dsn, schema) == set()  # everyone closed their pools at exit
+
+
+@pytest.mark.slow
+def test_an_engine_under_gunicorn_preload_serves_from_every_worker(
+    dsn: str, admin_dsn: str, schema: str
+) -> None:
+    port = free_port()
+    argv = python(
+        "-m", "gunicorn", "tests.apps.flask_engine_app:app", "--preload", "--workers", "2",
+        "--worker-class", "sync", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+    )  # fmt: skip
+    with serve(argv, port=port, env={"LOOPBRIDGE_DSN": dsn}) as served:
+        answers = serve_until(served, want=2)
+        assert served.proc.pid not in {a["worker"] for a in answers}  # the master only made the table
+        assert served.stop() == 0
+        assert "Traceback" not in served.output()
+    rows = independent(dsn, "SELECT kind, count(*) FROM engine_hits GROUP BY kind ORDER BY kind")
+    assert sum(row[1] for row in rows) == len(answers)
+    assert [row[0] for row in rows] == ["async", "sync"]
+    deadline = time.monotonic() + 10
+    while backends(admin_dsn, schema) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert backends(admin_dsn, schema) == set()  # every worker closed its engine at exit

@@ -9,14 +9,13 @@ sees what the test before it wrote.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
 from loopbridge import Database
-from tests.support import independent, with_query
+from tests.support import throwaway_schema, with_query
 
 #: The loops the module fixture and the tests ran on, kept alive so that they can be told apart.
 LOOPS: dict[str, asyncio.AbstractEventLoop] = {}
@@ -24,15 +23,15 @@ LOOPS: dict[str, asyncio.AbstractEventLoop] = {}
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_db(admin_dsn: str) -> AsyncIterator[Database]:
-    schema = f"lbt_asyncio_{uuid.uuid4().hex[:8]}"
-    independent(admin_dsn, f"CREATE SCHEMA {schema}")
-    LOOPS["module"] = asyncio.get_running_loop()
-    db = Database(with_query(admin_dsn, search_path=schema), max_size=2)
-    await db.aopen()  # the pool is created now, "on" the module's loop: in fact on the bridge's
-    await db.aexecute("CREATE TABLE steps (n int PRIMARY KEY)")
-    yield db
-    await db.aclose()
-    independent(admin_dsn, f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_schema(admin_dsn, "lbt_asyncio_") as schema:
+        LOOPS["module"] = asyncio.get_running_loop()
+        db = Database(with_query(admin_dsn, search_path=schema), max_size=2)
+        try:
+            await db.aopen()  # the pool is created now, "on" the module's loop: in fact on the bridge's
+            await db.aexecute("CREATE TABLE steps (n int PRIMARY KEY)")
+            yield db
+        finally:
+            await db.aclose()
 
 
 async def step(db: Database, n: int) -> list[int]:

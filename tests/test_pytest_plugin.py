@@ -482,3 +482,263 @@ def test_the_readme_recipe_works_with_the_readme_fastapi_quickstart(
     assert (pytester.path / "app_db_at_teardown.txt").read_text() == "42"
     assert (pytester.path / "app_db_closed.txt").read_text() == "True"
     assert independent(dsn, "SELECT to_regclass('users')")[0][0] is None  # created in rolled-back tests
+
+
+# -- loopbridge_rollback_engine: an application's loopbridge.sqlalchemy Engine, rolled back per test ----
+
+ENGINE_APP = """
+from fastapi import FastAPI
+from sqlalchemy import func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from loopbridge.contrib.fastapi import SessionDep, SyncSessionDep, lifespan
+from loopbridge.sqlalchemy import Engine
+
+engine = Engine(pool_size=2, max_overflow=0)  # $LOOPBRIDGE_DSN, as an application would
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Visit(Base):
+    __tablename__ = "engine_visits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    who: Mapped[str]
+
+
+COUNT = select(func.count()).select_from(Visit)
+
+
+async def create_tables(engine):
+    await engine.arun_sync(Base.metadata.create_all)
+
+
+app = FastAPI(lifespan=lifespan(engine, setup=create_tables))  # closes the engine at shutdown
+
+
+@app.post("/visits/{who}")
+async def visit(who: str, session: SessionDep):
+    session.add(Visit(who=who))
+    await session.flush()
+    return {"count": await session.scalar(COUNT)}
+
+
+@app.get("/count")
+def count(session: SyncSessionDep):
+    return session.scalar(COUNT)
+
+
+def record(who):
+    with engine.session() as session:
+        session.add(Visit(who=who))
+
+
+async def arecord(who):
+    async with engine.session() as session:
+        session.add(Visit(who=who))
+
+
+def visits():
+    with engine.session() as session:
+        return session.scalar(COUNT)
+
+
+async def avisits():
+    async with engine.session() as session:
+        return await session.scalar(COUNT)
+"""
+
+ENGINE_CONFTEST = """
+import atexit
+
+import pytest
+from sqlalchemy import text
+
+import app
+
+
+@pytest.fixture(scope="session")
+def loopbridge_app_engine():
+    app.engine.run_sync(app.Base.metadata.create_all)  # committed, before any test's transaction
+    yield app.engine
+    # Its own teardown may still use it: the plugin closes it only once the session is over.
+    with open("engine_at_teardown.txt", "w") as out:
+        out.write(repr(app.engine.run_sync(lambda c: c.execute(text("SELECT 42")).scalar())))
+
+
+@atexit.register
+def closed_by_then():
+    with open("engine_closed.txt", "w") as out:
+        out.write(repr(app.engine.closed))
+"""
+
+ENGINE_TESTS = """
+import asyncio
+import os
+import threading
+
+import asyncpg
+import pytest
+from fastapi.testclient import TestClient
+
+import app
+
+pytestmark = pytest.mark.usefixtures("loopbridge_rollback_engine")
+
+
+def test_sync_sessions_see_each_others_writes():
+    app.record("a")
+    app.record("b")
+    assert app.visits() == 2
+
+
+def test_from_a_thread():
+    thread = threading.Thread(target=app.record, args=("thread",))
+    thread.start()
+    thread.join(30)
+    assert app.visits() == 1
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_function_loop():
+    await app.arecord("function")
+    assert await app.avisits() == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_module_loop():
+    await app.arecord("module")
+    await app.arecord("module again")
+    assert await app.avisits() == 2
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_session_loop():
+    await app.arecord("session")
+    assert app.visits() == 1  # a blocking call inside the test's running loop
+
+
+def test_a_fastapi_app_driven_by_a_test_client():
+    with TestClient(app.app) as client:  # runs the lifespan: setup, and a close the plugin defers
+        assert client.post("/visits/ada").json() == {"count": 1}
+        assert client.post("/visits/bob").json() == {"count": 2}
+        assert client.get("/count").json() == 2
+
+
+def test_a_second_test_client_on_the_same_engine():
+    with TestClient(app.app) as client:
+        assert client.post("/visits/cy").json() == {"count": 1}
+    assert app.visits() == 1
+
+
+def test_nothing_is_committed_while_the_test_runs():
+    app.record("invisible")
+
+    async def committed():
+        con = await asyncpg.connect(os.environ["LOOPBRIDGE_DSN"], timeout=10)
+        try:
+            return await con.fetchval("SELECT count(*) FROM engine_visits")
+        finally:
+            await con.close()
+
+    assert asyncio.run(committed()) == 0
+"""
+
+
+@pytest.mark.slow
+class TestRollbackEngine:
+    def test_the_application_engine_is_rolled_back_after_every_test(
+        self, pytester: pytest.Pytester, dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+        pytester.makeini(INI)
+        pytester.makepyfile(app=ENGINE_APP, conftest=ENGINE_CONFTEST, test_app=ENGINE_TESTS)
+        result = pytester.runpytest_subprocess(timeout=120)
+        result.assert_outcomes(passed=8)
+        assert independent(dsn, "SELECT count(*) FROM engine_visits")[0][0] == 0
+        assert (pytester.path / "engine_at_teardown.txt").read_text() == "42"
+        assert (pytester.path / "engine_closed.txt").read_text() == "True"  # as the lifespan asked
+
+    def test_the_default_engine_is_on_a_fresh_schema_dropped_afterwards(
+        self, pytester: pytest.Pytester, admin_dsn: str
+    ) -> None:
+        pytester.makeini(INI)
+        pytester.makepyfile(
+            test_default="""
+            import pytest
+            from sqlalchemy import text
+
+            def test_first(loopbridge_rollback_engine):
+                with loopbridge_rollback_engine.session() as session:
+                    print("SCHEMA", session.scalar(text("SELECT current_schema()")))
+                    session.execute(text("CREATE TABLE t (x int)"))
+                    session.execute(text("INSERT INTO t VALUES (1)"))
+                with loopbridge_rollback_engine.session() as session:
+                    assert session.scalar(text("SELECT count(*) FROM t")) == 1
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_second(loopbridge_rollback_engine):
+                async with loopbridge_rollback_engine.session() as session:
+                    assert await session.scalar(text("SELECT to_regclass('t')")) is None
+            """
+        )
+        result = pytester.runpytest_subprocess(f"--loopbridge-dsn={admin_dsn}", "-s", timeout=120)
+        result.assert_outcomes(passed=2)
+        name = printed("SCHEMA", result)
+        assert name.startswith(PREFIX)
+        gone = independent(admin_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = $1", name)
+        assert gone[0][0] == 0
+
+    def test_a_commit_sent_by_the_code_under_test_fails_the_test(
+        self, pytester: pytest.Pytester, dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+        pytester.makeini(INI)
+        pytester.makepyfile(
+            app=ENGINE_APP,
+            conftest=ENGINE_CONFTEST,
+            test_commit="""
+            import pytest
+            import sqlalchemy.exc
+            from sqlalchemy import text
+
+            import app
+
+            pytestmark = pytest.mark.usefixtures("loopbridge_rollback_engine")
+
+            def test_commits():
+                with pytest.raises(sqlalchemy.exc.DBAPIError):
+                    with app.engine.session() as session:
+                        session.add(app.Visit(who="escaped"))
+                        session.flush()
+                        session.execute(text("COMMIT"))
+            """,
+        )
+        result = pytester.runpytest_subprocess("test_commit.py", timeout=120)
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(["*transaction was ended by the code under test*NOT rolled back*"])
+        assert independent(dsn, "SELECT who FROM engine_visits")[0][0] == "escaped"
+
+    def test_a_database_given_as_the_app_engine_says_which_fixture_to_override(
+        self, pytester: pytest.Pytester, dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("LOOPBRIDGE_DSN", dsn)
+        pytester.makeini(INI)
+        pytester.makepyfile(
+            conftest="""
+            import pytest
+            from loopbridge import Database
+
+            @pytest.fixture(scope="session")
+            def loopbridge_app_engine():
+                return Database()
+            """,
+            test_wrong="def test_it(loopbridge_rollback_engine):\n    pass\n",
+        )
+        result = pytester.runpytest_subprocess(timeout=120)
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(
+            ["*must return the loopbridge.sqlalchemy.Engine*override loopbridge_app_db*"]
+        )

@@ -1254,6 +1254,7 @@ class TestCancellationAndClose:
         with engine.session() as session:  # and the engine serves on
             assert session.scalar(text("SELECT 1")) == 1
 
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_a_method_without_io_waits_for_a_call_still_unwinding_on_the_bridge(
         self, engine: Engine, tables: None, dsn: str, caller: Caller
     ) -> None:

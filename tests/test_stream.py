@@ -90,6 +90,7 @@ class TestRows:
 
 
 class TestBackpressure:
+    @pytest.mark.slow  # waits out timeouts: 2 s or more
     def test_the_producer_waits_while_the_consumer_is_slow(
         self, db: Database, dsn: str, driver: Driver
     ) -> None:
@@ -271,6 +272,7 @@ class TestStoppingEarly:
         out = run_script(
             """
             import signal, sys, threading, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Database
             db = Database(sys.argv[1])
             main = threading.main_thread().ident

@@ -500,6 +500,7 @@ class TestAbandoned:
         out = run_script(
             """
             import signal, sys, threading, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Database
             db = Database(sys.argv[1], max_size=2)
             db.execute("CREATE TABLE ctrl_c (id int)")
@@ -690,6 +691,7 @@ class TestTwinContexts:
         out = run_script(
             """
             import signal, sys, threading, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see tests.support.CTRL_C
             from loopbridge import Bridge, Database
             bridge = Bridge("ctrl-c", block_threshold=None)
             db = Database(sys.argv[1], bridge=bridge, max_size=2)

@@ -29,22 +29,33 @@ Fixtures:
     any thread or loop), runs on the connection holding the transaction; a transaction begun inside it
     is a savepoint. Use it for every test of a module with
     ``pytestmark = pytest.mark.usefixtures("loopbridge_rollback_db")``.
+``loopbridge_app_engine`` (session)
+    The ``loopbridge.sqlalchemy.Engine`` that ``loopbridge_rollback_engine`` wraps. By default one on a
+    fresh schema of the session; override it to return your application's (as ``loopbridge_app_db``).
+``loopbridge_rollback_engine`` (function)
+    ``loopbridge_app_engine`` with the test inside a transaction that is rolled back at its end. Every
+    session scope opened on that Engine during the test (``engine.session()``, by the test or by the code
+    under test, from any thread or loop) and every ``engine.run_sync`` runs on the connection holding
+    the transaction, in a savepoint of its own: a scope's commit releases its savepoint, so the next
+    scope sees what it wrote, and nothing outlives the test. (``engine.run(fn)``, which hands out the
+    ``AsyncEngine`` itself, is not rolled back.) Needs ``pip install 'loopbridge[sqlalchemy]'``.
 
-From the first test using ``loopbridge_rollback_db`` to the end of the session, the plugin owns the
-lifetime of ``loopbridge_app_db``: the application's shutdown hooks in ``loopbridge.contrib`` (the
-Starlette/FastAPI ``lifespan`` at the end of every ``with TestClient(app)`` block, Django's
-``close_all``) leave it open, and the plugin closes it once the session is over (after every fixture's
-teardown) if one of them asked. Without that, the first ``TestClient`` block would close it for every
-later test.
+From the first test using ``loopbridge_rollback_db`` (``loopbridge_rollback_engine``) to the end of the
+session, the plugin owns the lifetime of ``loopbridge_app_db`` (``loopbridge_app_engine``): the
+application's shutdown hooks in ``loopbridge.contrib`` (the Starlette/FastAPI ``lifespan`` at the end of
+every ``with TestClient(app)`` block, Django's ``close_all``) leave it open, and the plugin closes it once
+the session is over (after every fixture's teardown) if one of them asked. Without that, the first
+``TestClient`` block would close it for every later test.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
@@ -58,11 +69,16 @@ from loopbridge.errors import ConfigurationError
 
 from . import _held
 
+if TYPE_CHECKING:
+    from loopbridge.sqlalchemy import Engine
+
 __all__ = [
     "loopbridge_app_db",
+    "loopbridge_app_engine",
     "loopbridge_db",
     "loopbridge_dsn",
     "loopbridge_rollback_db",
+    "loopbridge_rollback_engine",
 ]
 
 #: Environment variables read, in order, when neither the option nor the ini value is set.
@@ -152,14 +168,9 @@ def _loopbridge_app_db_held(loopbridge_app_db: Database, pytestconfig: pytest.Co
         raise TypeError(
             "the loopbridge_app_db fixture must return the loopbridge.Database your application uses, "
             f"not {type(db).__name__}"
+            + (" (for an Engine, override loopbridge_app_engine instead)" if _is_engine(db) else "")
         )
-    _held.hold(db)
-
-    def let_go() -> None:
-        if _held.release(db):
-            db.close(timeout=TIMEOUT / 2)
-
-    pytestconfig.add_cleanup(let_go)
+    _hold_for_the_session(db, pytestconfig)
     return db
 
 
@@ -179,6 +190,75 @@ def loopbridge_rollback_db(_loopbridge_app_db_held: Database) -> Iterator[Databa
             "instead (conn.transaction() in db.run): inside the test's transaction they are savepoints",
             pytrace=False,
         )
+
+
+@pytest.fixture(scope="session")
+def loopbridge_app_engine(loopbridge_dsn: str) -> Iterator[Engine]:
+    """The Engine that ``loopbridge_rollback_engine`` wraps: override it to return your application's."""
+    from loopbridge.sqlalchemy import Engine
+
+    with _fresh(loopbridge_dsn, "schema") as dsn:
+        engine = Engine(dsn, pool_size=4, max_overflow=0)
+        try:
+            yield engine
+        finally:
+            engine.close(timeout=TIMEOUT / 2)
+
+
+@pytest.fixture(scope="session")
+def _loopbridge_app_engine_held(loopbridge_app_engine: Engine, pytestconfig: pytest.Config) -> Engine:
+    """``loopbridge_app_engine``, held for the session as ``_loopbridge_app_db_held`` holds
+    ``loopbridge_app_db``."""
+    engine = loopbridge_app_engine
+    if not _is_engine(engine):
+        raise TypeError(
+            "the loopbridge_app_engine fixture must return the loopbridge.sqlalchemy.Engine your "
+            f"application uses, not {type(engine).__name__}"
+            + (
+                " (for a Database, override loopbridge_app_db instead)"
+                if isinstance(engine, Database)
+                else ""
+            )
+        )
+    _hold_for_the_session(engine, pytestconfig)
+    return engine
+
+
+@pytest.fixture
+def loopbridge_rollback_engine(_loopbridge_app_engine_held: Engine) -> Iterator[Engine]:
+    """``loopbridge_app_engine``, with this test inside a transaction rolled back at its end: every
+    session scope of the Engine runs on that transaction's connection, in a savepoint of its own."""
+    engine = _loopbridge_app_engine_held
+    engine.bridge.run(engine._pin, timeout=TIMEOUT)
+    try:
+        yield engine
+    finally:
+        still_open = engine.bridge.run(engine._unpin, TIMEOUT / 2, timeout=TIMEOUT)
+    if not still_open and not engine.closed:
+        pytest.fail(
+            "the test's transaction was ended by the code under test (a COMMIT or ROLLBACK sent as SQL), "
+            "so what it wrote afterwards was committed and is NOT rolled back. Let the session scopes "
+            "commit (they are savepoints inside the test's transaction), or use session.begin_nested()",
+            pytrace=False,
+        )
+
+
+def _hold_for_the_session(resource: Database | Engine, pytestconfig: pytest.Config) -> None:
+    """The contrib shutdown hooks leave *resource* open until the session is over; then it is closed if
+    one of them asked (see :mod:`loopbridge.contrib._held`)."""
+    _held.hold(resource)
+
+    def let_go() -> None:
+        if _held.release(resource):
+            resource.close(timeout=TIMEOUT / 2)
+
+    pytestconfig.add_cleanup(let_go)
+
+
+def _is_engine(obj: object) -> bool:
+    # Without importing SQLAlchemy: an application with an Engine has imported loopbridge.sqlalchemy.
+    module = sys.modules.get("loopbridge.sqlalchemy")
+    return module is not None and isinstance(obj, module.Engine)
 
 
 # -- on the bridge loop -----------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class _Resource(Protocol):
     @property
     def closed(self) -> bool: ...
     async def aopen(self) -> None: ...
-    async def aclose(self) -> None: ...
+    def close(self, timeout: float = ...) -> None: ...
+    async def aclose(self, timeout: float = ...) -> None: ...
 
 
 R = TypeVar("R", bound=_Resource)
@@ -97,7 +98,8 @@ def lifespan(
     :param close: close a given Database or Engine at shutdown. Pass False when the lifespan may run
         again in this process (several ``TestClient`` blocks on one app) or it outlives the app. One made
         by a factory is always closed. Under the pytest plugin, what it holds for the session
-        (``loopbridge_app_db``) is left open and closed at the session's end instead.
+        (``loopbridge_app_db``, ``loopbridge_app_engine``) is left open and closed at the session's end
+        instead.
     :raises TypeError: if *database* is neither a Database, an Engine nor a callable.
     """
     if not _is_resource(database) and not callable(database):
@@ -124,9 +126,9 @@ def lifespan(
                     await outcome
             yield {ENGINE_KEY if _is_engine(resource) else STATE_KEY: resource}
         finally:
-            # The pytest plugin's loopbridge_app_db outlives every TestClient block of the session.
-            held = cast("Database", resource)
-            if (close or not _is_resource(database)) and not _held.defer_close(held):
+            # The pytest plugin's loopbridge_app_db (or loopbridge_app_engine) outlives every TestClient
+            # block of the session.
+            if (close or not _is_resource(database)) and not _held.defer_close(resource):
                 await resource.aclose()
 
     return run

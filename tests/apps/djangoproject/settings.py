@@ -1,4 +1,5 @@
-"""Settings: no ORM database, only ``LOOPBRIDGE`` (its DSN from ``$LOOPBRIDGE_DSN``)."""
+"""Settings: no ORM database, only ``LOOPBRIDGE`` (its DSN from ``$LOOPBRIDGE_DSN``): a Database and a
+``loopbridge.sqlalchemy`` Engine."""
 
 from __future__ import annotations
 
@@ -13,4 +14,7 @@ MIDDLEWARE: list[str] = []
 DATABASES: dict[str, dict[str, str]] = {}
 USE_TZ = True
 
-LOOPBRIDGE = {"default": {"dsn": os.environ["LOOPBRIDGE_DSN"], "max_size": 4}}
+LOOPBRIDGE = {
+    "default": {"dsn": os.environ["LOOPBRIDGE_DSN"], "max_size": 4},
+    "orm": {"dsn": os.environ["LOOPBRIDGE_DSN"], "kind": "engine", "pool_size": 4, "max_overflow": 0},
+}

@@ -1,4 +1,5 @@
-"""One sync and one async view, each inserting a row and saying where it ran."""
+"""A sync and an async view on the Database, and the same on the Engine: each inserts a row and says where
+it ran."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import asyncio
 import threading
 
 from django.http import HttpRequest, JsonResponse
+from sqlalchemy import text
 
-from loopbridge.contrib.django import databases
+from loopbridge.contrib.django import databases, engines
+
+INSERT = text("INSERT INTO hits (kind) VALUES (:kind) RETURNING id")
 
 
 def health(request: HttpRequest) -> JsonResponse:
@@ -29,6 +33,26 @@ async def async_view(request: HttpRequest) -> JsonResponse:
             "thread": threading.current_thread().name,
             "loop": _loop_name(),
             "bridge_loop_is_this_loop": db.bridge.loop is asyncio.get_running_loop(),
+        }
+    )
+
+
+def engine_sync_view(request: HttpRequest) -> JsonResponse:
+    with engines["orm"].session() as session:
+        new_id = session.scalar(INSERT, {"kind": "engine-sync"})
+    return JsonResponse({"id": new_id, "thread": threading.current_thread().name, "loop": _loop_name()})
+
+
+async def engine_async_view(request: HttpRequest) -> JsonResponse:
+    engine = engines["orm"]
+    async with engine.session() as session:
+        new_id = await session.scalar(INSERT, {"kind": "engine-async"})
+    return JsonResponse(
+        {
+            "id": new_id,
+            "thread": threading.current_thread().name,
+            "loop": _loop_name(),
+            "bridge_loop_is_this_loop": engine.bridge.loop is asyncio.get_running_loop(),
         }
     )
 
