@@ -21,7 +21,8 @@ from .errors import (
     TransactionClosedError,
 )
 from .listen import Gap, Notification, Subscription
-from .stats import BridgeStats, DatabaseStats
+from .read import Reader
+from .stats import BridgeStats, DatabaseStats, ReplicaStats
 from .transaction import Transaction
 
 __version__ = "0.1.0.dev0"
@@ -42,6 +43,8 @@ __all__ = [
     "LoopBridgeError",
     "Notification",
     "PoolTimeoutError",
+    "Reader",
+    "ReplicaStats",
     "RowStream",
     "Subscription",
     "SubscriptionClosedError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -21,12 +22,14 @@ from ._dsn import DsnInfo, parse_dsn, resolve_dsn
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
+from ._replicas import ReplicatedSource, check_replicas, shared_replicated
 from ._source import ClosedSource, Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .errors import ConfigurationError
 from .listen import DEFAULT_QUEUE_SIZE, Subscription
+from .read import Reader
 from .stats import DatabaseStats
 from .transaction import Transaction, _Core
 
@@ -46,7 +49,10 @@ def _pass_through_options() -> frozenset[str]:
 
 _POOL_OPTIONS = _pass_through_options()
 # Database's own keywords, for "did you mean" when one is misspelled.
-_OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout", "pgbouncer"})
+_OWN_OPTIONS = frozenset(
+    {"bridge", "min_size", "max_size", "pool_timeout", "pgbouncer", "replicas", "max_lag", "replica_wait"}
+    | {"consistency"}
+)
 
 
 class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
@@ -74,9 +80,19 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
         statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
         session reset query on release. See ``loopbridge._pgbouncer`` for what stays unsupported there.
+    :param replicas: DSNs of hot standbys of the primary, which serve :attr:`read` (each with a pool of
+        its own, of the same sizes and options); ``db`` itself always uses the primary. See
+        docs/scaling-out.md.
+    :param consistency: what a read through :attr:`read` sees: ``'caller'``, every write its caller
+        (thread, task, request) made through ``db`` before it; ``'database'``, every write anybody made
+        through ``db`` before it.
+    :param max_lag: seconds a replica may be behind the primary and still serve reads.
+    :param replica_wait: seconds a read waits for a replica to replay the writes it must see before the
+        primary serves it instead.
     :param pool_options: passed to ``asyncpg.create_pool`` / ``asyncpg.connect`` (``command_timeout``,
         ``statement_cache_size``, ``ssl``, ``server_settings``, ``init``, ``setup``, ``connect``, ...).
-    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or an unknown option.
+    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes, an unknown option, or a
+        replica DSN that is malformed or names the primary.
     """
 
     __slots__ = ("__weakref__", "_closing", "_info", "_source")
@@ -90,27 +106,48 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         max_size: int = 10,
         pool_timeout: float | None = 30.0,
         pgbouncer: bool = False,
+        replicas: Sequence[str] = (),
+        consistency: str = "caller",
+        max_lag: float = 5.0,
+        replica_wait: float = 1.0,
         **pool_options: Any,
     ) -> None:
         info: DsnInfo = parse_dsn(resolve_dsn(dsn))
         _check_sizes(min_size, max_size, pool_timeout)
         _check_options(pool_options)
+        standbys = check_replicas(info, replicas, consistency, max_lag, replica_wait)
         if pgbouncer:
             pool_options = transaction_pooling_options(pool_options)
         password = pool_options.get("password")
         self._info = info
+        sizes: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "pool_timeout": pool_timeout}
+        secrets = (info.password, password if isinstance(password, str) else None)
         # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin),
-        # and close() a closed one.
-        self._source: PoolSource | PinnedSource | ClosedSource = PoolSource.shared(
-            self,
-            info,
-            bridge if bridge is not None else default_bridge(),
-            min_size=min_size,
-            max_size=max_size,
-            pool_timeout=pool_timeout,
-            pool_options=pool_options,
-            secrets=(info.password, password if isinstance(password, str) else None),
-        )
+        # and close() a closed one. With replicas, the primary's source also counts writes and routes
+        # db.read (loopbridge._replicas).
+        self._source: PoolSource | PinnedSource | ClosedSource
+        if standbys:
+            self._source = shared_replicated(
+                self,
+                info,
+                bridge if bridge is not None else default_bridge(),
+                replicas=standbys,
+                consistency=consistency,
+                max_lag=max_lag,
+                replica_wait=replica_wait,
+                pool_options=pool_options,
+                secrets=secrets,
+                **sizes,
+            )
+        else:
+            self._source = PoolSource.shared(
+                self,
+                info,
+                bridge if bridge is not None else default_bridge(),
+                pool_options=pool_options,
+                secrets=secrets,
+                **sizes,
+            )
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -130,6 +167,15 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
 
     def __repr__(self) -> str:
         return repr(self._source)
+
+    @property
+    def read(self) -> Reader:
+        """The read surface, served by the replicas: ``db.read.fetch(...)``, ``await
+        db.read.afetch(...)``, ``db.read.iterate(...)``, ``db.read.transaction()`` (read-only). A read
+        sees its caller's earlier writes through ``db`` (see ``consistency``); ``db.read.stale`` does
+        not wait for them. Without replicas, the primary serves these reads. See
+        :class:`~loopbridge.Reader`."""
+        return Reader(self)
 
     # -- statements: one implementation each (loopbridge._queries), on a pooled connection ---------
 
@@ -201,6 +247,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             calls_in_flight=bridge.calls_in_flight,
             loop_lag=bridge.loop_lag,
             max_loop_lag=bridge.max_loop_lag,
+            **_replica_figures(self._source),
         )
 
     def _streaming_transaction(self) -> tuple[_Core, bool]:
@@ -224,6 +271,14 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
 
     async def _aclose_on_bridge(self, timeout: float) -> None:
         await self._closing._aclose_on_bridge(timeout)
+
+
+def _replica_figures(source: PoolSource | PinnedSource | ClosedSource) -> dict[str, Any]:
+    if isinstance(source, PinnedSource):
+        source = source.inner
+    if not isinstance(source, ReplicatedSource):
+        return {}
+    return {"replicas": source.replica_stats(), "reads_on_primary": source.reads_on_primary}
 
 
 def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> None:

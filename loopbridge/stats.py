@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BridgeStats", "DatabaseStats"]
+__all__ = ["BridgeStats", "DatabaseStats", "ReplicaStats"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,33 @@ class DatabaseStats:
     loop_lag: float
     """Seconds: how late the bridge loop runs a scheduled callback right now."""
     max_loop_lag: float
+    replicas: tuple[ReplicaStats, ...] = ()
+    """One entry per replica (``Database(replicas=...)``), in the order given; empty without replicas."""
+    reads_on_primary: int = 0
+    """Reads through ``db.read`` that the primary served: no replica had replayed the caller's writes in
+    time, or none was healthy."""
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One replica in :attr:`DatabaseStats.replicas`: whether it serves reads, and why not."""
+
+    dsn: str
+    """Its DSN, the password replaced by ``***``."""
+    state: str
+    """``'healthy'`` (in the rotation), ``'unchecked'`` (not checked yet: no read has asked), ``'lagging'``
+    (more than ``max_lag`` behind), ``'down'`` (unreachable, refusing connections, or a read failed on
+    it), ``'not a standby'`` (promoted, or a primary), ``'other cluster'`` (another system identifier)
+    or ``'not following'`` (it does not follow the current primary since a failover)."""
+    reason: str
+    """Why it is out of the rotation (empty when healthy)."""
+    lag: float | None
+    """Seconds it is behind the primary, to within half a second (None until measured, or while down)."""
+    replay_lsn: str | None
+    """How far it had replayed at its last check (``pg_last_wal_replay_lsn()``), or None."""
+    reads: int
+    """Reads through ``db.read`` it was chosen for."""
+    size: int
+    """Connections of its pool open now."""
+    idle: int
+    in_use: int

@@ -1,0 +1,115 @@
+"""``db.read``: the read surface of a Database, routed to its replicas.
+
+::
+
+    db = Database("postgresql://app@primary/app", replicas=["postgresql://app@standby1/app"])
+    db.execute("UPDATE users SET name = $1 WHERE id = $2", "Ada", 42)      # the primary
+    db.read.fetchrow("SELECT name FROM users WHERE id = $1", 42)           # a replica: sees 'Ada'
+    await db.read.afetch("SELECT * FROM users")                            # async code, any loop
+    with db.read.transaction() as tx: ...                                  # read-only, on a replica
+    for row in db.read.iterate("SELECT * FROM events"): ...                # streamed from a replica
+    db.read.stale.fetch("SELECT count(*) FROM events")                     # any healthy replica
+
+A read sees every write its caller made through ``db`` before it (the caller: the contextvars context
+loopbridge carries into the bridge loop, i.e. a thread, an asyncio task, a request), or with
+``Database(consistency="database")`` every write anybody made through it. ``db.read.stale`` drops that
+promise for reads that accept data a little old (at most ``max_lag`` seconds). Where no healthy replica
+has replayed the caller's writes within ``replica_wait`` seconds the primary serves the read. The routing
+itself lives in ``loopbridge._replicas``; a Database without replicas reads on its primary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._queries import Queries
+from ._replicas import ReadLease, ReadSource, ReplicatedSource
+from ._source import Lease, Source
+from ._stream import StreamMethods
+from ._twins import twins
+from ._written import callers_writes
+from .transaction import Transaction, _Core
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+    from .database import Database
+
+__all__ = ["Reader"]
+
+
+class Reader(Queries, StreamMethods):
+    """The read surface of a :class:`~loopbridge.Database`, served by its replicas: ``db.read``.
+
+    ``fetch``, ``fetchrow``, ``fetchval`` (and their ``a``-twins), :meth:`iterate` and
+    :meth:`transaction` (read-only), for sync callers and async callers on any loop, as on the Database
+    itself. Without replicas the primary serves them. Only reads belong here: on a replica a write
+    fails with asyncpg's ``ReadOnlySQLTransactionError``, and a write the primary serves in a replica's
+    place is not counted for read-your-writes.
+
+    A read on a replica that fails because the replica did (it went down, refused the connection, lost
+    it mid-statement) runs again on another replica or the primary; a transaction or a stream already
+    under way cannot move, and fails with :class:`~loopbridge.ConnectionLostError`.
+    """
+
+    __slots__ = ("_db", "_stale")
+
+    def __init__(self, db: Database, *, stale: bool = False) -> None:
+        self._db = db
+        self._stale = stale
+        if not stale and isinstance(db._source, ReplicatedSource):
+            # On the caller's side, before any read crosses to the bridge: the caller's context gets
+            # the object its writes will be counted in (see loopbridge._written).
+            callers_writes()
+
+    @property
+    def bridge(self) -> Bridge:
+        return self._db.bridge
+
+    @property
+    def stale(self) -> Reader:
+        """The same reads, served by any healthy replica without waiting for the caller's writes: for
+        reads that accept data up to ``max_lag`` seconds old (dashboards, counts, search)."""
+        return Reader(self._db, stale=True)
+
+    def __repr__(self) -> str:
+        kind = "stale reads" if self._stale else "reads"
+        return f"<{kind} of {self._db!r}>"
+
+    def _source(self) -> Source:
+        source = self._db._source
+        if isinstance(source, ReplicatedSource):
+            return ReadSource(source, self._stale)
+        # No replicas, or pinned by the pytest plugin (a test's rolled-back transaction, which a replica
+        # cannot see): the primary's own connection.
+        return source
+
+    # -- statements: one implementation each (loopbridge._queries), on a replica ---------------------
+
+    def _lease(self, *, callers_code: bool = False) -> Lease:
+        source = self._db._source
+        if isinstance(source, ReplicatedSource):
+            return ReadLease(source, self._stale)
+        return source.lease()
+
+    @property
+    def _command_timeout(self) -> float | None:
+        return self._db._source.command_timeout
+
+    fetch, afetch = twins(Queries._fetch, owner="Reader")
+    fetchrow, afetchrow = twins(Queries._fetchrow, owner="Reader")
+    fetchval, afetchval = twins(Queries._fetchval, owner="Reader")
+
+    def transaction(self, *, isolation: str | None = None, deferrable: bool = False) -> Transaction:
+        """A read-only transaction on one replica for a block: ``with db.read.transaction() as tx:`` (or
+        ``async with``), every statement of it seeing one snapshot. It begins on a replica that has
+        replayed the caller's writes (else the primary), like a single read.
+
+        :param isolation: ``'read_committed'`` or ``'repeatable_read'`` (a standby refuses
+            ``'serializable'``); None: the server's default.
+        :raises ConfigurationError: for an unknown isolation level.
+        """
+        return Transaction(self._source(), isolation=isolation, readonly=True, deferrable=deferrable)
+
+    def _streaming_transaction(self) -> tuple[_Core, bool]:
+        # A stream declares its cursor in a read-only transaction of its own, on a replica.
+        return Transaction(self._source(), readonly=True)._core, True
