@@ -139,10 +139,12 @@ def check_replicas(
         except ConfigurationError as exc:
             raise ConfigurationError(f"replicas[{index}]: {exc}") from None
         places = set(zip(info.hosts, info.ports, strict=True))
-        if places & set(zip(primary.hosts, primary.ports, strict=True)):
+        # A multi-host primary DSN lists the standbys it may fail over to, which may well be replicas
+        # too (the one that is the primary now is taken out at run time); a single host is the primary.
+        if len(primary.hosts) == 1 and places == set(zip(primary.hosts, primary.ports, strict=True)):
             raise ConfigurationError(
-                f"replicas[{index}] ({info.redacted}) names a server of the primary's DSN: a replica must "
-                "be a hot standby of its own; leave the primary out of replicas"
+                f"replicas[{index}] ({info.redacted}) names the primary's server: a replica must be a hot "
+                "standby of the primary; leave the primary out of replicas"
             )
         if info.database != primary.database:
             raise ConfigurationError(

@@ -252,8 +252,8 @@ class PrivateCluster:
     def host(self) -> str:
         return "127.0.0.1"
 
-    def dsn(self, *, password: str = PASSWORD, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{database}"
+    def dsn(self, *, password: str = PASSWORD, database: str = "postgres", user: str = SUPERUSER) -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     # -- running it
 
@@ -636,6 +636,15 @@ class CommandError(subprocess.CalledProcessError):
         if self.log:
             parts.append(f"server log:\n{self.log}")
         return "\n".join(part for part in parts if part)
+
+
+def multi_host_dsn(*clusters: PrivateCluster, password: str = PASSWORD, **params: str) -> str:
+    """One DSN naming every cluster in turn (``host1:port1,host2:port2``), as for a primary that may fail
+    over to a standby: with ``target_session_attrs="read-write"`` a client connects to whichever of them
+    accepts writes."""
+    hosts = ",".join(f"127.0.0.1:{cluster.port}" for cluster in clusters)
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"postgresql://{SUPERUSER}:{password}@{hosts}/postgres" + (f"?{query}" if query else "")
 
 
 def parse_lsn(text: str) -> int:

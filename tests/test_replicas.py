@@ -1,0 +1,559 @@
+"""Read replicas on real streaming replication: ``db.read`` on hot standbys, read-your-writes, health.
+
+A primary with two hot standbys (``tests/pgcluster.py``: initdb, ``pg_basebackup -R``, ``pg_ctl``) is
+shared by the module's tests that leave it as they found it; the tests that stop, promote or fail over a
+server make clusters of their own. Which server served a read is what ``inet_server_port()`` says.
+
+The Databases log in as ``app``, a role without the privileges that show a standby's timeline
+(``pg_stat_wal_receiver``), so that the tests exercise what most applications have; the failover test
+also runs as the superuser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from loopbridge import Bridge, ConfigurationError, Database, Reader, ReplicaStats
+from loopbridge._replicas import ReplicatedSource
+from loopbridge._source import PoolSource
+from tests.boundary import Driver, wait_until
+from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
+from tests.support import CALLER_KINDS, in_thread, independent, run_loop
+
+pytestmark = pytest.mark.slow
+
+APP = "app"
+_tables = itertools.count()
+
+
+def prepare(primary: PrivateCluster) -> None:
+    """A role ``app`` (no special privileges) with a schema of its own, its first on the search path."""
+    primary.sql(f"CREATE ROLE {APP} LOGIN PASSWORD '{PASSWORD}'")
+    primary.sql(f"CREATE SCHEMA {APP} AUTHORIZATION {APP}")
+
+
+def app_dsn(cluster: PrivateCluster) -> str:
+    return cluster.dsn(user=APP)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[PrivateCluster, PrivateCluster, PrivateCluster]]:
+    """A primary and two hot standbys, for the tests that leave them running and replaying."""
+    with PrivateCluster() as primary:
+        prepare(primary)
+        first, second = primary.add_standby(), primary.add_standby()
+        primary.wait_caught_up()
+        yield primary, first, second
+
+
+@pytest.fixture
+def primary(servers: tuple[PrivateCluster, ...]) -> PrivateCluster:
+    return servers[0]
+
+
+@pytest.fixture
+def standbys(servers: tuple[PrivateCluster, ...]) -> Iterator[tuple[PrivateCluster, PrivateCluster]]:
+    first, second = servers[1], servers[2]
+    yield first, second
+    for standby in (first, second):  # as the next test expects them
+        if standby.sql("SELECT pg_get_wal_replay_pause_state()") != "not paused":
+            standby.resume_replay()
+
+
+@pytest.fixture
+def table(primary: PrivateCluster) -> str:
+    """A table of the test's own, replicated to both standbys before the test begins."""
+    name = f"{APP}.t{next(_tables)}"
+    independent(app_dsn(primary), f"CREATE TABLE {name} (id int PRIMARY KEY, note text)")
+    primary.wait_caught_up()
+    return name
+
+
+def replicated(
+    primary: PrivateCluster, *standbys: PrivateCluster, bridge: Bridge, **options: object
+) -> Database:
+    return Database(
+        app_dsn(primary),
+        replicas=[app_dsn(standby) for standby in standbys],
+        bridge=bridge,
+        max_size=4,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def db(primary: PrivateCluster, standbys: tuple[PrivateCluster, ...], bridge: Bridge) -> Iterator[Database]:
+    database = replicated(primary, *standbys, bridge=bridge)
+    yield database
+    database.close(timeout=5)
+
+
+def served_by(reader: Reader | Database) -> int:
+    port: int = reader.fetchval("SELECT inet_server_port()")
+    return port
+
+
+def states(db: Database) -> list[str]:
+    return [replica.state for replica in db.stats().replicas]
+
+
+class TestRouting:
+    def test_a_caught_up_standby_serves_reads_and_the_primary_everything_on_db(
+        self, db: Database, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        assert isinstance(db._source, ReplicatedSource)
+        ports = {served_by(db.read) for _ in range(20)}
+        assert ports <= {standby.port for standby in standbys}
+        assert served_by(db) == primary.port
+        stats = db.stats()
+        assert [replica.state for replica in stats.replicas] == ["healthy", "healthy"]
+        assert sum(replica.reads for replica in stats.replicas) == 20
+        assert stats.reads_on_primary == 0
+
+    def test_reads_spread_over_the_healthy_replicas(
+        self, db: Database, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        ports = [served_by(db.read) for _ in range(20)]
+        assert set(ports) == {standby.port for standby in standbys}
+        reads = [replica.reads for replica in db.stats().replicas]
+        assert min(reads) >= 5, reads
+
+    def test_a_read_only_transaction_runs_on_a_replica_and_refuses_writes(
+        self, db: Database, standbys: tuple[PrivateCluster, ...], table: str
+    ) -> None:
+        with db.read.transaction(isolation="repeatable_read") as tx:
+            assert tx.fetchval("SELECT inet_server_port()") in {standby.port for standby in standbys}
+            assert tx.fetchval("SHOW transaction_read_only") == "on"
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError), tx.transaction():
+                tx.execute(f"INSERT INTO {table} VALUES (1, 'no')")
+
+    def test_iterate_streams_the_rows_from_a_replica(
+        self, db: Database, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...], table: str
+    ) -> None:
+        db.executemany(f"INSERT INTO {table} VALUES ($1, 'row')", [(i,) for i in range(250)])
+        rows = list(db.read.iterate(f"SELECT id, inet_server_port() AS port FROM {table}", prefetch=100))
+        assert sorted(row["id"] for row in rows) == list(range(250))
+        assert {row["port"] for row in rows} <= {standby.port for standby in standbys}
+
+    def test_a_write_through_read_fails_on_the_replica(self, db: Database, table: str) -> None:
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            db.read.fetch(f"INSERT INTO {table} VALUES (1, 'no') RETURNING id")
+
+    def test_without_replicas_read_uses_the_primary_and_the_plain_pool(
+        self, primary: PrivateCluster, bridge: Bridge
+    ) -> None:
+        with Database(app_dsn(primary), bridge=bridge, max_size=2) as plain:
+            # No replicas: the plain source, whose calls count nothing (no cost for read-your-writes).
+            assert type(plain._source) is PoolSource
+            assert served_by(plain.read) == primary.port
+            with plain.read.transaction() as tx:
+                assert tx.fetchval("SHOW transaction_read_only") == "on"
+            assert plain.stats().replicas == ()
+
+    def test_reads_from_every_kind_of_caller_reach_a_replica(
+        self, db: Database, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        for kind in CALLER_KINDS:
+            driver = Driver(kind)
+            try:
+                port = driver.call(db.read, "fetchval", "SELECT inet_server_port()")
+            finally:
+                driver.stop()
+            assert port in {standby.port for standby in standbys}, kind
+
+
+def write_then_read(driver: Driver, db: Database, table: str, key: int) -> tuple[int | None, int]:
+    """In one caller context: insert row *key* through ``db``, then read it back through ``db.read``;
+    returns what the read found and the port of the server that served it."""
+    insert = f"INSERT INTO {table} VALUES ($1, 'written')"
+    select = f"SELECT (SELECT id FROM {table} WHERE id = $1), inet_server_port()"
+
+    def sync() -> tuple[int | None, int]:
+        db.execute(insert, key)
+        row = db.read.fetchrow(select, key)
+        assert row is not None
+        return row[0], row[1]
+
+    async def async_() -> tuple[int | None, int]:
+        await db.aexecute(insert, key)
+        row = await db.read.afetchrow(select, key)
+        assert row is not None
+        return row[0], row[1]
+
+    return driver.do(sync, async_)
+
+
+class TestReadYourWrites:
+    def test_a_read_after_a_write_sees_it_while_a_standbys_replay_is_paused(
+        self,
+        db: Database,
+        driver: Driver,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, PrivateCluster],
+        table: str,
+    ) -> None:
+        paused, replaying = standbys
+        paused.pause_replay()
+        served: list[int] = []
+        stale = 0
+        for key in range(200):
+            found, port = write_then_read(driver, db, table, key)
+            stale += found != key
+            served.append(port)
+        assert stale == 0
+        # The paused standby never served one of those reads: it had not replayed any of the writes.
+        assert paused.port not in served
+        assert set(served) <= {replaying.port, primary.port}
+
+    def test_with_both_standbys_paused_the_primary_serves_the_read_after_a_bounded_wait(
+        self,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, PrivateCluster],
+        bridge: Bridge,
+        table: str,
+    ) -> None:
+        with replicated(primary, *standbys, bridge=bridge, replica_wait=0.2) as db:
+            for standby in standbys:
+                standby.pause_replay()
+            db.execute(f"INSERT INTO {table} VALUES (1, 'written')")
+            started = time.monotonic()
+            assert db.read.fetchrow(f"SELECT id, inet_server_port() FROM {table}") == (1, primary.port)
+            assert 0.15 < time.monotonic() - started < 5
+            assert db.stats().reads_on_primary == 1
+            # Reads that accept stale data still go to a replica, which has not replayed the insert.
+            assert db.read.stale.fetchrow(f"SELECT count(*), inet_server_port() FROM {table}")[0] == 0
+
+    def test_a_read_waits_for_a_replica_that_catches_up_within_replica_wait(
+        self,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, PrivateCluster],
+        bridge: Bridge,
+        table: str,
+    ) -> None:
+        standby = standbys[0]
+        with replicated(primary, standby, bridge=bridge, replica_wait=10) as db:
+            db.read.fetchval("SELECT 1")  # the replica is checked and in the rotation
+            standby.pause_replay()
+            db.execute(f"INSERT INTO {table} VALUES (1, 'written')")
+            resume = threading.Timer(0.5, standby.resume_replay)
+            resume.start()
+            try:
+                assert db.read.fetchrow(f"SELECT id, inet_server_port() FROM {table}") == (1, standby.port)
+            finally:
+                resume.join(30)
+            assert db.stats().reads_on_primary == 0
+
+    def test_a_committed_transaction_counts_as_a_write(
+        self, db: Database, driver: Driver, standbys: tuple[PrivateCluster, PrivateCluster], table: str
+    ) -> None:
+        paused = standbys[0]
+        paused.pause_replay()
+        for key in range(20):
+
+            def sync(key: int = key) -> object:
+                with db.transaction() as tx:
+                    tx.execute(f"INSERT INTO {table} VALUES ($1, 'in a transaction')", key)
+                return db.read.fetchval(f"SELECT id FROM {table} WHERE id = $1", key)
+
+            async def async_(key: int = key) -> object:
+                async with db.transaction() as tx:
+                    await tx.aexecute(f"INSERT INTO {table} VALUES ($1, 'in a transaction')", key)
+                return await db.read.afetchval(f"SELECT id FROM {table} WHERE id = $1", key)
+
+            assert driver.do(sync, async_) == key
+
+    def test_a_fetch_on_the_primary_counts_as_a_write(
+        self, db: Database, standbys: tuple[PrivateCluster, PrivateCluster], table: str
+    ) -> None:
+        standbys[0].pause_replay()
+        standbys[1].pause_replay()
+
+        def go() -> object:
+            db.fetch(f"INSERT INTO {table} VALUES (7, 'returning') RETURNING id")
+            return db.read.fetchval(f"SELECT id FROM {table} WHERE id = 7")
+
+        assert in_thread(go) == 7
+
+    def test_by_default_another_callers_write_may_not_be_seen_yet_and_with_database_it_is(
+        self,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, PrivateCluster],
+        bridge: Bridge,
+        table: str,
+    ) -> None:
+        standby = standbys[0]
+        for consistency, expected in (("caller", 0), ("database", 1)):
+            with replicated(primary, standby, bridge=bridge, consistency=consistency, replica_wait=0.2) as db:
+                reader = Driver("sync-thread")
+                try:
+                    # The reader writes and reads its write back: a position covering it is known.
+                    reader.do(
+                        lambda db=db, key=10 + expected: db.execute(
+                            f"INSERT INTO {table} VALUES ($1, 'the reader')", key
+                        ),
+                        None,
+                    )  # type: ignore[arg-type,misc]
+                    reader.do(lambda db=db: db.read.fetchval(f"SELECT count(*) FROM {table}"), None)  # type: ignore[arg-type]
+                    primary.wait_caught_up(standby)
+                    standby.pause_replay()
+                    in_thread(lambda db=db: db.execute(f"INSERT INTO {table} VALUES (1, 'another caller')"))
+                    count = reader.do(
+                        lambda db=db: db.read.fetchval(f"SELECT count(*) FROM {table} WHERE id = 1"),
+                        None,  # type: ignore[arg-type]
+                    )
+                finally:
+                    reader.stop()
+                    standby.resume_replay()
+                    primary.wait_caught_up(standby)
+                assert count == expected, consistency
+                db.execute(f"DELETE FROM {table}")
+                primary.wait_caught_up(standby)
+
+    def test_a_caller_that_never_read_before_still_sees_its_earlier_writes(
+        self, db: Database, standbys: tuple[PrivateCluster, PrivateCluster], table: str
+    ) -> None:
+        for standby in standbys:
+            standby.pause_replay()
+
+        async def fresh_task() -> object:
+            # A new task: its context has never been through db.read, so what it wrote is unknown and
+            # every write counts.
+            await db.aexecute(f"INSERT INTO {table} VALUES (3, 'fresh')")
+            return await asyncio.create_task(db.read.afetchval(f"SELECT id FROM {table} WHERE id = 3"))
+
+        assert run_loop(fresh_task) == 3
+
+
+class TestHealth:
+    def test_stats_and_debug_logs_say_where_reads_went(
+        self, db: Database, caplog: pytest.LogCaptureFixture, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        with caplog.at_level(logging.DEBUG, logger="loopbridge"):
+            db.read.fetchval("SELECT 1")
+        assert any("read on replica" in record.getMessage() for record in caplog.records)
+        stats = db.stats().replicas
+        assert all(isinstance(each, ReplicaStats) for each in stats)
+        assert [each.state for each in stats] == ["healthy", "healthy"]
+        assert all(each.lag is not None and each.lag < 5 for each in stats)
+        assert all(each.replay_lsn and "/" in each.replay_lsn for each in stats)
+        assert all("***" in each.dsn and PASSWORD not in each.dsn for each in stats)
+
+    def test_a_lagging_standby_leaves_the_rotation_and_returns(
+        self,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, PrivateCluster],
+        bridge: Bridge,
+        table: str,
+    ) -> None:
+        standby = standbys[0]
+        with replicated(primary, standby, bridge=bridge, max_lag=1.0) as db:
+            db.read.fetchval("SELECT 1")
+            standby.pause_replay()
+            db.execute(f"INSERT INTO {table} VALUES (1, 'lag')")
+            wait_until(lambda: states(db) == ["lagging"], what="the standby counted as lagging")
+            assert "max_lag=1" in db.stats().replicas[0].reason
+            # Even a stale read does not go to a replica beyond max_lag.
+            assert served_by(db.read.stale) == primary.port
+            standby.resume_replay()
+            wait_until(lambda: states(db) == ["healthy"], what="the standby back in the rotation")
+            assert served_by(db.read.stale) == standby.port
+
+    def test_a_replica_dsn_of_the_primary_under_another_name_is_taken_out_as_not_a_standby(
+        self, primary: PrivateCluster, bridge: Bridge, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        other_name = app_dsn(primary).replace("127.0.0.1", "localhost")
+        with Database(app_dsn(primary), replicas=[other_name], bridge=bridge, max_size=2) as db:
+            with caplog.at_level(logging.WARNING, logger="loopbridge"):
+                assert served_by(db.read) == primary.port
+                wait_until(lambda: states(db) == ["not a standby"], what="the replica refused")
+            assert "DSN names a primary" in db.stats().replicas[0].reason
+        assert any("left the rotation" in record.getMessage() for record in caplog.records)
+        assert all(PASSWORD not in record.getMessage() for record in caplog.records)
+
+    def test_a_standby_of_another_cluster_is_taken_out(self, primary: PrivateCluster, bridge: Bridge) -> None:
+        with PrivateCluster() as stranger:
+            foreign = stranger.add_standby()
+            with Database(app_dsn(primary), replicas=[foreign.dsn()], bridge=bridge, max_size=2) as db:
+                assert served_by(db.read) == primary.port
+                wait_until(lambda: states(db) == ["other cluster"], what="the foreign standby refused")
+                assert "system identifier" in db.stats().replicas[0].reason
+
+    def test_a_replica_refusing_the_login_is_down_and_its_password_never_shown(
+        self,
+        primary: PrivateCluster,
+        standbys: tuple[PrivateCluster, ...],
+        bridge: Bridge,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        wrong = "Wr0ng-Secret-pw"
+        bad = standbys[0].dsn(user=APP, password=wrong)
+        with (
+            Database(app_dsn(primary), replicas=[bad, app_dsn(standbys[1])], bridge=bridge, max_size=2) as db,
+            caplog.at_level(logging.DEBUG, logger="loopbridge"),
+        ):
+            for _ in range(10):  # every read is served, by the other replica
+                assert served_by(db.read) == standbys[1].port
+            wait_until(lambda: states(db)[0] == "down", what="the replica counted as down")
+            text = repr(db.stats()) + "".join(record.getMessage() for record in caplog.records) + repr(db)
+        assert "password authentication failed" in db.stats().replicas[0].reason
+        assert wrong not in text
+        assert PASSWORD not in text
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("replicas", "message"),
+        [
+            ("postgresql://a@h/db", "must be a list of DSNs"),
+            (["host=standby user=app password=S3cr3t"], r"replicas\[0\]: invalid DSN"),
+            (["postgresql://app:S3cr3t@standby:99999/postgres"], r"replicas\[0\]: invalid port"),
+            (["postgresql://app:S3cr3t@127.0.0.1:5999/postgres"], "names the primary's server"),
+            (["postgresql://app:S3cr3t@standby/other"], "is database 'other'"),
+            (["postgresql://app:S3cr3t@s1/postgres", "postgresql://app:S3cr3t@s1/postgres"], "listed twice"),
+            ([42], "must be a DSN string"),
+        ],
+    )
+    def test_a_bad_replica_list_is_refused_without_showing_a_password(
+        self, replicas: object, message: str
+    ) -> None:
+        with pytest.raises(ConfigurationError, match=message) as raised:
+            Database("postgresql://app:S3cr3t@127.0.0.1:5999/postgres", replicas=replicas)  # type: ignore[arg-type]
+        assert "S3cr3t" not in str(raised.value)
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [("consistency", "eventual"), ("max_lag", -1), ("replica_wait", "1s"), ("max_lag", True)],
+    )
+    def test_bad_replica_options_are_refused(self, option: str, value: object) -> None:
+        with pytest.raises(ConfigurationError, match=option if option != "consistency" else "'caller'"):
+            Database(
+                "postgresql://app@127.0.0.1:5999/postgres",
+                replicas=["postgresql://app@s1/postgres"],
+                **{option: value},
+            )  # type: ignore[arg-type]
+
+    def test_a_misspelled_replica_option_suggests_the_right_one(self) -> None:
+        with pytest.raises(ConfigurationError, match="did you mean 'replicas'"):
+            Database("postgresql://app@127.0.0.1:5999/postgres", replica=["postgresql://app@s1/postgres"])
+
+
+@pytest.fixture
+def own_primary() -> Iterator[PrivateCluster]:
+    """A primary of the test's own, for tests that stop, restart or promote its servers."""
+    with PrivateCluster() as cluster:
+        prepare(cluster)
+        yield cluster
+
+
+class TestStandbyChanges:
+    def test_a_stopped_standby_leaves_the_rotation_reads_keep_working_and_it_returns_when_restarted(
+        self, own_primary: PrivateCluster, bridge: Bridge
+    ) -> None:
+        first, second = own_primary.add_standby(), own_primary.add_standby()
+        with replicated(own_primary, first, second, bridge=bridge) as db:
+            db.execute("CREATE TABLE seen (id int)")
+            assert {served_by(db.read) for _ in range(10)} == {first.port, second.port}
+            errors: list[BaseException] = []
+            stop = threading.Event()
+
+            def keep_reading() -> None:
+                while not stop.is_set():
+                    try:
+                        db.read.fetchval("SELECT count(*) FROM seen")
+                    except BaseException as exc:  # a read must never fail because a replica did
+                        errors.append(exc)
+                        return
+
+            reader = threading.Thread(target=keep_reading, daemon=True)
+            reader.start()
+            try:
+                first.stop("immediate")
+                wait_until(lambda: states(db)[0] == "down", what="the stopped standby counted as down")
+                assert {served_by(db.read) for _ in range(10)} == {second.port}
+                first.start()
+                wait_until(lambda: states(db)[0] == "healthy", what="the restarted standby back")
+            finally:
+                stop.set()
+                reader.join(30)
+            assert errors == []
+            assert first.port in {served_by(db.read) for _ in range(20)}
+
+    def test_a_promoted_standby_leaves_the_rotation(
+        self, own_primary: PrivateCluster, bridge: Bridge
+    ) -> None:
+        first, second = own_primary.add_standby(), own_primary.add_standby()
+        with replicated(own_primary, first, second, bridge=bridge) as db:
+            assert {served_by(db.read) for _ in range(10)} == {first.port, second.port}
+            first.promote()
+            wait_until(lambda: states(db)[0] == "not a standby", what="the promoted standby taken out")
+            assert "promoted" in db.stats().replicas[0].reason
+            assert {served_by(db.read) for _ in range(10)} == {second.port}
+
+
+class TestFailover:
+    @pytest.mark.parametrize("user", [APP, "postgres"])
+    def test_writes_resume_on_the_promoted_standby_and_no_acknowledged_write_is_lost(
+        self, own_primary: PrivateCluster, bridge: Bridge, user: str
+    ) -> None:
+        """Synchronous replication to the standby that takes over; a second, asynchronous standby is
+        left following the old primary, which is gone: it must not serve reads after the failover."""
+        heir = own_primary.add_standby("heir", synchronous=True)
+        orphan = own_primary.add_standby("orphan")
+        dsn = multi_host_dsn(own_primary, heir, target_session_attrs="read-write").replace(
+            "postgres:", f"{user}:", 1
+        )
+        db = Database(
+            dsn,
+            replicas=[heir.dsn(user=user), orphan.dsn(user=user)],
+            bridge=bridge,
+            max_size=4,
+            timeout=3,
+            replica_wait=0.3,
+        )
+        try:
+            db.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+            acknowledged = []
+            for key in range(50):
+                db.execute("INSERT INTO ledger VALUES ($1)", key)
+                acknowledged.append(key)
+            assert db.read.fetchval("SELECT count(*) FROM ledger") == 50
+
+            own_primary.stop("immediate")
+            heir.promote()
+            started = time.monotonic()
+            resumed = None
+            for key in itertools.count(50):
+                try:
+                    db.execute("INSERT INTO ledger VALUES ($1) ON CONFLICT DO NOTHING", key)
+                except (ConnectionError, OSError):
+                    assert time.monotonic() - started < 20, "writes did not resume"
+                    time.sleep(0.1)
+                    continue
+                acknowledged.append(key)
+                if resumed is None:
+                    resumed = time.monotonic() - started
+                if len(acknowledged) >= 80:
+                    break
+            assert resumed is not None
+            assert resumed < 20
+            assert served_by(db) == heir.port
+            # Every acknowledged write is there, and every read after them sees them all.
+            stored = {row[0] for row in db.fetch("SELECT id FROM ledger")}
+            assert set(acknowledged) <= stored
+            for _ in range(20):
+                assert db.read.fetchval("SELECT count(*) >= 80 FROM ledger") is True
+            wait_until(
+                lambda: states(db) == ["not a standby", states(db)[1]] and states(db)[1] != "healthy",
+                what="the promoted standby and the orphan out of the rotation",
+            )
+            assert served_by(db.read) == heir.port
+        finally:
+            db.close(timeout=5)
