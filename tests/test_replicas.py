@@ -16,7 +16,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -29,6 +30,8 @@ from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
 from tests.support import CALLER_KINDS, in_thread, independent, run_loop
 
 pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
 
 APP = "app"
 _tables = itertools.count()
@@ -99,6 +102,21 @@ def db(primary: PrivateCluster, standbys: tuple[PrivateCluster, ...], bridge: Br
 def served_by(reader: Reader | Database) -> int:
     port: int = reader.fetchval("SELECT inet_server_port()")
     return port
+
+
+def row(reader: Reader, query: str) -> tuple[Any, ...]:
+    record = reader.fetchrow(query)
+    assert record is not None
+    return tuple(record)
+
+
+def sync_only(driver: Driver, fn: Callable[[], T]) -> T:
+    """*fn* in a sync-thread driver's thread (its context is the same from one call to the next)."""
+
+    async def never() -> T:
+        raise AssertionError("only for a sync-thread driver")
+
+    return driver.do(fn, never)
 
 
 def states(db: Database) -> list[str]:
@@ -225,11 +243,11 @@ class TestReadYourWrites:
                 standby.pause_replay()
             db.execute(f"INSERT INTO {table} VALUES (1, 'written')")
             started = time.monotonic()
-            assert db.read.fetchrow(f"SELECT id, inet_server_port() FROM {table}") == (1, primary.port)
+            assert row(db.read, f"SELECT id, inet_server_port() FROM {table}") == (1, primary.port)
             assert 0.15 < time.monotonic() - started < 5
             assert db.stats().reads_on_primary == 1
             # Reads that accept stale data still go to a replica, which has not replayed the insert.
-            assert db.read.stale.fetchrow(f"SELECT count(*), inet_server_port() FROM {table}")[0] == 0
+            assert row(db.read.stale, f"SELECT count(*), inet_server_port() FROM {table}")[0] == 0
 
     def test_a_read_waits_for_a_replica_that_catches_up_within_replica_wait(
         self,
@@ -246,7 +264,7 @@ class TestReadYourWrites:
             resume = threading.Timer(0.5, standby.resume_replay)
             resume.start()
             try:
-                assert db.read.fetchrow(f"SELECT id, inet_server_port() FROM {table}") == (1, standby.port)
+                assert row(db.read, f"SELECT id, inet_server_port() FROM {table}") == (1, standby.port)
             finally:
                 resume.join(30)
             assert db.stats().reads_on_primary == 0
@@ -293,22 +311,24 @@ class TestReadYourWrites:
         for consistency, expected in (("caller", 0), ("database", 1)):
             with replicated(primary, standby, bridge=bridge, consistency=consistency, replica_wait=0.2) as db:
                 reader = Driver("sync-thread")
+
+                def own_write(db: Database = db, key: int = 10 + expected) -> None:
+                    db.execute(f"INSERT INTO {table} VALUES ($1, 'the reader')", key)
+                    db.read.fetchval(f"SELECT count(*) FROM {table}")
+
+                def others_write(db: Database = db) -> None:
+                    db.execute(f"INSERT INTO {table} VALUES (1, 'another caller')")
+
+                def count_theirs(db: Database = db) -> object:
+                    return db.read.fetchval(f"SELECT count(*) FROM {table} WHERE id = 1")
+
                 try:
                     # The reader writes and reads its write back: a position covering it is known.
-                    reader.do(
-                        lambda db=db, key=10 + expected: db.execute(
-                            f"INSERT INTO {table} VALUES ($1, 'the reader')", key
-                        ),
-                        None,
-                    )  # type: ignore[arg-type,misc]
-                    reader.do(lambda db=db: db.read.fetchval(f"SELECT count(*) FROM {table}"), None)  # type: ignore[arg-type]
+                    sync_only(reader, own_write)
                     primary.wait_caught_up(standby)
                     standby.pause_replay()
-                    in_thread(lambda db=db: db.execute(f"INSERT INTO {table} VALUES (1, 'another caller')"))
-                    count = reader.do(
-                        lambda db=db: db.read.fetchval(f"SELECT count(*) FROM {table} WHERE id = 1"),
-                        None,  # type: ignore[arg-type]
-                    )
+                    in_thread(others_write)
+                    count = sync_only(reader, count_theirs)
                 finally:
                     reader.stop()
                     standby.resume_replay()
@@ -433,12 +453,13 @@ class TestBadInput:
         [("consistency", "eventual"), ("max_lag", -1), ("replica_wait", "1s"), ("max_lag", True)],
     )
     def test_bad_replica_options_are_refused(self, option: str, value: object) -> None:
+        options: dict[str, Any] = {option: value}
         with pytest.raises(ConfigurationError, match=option if option != "consistency" else "'caller'"):
             Database(
                 "postgresql://app@127.0.0.1:5999/postgres",
                 replicas=["postgresql://app@s1/postgres"],
-                **{option: value},
-            )  # type: ignore[arg-type]
+                **options,
+            )
 
     def test_a_misspelled_replica_option_suggests_the_right_one(self) -> None:
         with pytest.raises(ConfigurationError, match="did you mean 'replicas'"):
