@@ -65,7 +65,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between terminations")
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server")
     parser.add_argument("--no-fork", action="store_true", help="do not fork a worker process")
+    parser.add_argument(
+        "--replicas",
+        action="store_true",
+        help="reads after writes through db.read on two hot standbys, and a failover midway",
+    )
     args = parser.parse_args(argv)
+    if args.replicas and (args.dsn or args.pgbouncer):
+        parser.error("--replicas starts a primary and standbys of its own; drop --dsn and --pgbouncer")
     if args.dsn and args.pgbouncer:
         parser.error("--pgbouncer starts its own PgBouncer in front of a private cluster; drop --dsn")
     if args.duration <= 0:
@@ -79,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Forking a process with threads is one of the faults; Python 3.12+ warns about exactly that.
     warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    if args.replicas:
+        from stress.replicas import run_replicas
+
+        args.seed = seed
+        return run_replicas(args)
     plan = Plan(
         duration=args.duration,
         sync_threads=args.sync_threads,
