@@ -76,7 +76,7 @@ logger = logging.getLogger("loopbridge")
 #: Seconds between two health checks of the primary and of each replica.
 INTERVAL = 0.5
 #: Seconds between two checks of a replica's replay position while a read waits for it.
-FAST_POLL = 0.002
+FAST_POLL = 0.001
 #: Seconds a watcher's connection attempt, and each of its queries, may take.
 PROBE_TIMEOUT = 5.0
 
