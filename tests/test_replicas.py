@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,8 @@ from loopbridge._replicas import ReplicatedSource
 from loopbridge._source import PoolSource
 from tests.boundary import Driver, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
-from tests.support import CALLER_KINDS, in_thread, independent, run_loop
+from tests.support import CALLER_KINDS, in_thread, independent, run_loop, run_script
+from tests.test_process import ALLOW_FORK
 
 pytestmark = pytest.mark.slow
 
@@ -578,3 +580,95 @@ class TestFailover:
             assert served_by(db.read) == heir.port
         finally:
             db.close(timeout=5)
+
+
+class TestProcesses:
+    def test_a_forked_child_reads_from_the_replicas_with_watchers_of_its_own(
+        self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...], table: str
+    ) -> None:
+        """gunicorn --preload: the Database is used in the master, then in each forked worker."""
+        replicas = [app_dsn(standby) for standby in standbys]
+        out = run_script(
+            f"""
+            {ALLOW_FORK}
+            import asyncio, json, os, sys
+            from loopbridge import Database
+            db = Database({app_dsn(primary)!r}, replicas={replicas!r}, max_size=2)
+            parent = db.read.fetchval("SELECT inet_server_port()")
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                db.execute("INSERT INTO {table} VALUES (1, 'from the child')")
+                report = dict(
+                    seen=db.read.fetchval("SELECT count(*) FROM {table}"),
+                    port=asyncio.run(db.read.afetchval("SELECT inet_server_port()")),
+                    states=[replica.state for replica in db.stats().replicas],
+                )
+                os.write(w, json.dumps(report).encode())
+                os.close(w)
+                sys.exit(0)
+            os.close(w)
+            with os.fdopen(r) as pipe:
+                child = json.loads(pipe.read())
+            _, status = os.waitpid(pid, 0)
+            child["exit"] = os.waitstatus_to_exitcode(status)
+            child["parent"] = parent
+            child["parent_after"] = db.read.fetchval("SELECT inet_server_port()")
+            print(json.dumps(child))
+            """
+        )
+        report = json.loads(out)
+        ports = {standby.port for standby in standbys}
+        assert report["exit"] == 0
+        assert report["seen"] == 1
+        assert {report["parent"], report["port"], report["parent_after"]} <= ports
+        assert report["states"] == ["healthy", "healthy"]
+
+    def test_an_unclosed_database_with_replicas_exits_cleanly(
+        self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        replicas = [app_dsn(standby) for standby in standbys]
+        out = run_script(
+            f"""
+            import asyncio
+            from loopbridge import Database
+            db = Database({app_dsn(primary)!r}, replicas={replicas!r}, max_size=2)
+            print(db.read.fetchval("SELECT 1"), asyncio.run(db.read.afetchval("SELECT 2")))
+            """
+        )
+        assert out.split() == ["1", "2"]
+
+
+class TestFrameworkConfiguration:
+    def test_a_django_entry_passes_replicas_through_and_names_a_bad_one(
+        self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        from django.core.exceptions import ImproperlyConfigured
+
+        from loopbridge.contrib.django import build
+
+        entry = {"dsn": app_dsn(primary), "replicas": [app_dsn(standbys[0])], "max_size": 2}
+        built = build({"default": entry})
+        try:
+            assert served_by(built["default"].read) == standbys[0].port
+        finally:
+            built["default"].close()
+        with pytest.raises(ImproperlyConfigured, match=r"LOOPBRIDGE\['default'\]: replicas\[0\]"):
+            build({"default": {**entry, "replicas": ["host=standby password=S3cr3t"]}})
+
+    def test_flask_options_pass_replicas_through(
+        self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...]
+    ) -> None:
+        from flask import Flask
+
+        from loopbridge.contrib.flask import LoopBridge
+
+        app = Flask(__name__)
+        app.config["LOOPBRIDGE_DSN"] = app_dsn(primary)
+        app.config["LOOPBRIDGE_OPTIONS"] = {"replicas": [app_dsn(standbys[1])], "max_size": 2}
+        lb = LoopBridge(app)
+        try:
+            assert served_by(lb.database.read) == standbys[1].port
+        finally:
+            lb.database.close()
