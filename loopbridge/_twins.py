@@ -55,7 +55,7 @@ class Bridged(Protocol):
 S = TypeVar("S", bound=Bridged)
 
 #: How the documentation and the messages call an instance of each class.
-_SHORT_NAMES = {"Database": "db", "Transaction": "tx", "Engine": "engine"}
+_SHORT_NAMES = {"Database": "db", "Transaction": "tx", "Engine": "engine", "Reader": "db.read"}
 
 _SYNC_NOTE = (
     "\n\n(Blocking: runs on the bridge loop while the calling thread waits. On the bridge thread itself "

@@ -20,7 +20,7 @@ itself lives in ``loopbridge._replicas``; a Database without replicas reads on i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._queries import Queries
 from ._replicas import ReadLease, ReadSource, ReplicatedSource
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from .database import Database
 
 __all__ = ["Reader"]
+
+# What the Database has and db.read has not: statements that write (or may: run's function).
+_WRITES = frozenset(
+    {"execute", "executemany", "run", "copy_records_to_table", "copy_to_table", "copy_from_query"}
+    | {"copy_from_table", "listen"}
+)
 
 
 class Reader(Queries, StreamMethods):
@@ -74,6 +80,17 @@ class Reader(Queries, StreamMethods):
     def __repr__(self) -> str:
         kind = "stale reads" if self._stale else "reads"
         return f"<{kind} of {self._db!r}>"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names that do not exist: a write says where writes go.
+        if name.lstrip("a") in _WRITES:
+            raise AttributeError(
+                f"db.read has no {name}(): it serves reads on a replica, which refuses writes. Write through "
+                f"the Database itself: db.{name}(...) runs on the primary, and the reads after it see it",
+                name=name,
+                obj=self,
+            )
+        return super().__getattr__(name)
 
     def _source(self) -> Source:
         source = self._db._source

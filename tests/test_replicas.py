@@ -167,6 +167,15 @@ class TestRouting:
         with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
             db.read.fetch(f"INSERT INTO {table} VALUES (1, 'no') RETURNING id")
 
+    @pytest.mark.parametrize("name", ["execute", "aexecutemany", "run", "copy_records_to_table"])
+    def test_read_has_no_write_methods_and_says_where_writes_go(self, db: Database, name: str) -> None:
+        with pytest.raises(
+            AttributeError, match=rf"db.read has no {name}\(\).*db.{name}\(\.\.\.\) runs on the primary"
+        ):
+            getattr(db.read, name)
+        with pytest.raises(AttributeError, match="did you mean 'fetchval'"):
+            db.read.fetchvall  # noqa: B018
+
     def test_without_replicas_read_uses_the_primary_and_the_plain_pool(
         self, primary: PrivateCluster, bridge: Bridge
     ) -> None:
@@ -177,6 +186,24 @@ class TestRouting:
             with plain.read.transaction() as tx:
                 assert tx.fetchval("SHOW transaction_read_only") == "on"
             assert plain.stats().replicas == ()
+
+    def test_databases_of_one_configuration_share_the_replicas_and_a_plain_one_never_does(
+        self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...], bridge: Bridge
+    ) -> None:
+        first = replicated(primary, *standbys, bridge=bridge)
+        second = replicated(primary, *standbys, bridge=bridge)
+        plain = Database(app_dsn(primary), bridge=bridge, max_size=4)
+        try:
+            assert first._source is second._source
+            assert type(plain._source) is PoolSource
+            first.read.fetchval("SELECT 1")
+            first.close()
+            # The other Database keeps the pools and the watchers: they close with the last user.
+            assert served_by(second.read) in {standby.port for standby in standbys}
+            assert states(second) == ["healthy", "healthy"]
+        finally:
+            for each in (first, second, plain):
+                each.close()
 
     def test_reads_from_every_kind_of_caller_reach_a_replica(
         self, db: Database, standbys: tuple[PrivateCluster, ...]
@@ -424,8 +451,8 @@ class TestHealth:
             for _ in range(10):  # every read is served, by the other replica
                 assert served_by(db.read) == standbys[1].port
             wait_until(lambda: states(db)[0] == "down", what="the replica counted as down")
+            assert "password authentication failed" in db.stats().replicas[0].reason
             text = repr(db.stats()) + "".join(record.getMessage() for record in caplog.records) + repr(db)
-        assert "password authentication failed" in db.stats().replicas[0].reason
         assert wrong not in text
         assert PASSWORD not in text
 
