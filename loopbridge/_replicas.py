@@ -344,7 +344,7 @@ class ReplicatedSource(RecordingSource):
         self._epoch_lsn = 0
         self._identifier: int | None = None
         self._primary_problem: str | None = None
-        self._waiters: list[tuple[Position | None, asyncio.Future[Replica]]] = []
+        self._waiters: list[tuple[Position | None, asyncio.Future[Replica | None]]] = []
         self._rotation = 0
 
     def __repr__(self) -> str:
@@ -357,14 +357,18 @@ class ReplicatedSource(RecordingSource):
 
         :param stale: any healthy replica will do (no read-your-writes).
         """
+        if self.closed_flag:
+            raise DatabaseClosedError(f"{self!r} is closed; create a new Database to keep querying")
         self._start()
         checked = self._checked
         assert checked is not None
-        if not checked.is_set():  # the very first reads: give the watchers a moment to check them
+        if not checked.is_set():
+            # The very first reads give the watchers a moment to check the replicas, once: if the
+            # primary cannot be reached yet, no replica can be verified, and later reads do not wait.
             try:
                 await asyncio.wait_for(checked.wait(), self.replica_wait)
             except (asyncio.TimeoutError, TimeoutError):
-                pass
+                checked.set()
         target: Position | None = None
         if not stale:
             try:
@@ -480,7 +484,7 @@ class ReplicatedSource(RecordingSource):
 
     async def _wait_for(self, target: Position) -> Replica | None:
         """A replica once one has replayed up to *target*, or None after ``replica_wait`` seconds."""
-        future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Replica | None] = asyncio.get_running_loop().create_future()
         waiter = (target, future)
         self._waiters.append(waiter)
         for replica in self.replicas:  # check now, and often until served
@@ -519,10 +523,12 @@ class ReplicatedSource(RecordingSource):
         loop = asyncio.get_running_loop()
         ref = weakref.ref(self)
         self._tasks.append(loop.create_task(_watch_primary(ref), name="loopbridge-primary-watcher"))
+        self._tasks[-1].add_done_callback(_retrieve)
         for replica in self.replicas:
             replica.wake = asyncio.Event()
             name = f"loopbridge-replica-watcher-{replica.index}"
             self._tasks.append(loop.create_task(_watch_replica(ref, replica), name=name))
+            self._tasks[-1].add_done_callback(_retrieve)
 
     async def check_primary(self) -> None:
         """One health check of the primary: its identifier (once), its position (a lag sample)."""
@@ -673,8 +679,9 @@ class ReplicatedSource(RecordingSource):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-        for _, future in self._waiters:
-            future.cancel()
+        for _, future in self._waiters:  # to the primary, which says it is closed
+            if not future.done():
+                future.set_result(None)
         for replica in self.replicas:
             await replica.disconnect()
         await asyncio.gather(
@@ -704,7 +711,10 @@ async def _watch_primary(ref: weakref.ref[ReplicatedSource]) -> None:
         source = ref()
         if source is None or source.closed_flag:
             return
-        await source.check_primary()
+        try:
+            await source.check_primary()
+        except DatabaseClosedError:  # closed during the check
+            return
         del source
         await asyncio.sleep(INTERVAL)
 
@@ -715,7 +725,10 @@ async def _watch_replica(ref: weakref.ref[ReplicatedSource], replica: Replica) -
             source = ref()
             if source is None or source.closed_flag:
                 return
-            delay = await source.check_replica(replica)
+            try:
+                delay = await source.check_replica(replica)
+            except DatabaseClosedError:  # closed during the check
+                return
             del source
             wake = replica.wake
             if delay == FAST_POLL or wake is None:
