@@ -29,6 +29,7 @@ from loopbridge._source import PoolSource
 from tests.boundary import Driver, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
 from tests.support import CALLER_KINDS, in_thread, independent, run_loop, run_script
+from tests.test_pin import _pin_and_begin, _rollback_and_unpin
 from tests.test_process import ALLOW_FORK
 
 pytestmark = pytest.mark.slow
@@ -204,6 +205,21 @@ class TestRouting:
         finally:
             for each in (first, second, plain):
                 each.close()
+
+    def test_a_pinned_database_reads_on_the_pinned_connection_and_sees_the_tests_own_writes(
+        self, db: Database, primary: PrivateCluster, table: str
+    ) -> None:
+        """The pytest plugin's rolled-back tests: a replica cannot see the test's transaction."""
+        transaction = db.bridge.run(_pin_and_begin, db)
+        try:
+            db.execute(f"INSERT INTO {table} VALUES (1, 'uncommitted')")
+            pid = db.fetchval("SELECT pg_backend_pid()")
+            assert row(db.read, f"SELECT count(*), pg_backend_pid() FROM {table}") == (1, pid)
+            with db.read.transaction() as tx:
+                assert tx.fetchval("SELECT inet_server_port()") == primary.port
+        finally:
+            db.bridge.run(_rollback_and_unpin, db, transaction)
+        assert independent(app_dsn(primary), f"SELECT count(*) FROM {table}")[0][0] == 0
 
     def test_reads_from_every_kind_of_caller_reach_a_replica(
         self, db: Database, standbys: tuple[PrivateCluster, ...]
