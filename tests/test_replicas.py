@@ -31,6 +31,7 @@ from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
 from tests.support import CALLER_KINDS, in_thread, independent, run_loop, run_script
 from tests.test_pin import _pin_and_begin, _rollback_and_unpin
 from tests.test_process import ALLOW_FORK
+from tests.test_stress import stress, summary
 
 pytestmark = pytest.mark.slow
 
@@ -715,3 +716,23 @@ class TestFrameworkConfiguration:
             assert served_by(lb.database.read) == standbys[1].port
         finally:
             lb.database.close()
+
+
+class TestStressRun:
+    def test_a_short_replica_stress_run_with_a_failover_passes(self) -> None:
+        proc = stress(
+            "--replicas", "--duration", "6", "--sync-threads", "4", "--loops", "1", "--tasks-per-loop", "4"
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output
+        line = summary(proc)
+        assert line.startswith("stress --replicas: PASS: acknowledged "), output
+        for figure in ("lost 0", "duplicated 0", "stale reads 0", "hung 0", "undocumented 0", "bridge alive"):
+            assert figure in line
+        assert "writes resumed" in proc.stdout
+        assert PASSWORD not in output
+
+    def test_replicas_with_an_existing_server_is_refused(self, admin_dsn: str) -> None:
+        proc = stress("--replicas", "--dsn", admin_dsn, timeout=60)
+        assert proc.returncode == 2
+        assert "--replicas starts a primary and standbys of its own" in proc.stderr
