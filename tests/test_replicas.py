@@ -28,7 +28,7 @@ from loopbridge._replicas import ReplicatedSource
 from loopbridge._source import PoolSource
 from tests.boundary import Driver, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster, multi_host_dsn
-from tests.support import CALLER_KINDS, in_thread, independent, run_loop, run_script
+from tests.support import Caller, in_thread, independent, run_loop, run_script
 from tests.test_pin import _pin_and_begin, _rollback_and_unpin
 from tests.test_process import ALLOW_FORK
 from tests.test_stress import stress, summary
@@ -223,15 +223,10 @@ class TestRouting:
         assert independent(app_dsn(primary), f"SELECT count(*) FROM {table}")[0][0] == 0
 
     def test_reads_from_every_kind_of_caller_reach_a_replica(
-        self, db: Database, standbys: tuple[PrivateCluster, ...]
+        self, db: Database, standbys: tuple[PrivateCluster, ...], caller: Caller
     ) -> None:
-        for kind in CALLER_KINDS:
-            driver = Driver(kind)
-            try:
-                port = driver.call(db.read, "fetchval", "SELECT inet_server_port()")
-            finally:
-                driver.stop()
-            assert port in {standby.port for standby in standbys}, kind
+        port = caller.call(db.read, "fetchval", "SELECT inet_server_port()")
+        assert port in {standby.port for standby in standbys}
 
 
 def write_then_read(driver: Driver, db: Database, table: str, key: int) -> tuple[int | None, int]:
