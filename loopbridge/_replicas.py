@@ -387,7 +387,10 @@ class ReplicatedSource(RecordingSource):
         if replica is None and target is not None and self.replica_wait > 0 and self._any_serving():
             replica = await self._wait_for(target)
         if replica is None:
-            self._on_primary("no healthy replica has replayed the caller's writes")
+            if target is None or not self._any_serving():
+                self._on_primary("no replica is healthy")
+            else:
+                self._on_primary(f"no healthy replica had replayed {format_lsn(target.lsn)} in time")
             return None
         replica.reads += 1
         if logger.isEnabledFor(logging.DEBUG):
