@@ -548,6 +548,19 @@ class TestStandbyChanges:
             assert errors == []
             assert first.port in {served_by(db.read) for _ in range(20)}
 
+    def test_with_its_only_replica_down_every_read_goes_to_the_primary(
+        self, own_primary: PrivateCluster, bridge: Bridge, caller: Caller
+    ) -> None:
+        standby = own_primary.add_standby()
+        with replicated(own_primary, standby, bridge=bridge) as db:
+            assert caller.call(db.read, "fetchval", "SELECT inet_server_port()") == standby.port
+            standby.stop("immediate")
+            # The first read may find the pooled connection dead: it runs again, on the primary.
+            assert caller.call(db.read, "fetchval", "SELECT inet_server_port()") == own_primary.port
+            assert caller.call(db.read.stale, "fetchval", "SELECT inet_server_port()") == own_primary.port
+            wait_until(lambda: states(db) == ["down"], what="the stopped standby counted as down")
+            assert db.stats().reads_on_primary >= 2
+
     def test_a_promoted_standby_leaves_the_rotation(
         self, own_primary: PrivateCluster, bridge: Bridge
     ) -> None:
