@@ -698,16 +698,18 @@ class TestFrameworkConfiguration:
     ) -> None:
         from django.core.exceptions import ImproperlyConfigured
 
-        from loopbridge.contrib.django import build
+        from loopbridge.contrib.django import Databases
 
         entry = {"dsn": app_dsn(primary), "replicas": [app_dsn(standbys[0])], "max_size": 2}
-        built = build({"default": entry})
+        databases = Databases()
+        databases.configure({"default": entry})
         try:
-            assert served_by(built["default"].read) == standbys[0].port
+            assert served_by(databases["default"].read) == standbys[0].port
         finally:
-            built["default"].close()
-        with pytest.raises(ImproperlyConfigured, match=r"LOOPBRIDGE\['default'\]: replicas\[0\]"):
-            build({"default": {**entry, "replicas": ["host=standby password=S3cr3t"]}})
+            databases.close_all()
+        with pytest.raises(ImproperlyConfigured, match=r"LOOPBRIDGE\['default'\]: replicas\[0\]") as raised:
+            Databases().configure({"default": {**entry, "replicas": ["host=standby password=S3cr3t"]}})
+        assert "S3cr3t" not in str(raised.value)
 
     def test_flask_options_pass_replicas_through(
         self, primary: PrivateCluster, standbys: tuple[PrivateCluster, ...]
