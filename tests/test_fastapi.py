@@ -12,6 +12,7 @@ import importlib.util
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +31,7 @@ from loopbridge.contrib.fastapi import (
     get_database,
     lifespan,
 )
+from tests.readme import fenced_block
 from tests.servers import Served, free_port, python, serve
 from tests.support import WAIT, independent, pool_source, run_loop
 
@@ -115,6 +117,28 @@ class TestUvicorn:
         assert "Traceback" not in output
         assert "ERROR" not in output
         assert wait_until_no_backends(admin_dsn, schema) == set()
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_runs_as_written_and_a_missing_user_is_a_404(
+    tmp_path: Path, dsn: str, schema: str
+) -> None:
+    (tmp_path / "app.py").write_text(fenced_block("fastapi-quickstart"))
+    port = free_port()
+    argv = python(
+        "-m", "uvicorn", "app:app", "--app-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+        "--no-access-log",
+    )  # fmt: skip
+    with serve(argv, port=port, env={"LOOPBRIDGE_DSN": dsn}, ready="/count") as served:
+        with httpx.Client(base_url=served.url, timeout=WAIT) as client:
+            missing = client.get("/users/1")
+            assert (missing.status_code, missing.json()) == (404, {"detail": "no user 1"})
+            ada = independent(dsn, "INSERT INTO users (name) VALUES ('ada') RETURNING id")[0][0]
+            assert client.get(f"/users/{ada}").json() == {"id": ada, "name": "ada"}
+            assert client.get("/count").json() == 1
+        assert served.stop() in (0, -signal.SIGTERM)
+        assert "Traceback" not in served.output(), served.output()
+    assert tables(dsn, schema) == {"users"}  # the lifespan's setup, seen from an independent connection
 
 
 def app_with(database: Database | Any, **options: Any) -> FastAPI:
