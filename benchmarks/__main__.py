@@ -118,7 +118,7 @@ def _run(
     m.stream_rows = stream_rows
     available = iterate_available()
     if not available:
-        m.stream_note = "not available on this build (Database.iterate arrives with issue 3)"
+        m.stream_note = "not available on this build (it has no Database.iterate)"
     by_key = {case.key: case for case in cases}
     for rep in range(reps):
         for n in m.ns:

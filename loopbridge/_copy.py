@@ -91,7 +91,7 @@ class CopyMethods:
         the bridge loop, and only a few chunks are in memory at once.
 
         :raises CallTimeoutError: if *timeout* expired; nothing was copied.
-        :raises: what iterating *records* raised, or asyncpg's error; either way nothing was copied.
+        :raises Exception: what iterating *records* raised, or asyncpg's error; either way nothing was copied.
         """
         job = _Job(self, "copy_records_to_table", timeout)
         work = functools.partial(_records_in, table_name, columns, schema_name, where)
@@ -144,7 +144,7 @@ class CopyMethods:
 
         :raises TypeError: if *source* is none of those (or an async file, which needs the async twin).
         :raises CallTimeoutError: if *timeout* expired; nothing was copied.
-        :raises: what reading *source* raised, or asyncpg's error; either way nothing was copied.
+        :raises Exception: what reading *source* raised, or asyncpg's error; either way nothing was copied.
         """
         job = _Job(self, "copy_to_table", timeout)
         work = functools.partial(_bytes_in, table_name, columns, schema_name, options)
@@ -189,7 +189,7 @@ class CopyMethods:
 
         :raises TypeError: if *output* is none of those, or is a text file for ``format='binary'``.
         :raises CallTimeoutError: if *timeout* expired (the output holds what arrived before).
-        :raises: what writing to *output* raised, or asyncpg's error.
+        :raises Exception: what writing to *output* raised, or asyncpg's error.
         """
         job = _Job(self, "copy_from_query", timeout)
         work = functools.partial(_query_out, query, args, options)

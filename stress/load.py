@@ -53,7 +53,7 @@ SHORT_TIMEOUT_SHARE, CANCEL_SHARE = 0.03, 0.03
 
 @dataclass(frozen=True)
 class Plan:
-    """What the load does; the defaults are the issue's figures."""
+    """What the load does; the defaults are the figures the README documents for a full run."""
 
     duration: float = 60.0
     sync_threads: int = 64

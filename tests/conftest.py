@@ -1,8 +1,10 @@
 """Fixtures: a real PostgreSQL (never a mock), a schema per test, bridges, databases, caller kinds.
 
-The server is found once per session, in this order: ``LOOPBRIDGE_TEST_DSN``; a local server on
-127.0.0.1:5432; testcontainers where Docker answers; the embedded PostgreSQL extra. If none works the run
-fails with a message saying what to set; it never skips the database tests.
+The server is found once per session, when the first test that needs one runs (the ``server`` fixture),
+in this order: ``LOOPBRIDGE_TEST_DSN``; a local server on 127.0.0.1:5432; testcontainers where Docker
+answers; the embedded PostgreSQL extra. Tests that need no server (DSN parsing, the public API) run
+without one. If none works, every test that needs one fails with a message saying what to set; none is
+skipped. The report's header says when the server is looked for, and its summary which one was used.
 """
 
 from __future__ import annotations
@@ -21,30 +23,64 @@ from tests.support import CALLER_KINDS, Caller, throwaway_schema, with_query
 # pytester runs the pytest plugin in a project of its own (tests/test_pytest_plugin.py).
 pytest_plugins = ["pytester"]
 
-_server_key = pytest.StashKey[Server]()
+_finder_key = pytest.StashKey["ServerFinder"]()
 _counter = itertools.count()
 
 
+class ServerFinder:
+    """The session's server, looked for once, when a test first needs it; the outcome is kept, so a
+    failure fails every test that needs a server with the same message instead of searching again."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.problem: str | None = None
+
+    def get(self) -> Server:
+        if self.server is None and self.problem is None:
+            try:
+                self.server = find_test_server()
+            except NoServerError as exc:
+                self.problem = f"loopbridge tests need PostgreSQL: {exc}"
+        if self.server is None:
+            assert self.problem is not None
+            pytest.fail(self.problem, pytrace=False)
+        return self.server
+
+    def describe(self) -> str:
+        if self.server is not None:
+            return self.server.describe()
+        if self.problem is not None:
+            return f"none found ({self.problem})"
+        return "not needed: no test that ran used one"
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    try:
-        config.stash[_server_key] = find_test_server()
-    except NoServerError as exc:
-        raise pytest.UsageError(f"loopbridge tests need PostgreSQL: {exc}") from None
+    config.stash[_finder_key] = ServerFinder()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    server = config.stash.get(_server_key, None)
-    if server is not None:
-        server.stop()
+    finder = config.stash.get(_finder_key, None)
+    if finder is not None:
+        finder.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"loopbridge test database: {config.stash[_server_key].describe()}"
+    return "loopbridge test database: found when first needed (LOOPBRIDGE_TEST_DSN, local, Docker, embedded)"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    terminalreporter.write_line(f"loopbridge test database: {config.stash[_finder_key].describe()}")
 
 
 @pytest.fixture(scope="session")
 def server(pytestconfig: pytest.Config) -> Server:
-    return pytestconfig.stash[_server_key]
+    """The PostgreSQL server of the session, found on first use (see the module docstring)."""
+    return pytestconfig.stash[_finder_key].get()
 
 
 @pytest.fixture(scope="session")

@@ -226,7 +226,7 @@ FLAGS = [
     pytest.param((), id="plain"),
 ]
 
-#: The bound the issue sets for an exit with calls in flight.
+#: How long an exit with calls in flight may take (the README's promise: within 5 s of the script's end).
 EXIT_BOUND = 5.0
 
 

@@ -39,7 +39,8 @@ class TestDF501:
         assert tables(dsn, schema) == {"organization", "project"}
 
     def test_thread_pool_running_asyncio_run_works(self, db: Database) -> None:
-        """DF-501 issue 2: executor.submit(asyncio.run, migration()) while a loop runs."""
+        """DF-501: executor.submit(asyncio.run, migration()) while a loop runs, each migration on a loop of
+        its own, all on one Database."""
         db.execute("CREATE TABLE migrations (name text PRIMARY KEY)")
 
         async def run_migration(name: str) -> str:
@@ -56,7 +57,7 @@ class TestDF501:
         assert db.fetchval("SELECT count(*) FROM migrations") == 4
 
     def test_new_event_loop_and_run_until_complete_work(self, db: Database) -> None:
-        """DF-501 issue 3: a fresh loop made by hand, used with run_until_complete."""
+        """DF-501: a fresh loop made by hand, used with run_until_complete."""
 
         def legacy() -> int:
             loop = asyncio.new_event_loop()
@@ -69,7 +70,7 @@ class TestDF501:
         assert in_thread(legacy) == 42
 
     def test_a_failing_ddl_is_never_reported_as_ensured(self, db: Database, dsn: str, schema: str) -> None:
-        """DF-501 issue 5: success only after the DDL ran; a failure raises."""
+        """DF-501: a table is reported as ensured only after its DDL ran; a failing DDL raises."""
         ensured: set[str] = set()
 
         def ensure_table(name: str, ddl: str) -> None:

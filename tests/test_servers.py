@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from loopbridge._servers import NoServerError, find_test_server
+from tests.servers import ROOT
 from tests.support import independent
 
 pytestmark = pytest.mark.slow
@@ -139,7 +142,7 @@ class TestFallbacks:
         self, failing_docker: list[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Regression: the container's start error escaped find_test_server and aborted the test run
-        (pytest_configure only turns NoServerError into a usage error) instead of trying the next step."""
+        (the suite handles only NoServerError) instead of trying the next step."""
         monkeypatch.delenv("LOOPBRIDGE_TEST_DSN", raising=False)
         server = find_test_server(local_dsn=NOWHERE)
         try:
@@ -169,3 +172,48 @@ class TestFallbacks:
         ):
             assert said in message
         assert "hunter2" not in message
+
+
+#: A test that needs no server, and one that does (it asks for ``admin_dsn``).
+NO_SERVER_TEST = "tests/test_dsn.py::test_resolve_refuses_a_non_string"
+SERVER_TEST = "tests/test_public_api.py::test_awaiting_an_object_used_in_a_block_names_the_right_form[listen]"
+
+
+def _pytest(*args: str, test_dsn: str) -> subprocess.CompletedProcess[str]:
+    """This suite's own pytest, in a subprocess, with LOOPBRIDGE_TEST_DSN set to *test_dsn*."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTEST_ADDOPTS"}
+    env["LOOPBRIDGE_TEST_DSN"] = test_dsn
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+class TestFoundWhenFirstNeeded:
+    """The server is looked for when the first test that needs one runs, not when the session starts."""
+
+    def test_tests_that_need_no_server_run_without_one(self) -> None:
+        dead = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+        run = _pytest(NO_SERVER_TEST, test_dsn=dead)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "loopbridge test database: found when first needed" in run.stdout
+        assert "loopbridge test database: not needed" in run.stdout
+        assert "1 passed" in run.stdout
+
+    def test_a_test_that_needs_one_fails_when_none_is_found_and_the_others_pass(self) -> None:
+        dead = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+        run = _pytest(NO_SERVER_TEST, SERVER_TEST, test_dsn=dead)
+        assert run.returncode == 1, run.stdout + run.stderr  # failed, never skipped
+        assert "1 passed, 1 error" in run.stdout
+        assert "skipped" not in run.stdout
+        assert f"LOOPBRIDGE_TEST_DSN={dead} does not answer" in run.stdout
+
+    def test_the_summary_names_the_server_used(self, admin_dsn: str) -> None:
+        run = _pytest(SERVER_TEST, test_dsn=admin_dsn)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "loopbridge test database: LOOPBRIDGE_TEST_DSN: " in run.stdout

@@ -401,7 +401,7 @@ class TestEngine:
 
 class TestConnectOptions:
     """SQLAlchemy's asyncpg dialect options and asyncpg.connect's, from the URL and from connect_args, as
-    with create_async_engine (regression, audit of issue 7: the dialect's options never reached it)."""
+    with create_async_engine (regression: the dialect's options never reached the connections)."""
 
     @pytest.mark.parametrize("where", ["url", "connect_args"])
     def test_the_dialects_and_asyncpgs_options_reach_every_connection(
@@ -695,7 +695,7 @@ class TestConnectErrors:
         caplog: pytest.LogCaptureFixture,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        """Regression (audit of issue 7): no test reached the scrubbing of the Engine's connect errors,
+        """Regression: no test reached the scrubbing of the Engine's connect errors,
         and the driver's own error, kept as the ConnectError's cause, showed the password in tracebacks."""
         caplog.set_level(logging.DEBUG)
         # Two settings swapped by mistake: the password given as the port. asyncpg's error repeats it.
@@ -1217,7 +1217,7 @@ class TestCancellationAndClose:
     def test_cancelling_an_awaiting_caller_closes_the_scope_and_returns_its_connection(
         self, engine: Engine, tables: None, dsn: str, schema: str, admin_dsn: str, where: str
     ) -> None:
-        """The scope's end closes its session whatever cancels the caller (audit of issue 7: this test
+        """The scope's end closes its session whatever cancels the caller (an earlier form of this test
         passed with the close removed, since a statement cancelled mid-way makes SQLAlchemy discard the
         connection anyway; cancelled between statements, only the close gives the connection back)."""
         started = threading.Event()
@@ -1258,7 +1258,7 @@ class TestCancellationAndClose:
     def test_a_method_without_io_waits_for_a_call_still_unwinding_on_the_bridge(
         self, engine: Engine, tables: None, dsn: str, caller: Caller
     ) -> None:
-        """Regression (audit of issue 7): add() and the other methods that need no database used the
+        """Regression: add() and the other methods that need no database used the
         Session in the caller's thread even while a call whose caller had given up still unwound on the
         bridge with it: one Session in two threads at once. Now they wait their turn."""
         timed_out, release = threading.Event(), threading.Event()
@@ -1371,7 +1371,7 @@ class TestCancellationAndClose:
     def test_close_on_the_bridge_thread_raises_deadlock_error_and_leaves_the_engine_open(
         self, engine: Engine, bridge: Bridge, schema: str, admin_dsn: str
     ) -> None:
-        """Regression (audit of issue 7): close() marked the engine closed before it found out it could
+        """Regression: close() marked the engine closed before it found out it could
         not cross to the bridge, leaving an engine that refused every caller and never released its
         pool's connections."""
         engine.open()
