@@ -24,10 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from .bridge import Bridge
+from typing import Any, TypeVar
 
 __all__ = ["call_on_running_loop"]
 
@@ -44,9 +41,10 @@ _warned_lock = threading.Lock()
 
 
 def call_on_running_loop(
-    bridge: Bridge, caller: FrameType, label: str, async_hint: str, run: Callable[[], R]
+    threshold: float | None, caller: FrameType, label: str, async_hint: str, run: Callable[[], R]
 ) -> R:
-    """``run()`` (a blocking call), made from *caller*'s frame while its thread's event loop runs.
+    """``run()`` (a blocking call), made from *caller*'s frame while its thread's event loop runs;
+    *threshold*: the bridge's ``warn_blocking``.
 
     :raises TypeError: if *caller* awaits the result: the call is not made.
     """
@@ -55,7 +53,6 @@ def call_on_running_loop(
             f"{label} is the blocking call, and its result was awaited: in async code await its async "
             f"twin instead (incorrect: await {_plain(label)}; correct: {async_hint}). Nothing was run"
         )
-    threshold = bridge.warn_blocking
     if threshold is None:
         return run()
     started = time.monotonic()

@@ -104,7 +104,7 @@ def twins(
             result: R = bridge._run(impl, (self, *args), kwargs, timeout, sync_label)
             return result
         outcome: R = call_on_running_loop(
-            bridge,
+            bridge.warn_blocking,
             sys._getframe(1),
             sync_label,
             async_hint,

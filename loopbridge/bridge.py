@@ -195,7 +195,7 @@ class Bridge:
         if _get_running_loop() is None:
             return self._run(fn, args, None, timeout, None)
         return call_on_running_loop(
-            self,
+            self.warn_blocking,
             sys._getframe(1),
             "Bridge.run()",
             "await bridge.arun(...)",

@@ -20,19 +20,26 @@ itself lives in ``loopbridge._replicas``; a Database without replicas reads on i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from asyncpg.pool import PoolConnectionProxy
 
 from ._queries import Queries
-from ._replicas import ReadLease, ReadSource, ReplicatedSource
-from ._source import Lease, Source
+from ._replica_health import Replica
+from ._replicas import ReplicatedSource
+from ._source import Held, Lease, PoolSource, Source
 from ._stream import StreamMethods
 from ._twins import twins
 from ._written import callers_writes
+from .errors import ConnectError, ConnectionLostError, PoolTimeoutError
 from .transaction import Transaction, _Core
 
 if TYPE_CHECKING:
+    from ._loop import Resource
+    from ._pin import PinnedSource
+    from ._source import ClosedSource
     from .bridge import Bridge
-    from .database import Database
 
 __all__ = ["Reader"]
 
@@ -41,6 +48,16 @@ _WRITES = frozenset(
     {"execute", "executemany", "run", "copy_records_to_table", "copy_to_table", "copy_from_query"}
     | {"copy_from_table", "listen"}
 )
+
+
+class _Primary(Protocol):
+    """What ``db.read`` needs of its Database: the source its calls go through now (it may be swapped
+    for a pinned or a closed one), and its bridge."""
+
+    _source: PoolSource | PinnedSource | ClosedSource
+
+    @property
+    def bridge(self) -> Bridge: ...
 
 
 class Reader(Queries, StreamMethods):
@@ -59,7 +76,7 @@ class Reader(Queries, StreamMethods):
 
     __slots__ = ("_db", "_stale")
 
-    def __init__(self, db: Database, *, stale: bool = False) -> None:
+    def __init__(self, db: _Primary, *, stale: bool = False) -> None:
         self._db = db
         self._stale = stale
         if not stale and isinstance(db._source, ReplicatedSource):
@@ -130,3 +147,107 @@ class Reader(Queries, StreamMethods):
     def _streaming_transaction(self) -> tuple[_Core, bool]:
         # A stream declares its cursor in a read-only transaction of its own, on a replica.
         return Transaction(self._source(), readonly=True)._core, True
+
+
+class ReadLease:
+    """``async with lease as con``: a connection for one read, on the replica :meth:`route` chose or on
+    the primary. A replica that fails to give a connection is taken out and another is chosen; one that
+    fails during the read is taken out, and the read may run again elsewhere (:attr:`unsent`)."""
+
+    __slots__ = ("_inner", "_primary", "_replica", "_stale", "unsent")
+
+    def __init__(self, primary: ReplicatedSource, stale: bool) -> None:
+        self._primary = primary
+        self._stale = stale
+        self._replica: Replica | None = None
+        self._inner: Lease | None = None
+        self.unsent = False
+
+    async def __aenter__(self) -> PoolConnectionProxy:
+        primary = self._primary
+        for _ in range(len(primary.replicas) + 1):
+            replica = await primary.route(self._stale)
+            if replica is None:
+                break
+            inner = replica.source.lease()
+            try:
+                con = await inner.__aenter__()
+            except (ConnectError, ConnectionLostError, PoolTimeoutError) as exc:
+                primary.replica_failed(replica, exc)
+                continue
+            self._replica, self._inner = replica, inner
+            return con
+        self._replica, self._inner = None, PoolSource.lease(primary)  # not counted as a write
+        return await self._inner.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        inner = self._inner
+        assert inner is not None
+        try:
+            await inner.__aexit__(exc_type, exc, tb)
+        except ConnectionLostError as lost:
+            replica = self._replica
+            if replica is None:
+                self.unsent = inner.unsent
+                raise
+            # A standby refuses every write: whatever was sent changed nothing, so the read may run
+            # again, on another replica or the primary.
+            self._primary.replica_failed(replica, lost.__cause__ or lost)
+            self.unsent = True
+            raise
+
+
+class ReadSource:
+    """The :class:`~loopbridge._source.Source` of ``db.read``'s transactions and row streams: each one
+    begins on the replica :meth:`ReplicatedSource.route` chose for it (or on the primary)."""
+
+    def __init__(self, primary: ReplicatedSource, stale: bool) -> None:
+        self.primary = primary
+        self.stale = stale
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.primary.bridge
+
+    @property
+    def closed(self) -> bool:
+        return self.primary.closed
+
+    @property
+    def command_timeout(self) -> float | None:
+        return self.primary.command_timeout
+
+    def lease(self) -> Lease:
+        return ReadLease(self.primary, self.stale)
+
+    async def hold(self) -> Held:
+        primary = self.primary
+        for _ in range(len(primary.replicas) + 1):
+            replica = await primary.route(self.stale)
+            if replica is None:
+                break
+            try:
+                return await replica.source.hold()
+            except (ConnectError, ConnectionLostError, PoolTimeoutError) as exc:
+                primary.replica_failed(replica, exc)
+        return await PoolSource.hold(primary)  # not counted as a write: a read-only transaction
+
+    async def hold_apart(self) -> Held:
+        return await self.primary.hold_apart()
+
+    def keep(self, resource: Resource) -> None:
+        self.primary.keep(resource)
+
+    def forget(self, resource: Resource) -> None:
+        self.primary.forget(resource)
+
+    def redact(self, text: str) -> str:
+        return self.primary.redact(text)
+
+    def lost_message(self, exc: BaseException) -> str:
+        return self.primary.lost_message(exc)
+
+    def __repr__(self) -> str:
+        return repr(self.primary)

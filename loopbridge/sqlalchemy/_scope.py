@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import sqlalchemy.exc
-from sqlalchemy.engine import Result, Row, ScalarResult
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Row, ScalarResult
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import greenlet_spawn
 
@@ -33,22 +32,9 @@ from .connection import Savepoint, _ScopeConnection
 from .errors import EngineClosedError
 from .streaming import ResultBatches, StreamResult
 
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
-
 if TYPE_CHECKING:
-    from typing import TypeAlias
+    from .connection import AnyResult, Params
 
-    from typing_extensions import Unpack
-
-    from .engine import Engine
-
-    #: Rows of any shape, as ``AsyncSession.execute`` returns them.
-    AnyResult: TypeAlias = Result[Unpack[tuple[Any, ...]]]
-    #: Statement parameters: one mapping, or a list of them for an executemany.
-    Params: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 __all__: list[str] = []
 
@@ -59,6 +45,20 @@ M = TypeVar("M")  # a mapped class
 C = TypeVar("C", bound=_ScopeConnection)  # the connection facade of a session facade
 
 _State = Literal["new", "open", "ended", "abandoned"]
+
+
+class ScopeHost(Protocol):
+    """What a session scope needs of its Engine (``loopbridge.sqlalchemy.engine``)."""
+
+    _sessions: Plain
+    _scopes: set[Any]
+
+    @property
+    def bridge(self) -> Bridge: ...
+
+    def _async_engine(self) -> AsyncEngine: ...
+
+    def _forget_scope(self, scope: Any) -> None: ...
 
 
 class _Scope(Generic[C]):
@@ -81,7 +81,7 @@ class _Scope(Generic[C]):
     _async = False  # the facade of async code
     _connection_class: type[C]
 
-    def __init__(self, engine: Engine, config: SessionConfig) -> None:
+    def __init__(self, engine: ScopeHost, config: SessionConfig) -> None:
         self._engine = engine
         self._config = config
         self._source: Plain = PLAIN  # where its session's connection comes from (see _begin)
@@ -106,7 +106,7 @@ class _Scope(Generic[C]):
         return self._engine.bridge
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> ScopeHost:
         return self._engine
 
     def __repr__(self) -> str:

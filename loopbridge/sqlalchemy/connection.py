@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import sqlalchemy.exc
-from sqlalchemy.engine import ScalarResult
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSessionTransaction
+from sqlalchemy.engine import Result, ScalarResult
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
 from sqlalchemy.sql.base import Executable
 
 from loopbridge._owner import Owner
@@ -26,18 +26,41 @@ else:
     from typing_extensions import Self
 
 if TYPE_CHECKING:
-    from ._scope import AnyResult, Params, _Scope
+    from collections.abc import Sequence
+    from typing import TypeAlias
+
+    from typing_extensions import Unpack
+
+    #: Rows of any shape, as ``AsyncSession.execute`` returns them.
+    AnyResult: TypeAlias = Result[Unpack[tuple[Any, ...]]]
+    #: Statement parameters: one mapping, or a list of them for an executemany.
+    Params: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 __all__ = ["AsyncBridgedConnection", "BridgedConnection", "Savepoint"]
 
 R = TypeVar("R")
 
 
+class ScopeOfConnection(Protocol):
+    """What a connection facade and a savepoint need of their session scope (see ``_scope``)."""
+
+    @property
+    def bridge(self) -> Bridge: ...
+
+    @property
+    def _async(self) -> bool: ...
+
+    @property
+    def _state(self) -> str: ...
+
+    def _using(self) -> AbstractAsyncContextManager[AsyncSession]: ...
+
+
 class _ScopeConnection(NotAContext):
     """What the two connection facades share: the session's connection, in the scope's transaction,
-    each call made in the scope's turn on the bridge loop (see ``_Scope._connection``)."""
+    each call made in the scope's turn on the bridge loop (see the scope's ``_connection``)."""
 
-    def __init__(self, scope: _Scope[Any]) -> None:
+    def __init__(self, scope: ScopeOfConnection) -> None:
         self._scope = scope
 
     @property
@@ -159,7 +182,7 @@ class Savepoint:
     session). Leaving the block normally releases it (after a flush); an exception rolls back to it and
     propagates. The scope's own transaction goes on either way. Entered once."""
 
-    def __init__(self, scope: _Scope[Any]) -> None:
+    def __init__(self, scope: ScopeOfConnection) -> None:
         self._scope = scope
         self._entered = False
         self._transaction: AsyncSessionTransaction | None = None  # on the bridge loop

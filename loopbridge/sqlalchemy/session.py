@@ -26,11 +26,8 @@ from loopbridge.bridge import Bridge
 
 from ._forms import NotAContext
 from ._options import SessionConfig
-from ._scope import C, _Scope
+from ._scope import C, ScopeHost, _Scope
 from .connection import AsyncBridgedConnection, BridgedConnection
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -253,7 +250,7 @@ class SessionScope:
     :raises EngineClosedError: if the engine is (or gets) closed.
     """
 
-    def __init__(self, engine: Engine, config: SessionConfig) -> None:
+    def __init__(self, engine: ScopeHost, config: SessionConfig) -> None:
         self._engine = engine
         self._config = config
         self._entered = False  # its block was entered: a scope opens once (see _claim)

@@ -9,15 +9,25 @@ turn (so other calls of the scope may run between batches), and the consumer rea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy.exc
-from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult
+from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult, AsyncSession
 
 from loopbridge._stream import Producer, Stream
 
-if TYPE_CHECKING:
-    from ._scope import _Scope
+
+class ScopeOfStream(Protocol):
+    """What a stream needs of its session scope (``loopbridge.sqlalchemy._scope``)."""
+
+    _streams: set[Producer[Any]]
+
+    @property
+    def _state(self) -> str: ...
+
+    def _using(self) -> AbstractAsyncContextManager[AsyncSession]: ...
+
 
 __all__ = ["StreamResult"]
 
@@ -59,7 +69,7 @@ class ResultBatches:
     __slots__ = ("prefetch", "producer", "result", "scope")
 
     def __init__(
-        self, scope: _Scope[Any], result: AsyncResult[Any] | AsyncScalarResult[Any], prefetch: int
+        self, scope: ScopeOfStream, result: AsyncResult[Any] | AsyncScalarResult[Any], prefetch: int
     ) -> None:
         self.scope = scope
         self.result = result
