@@ -71,7 +71,7 @@ def uvicorn_app(dsn: str) -> Iterator[Served]:
 @pytest.mark.slow
 class TestUvicorn:
     def test_lifespan_ddl_creates_the_tables(self, uvicorn_app: Served, dsn: str, schema: str) -> None:
-        # DF-501: seen from an independent connection, not from a "table ensured" log line.
+        # The lifespan's DDL, seen from an independent connection, not from a "table ensured" log line.
         assert tables(dsn, schema) == {"organization", "hits"}
 
     def test_the_server_loop_never_owns_the_pool(self, uvicorn_app: Served) -> None:
