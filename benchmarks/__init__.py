@@ -1,5 +1,5 @@
 """loopbridge's benchmarks: ratios to native asyncpg, psycopg 3 and anyio, never timed tests.
 
 Run ``python -m benchmarks`` (``--quick`` for the short CI run), and ``python -m benchmarks.apps`` for
-whole web apps on real servers under wrk; see ``benchmarks/NOTES.md``.
+whole web apps on real servers under wrk; see ``docs/performance.md``.
 """

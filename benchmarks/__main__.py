@@ -1,5 +1,5 @@
 """``python -m benchmarks``: every case, interleaved, several repetitions, ratios to the same repetition's
-baseline. See benchmarks/README.md (and NOTES.md for what the numbers mean on a shared 2-core machine).
+baseline. See docs/performance.md (the method, and what the numbers mean on a shared 2-core machine).
 
 It never fails because something is slow; it fails only when a case crashes.
 """

@@ -192,7 +192,8 @@ def _psycopg_pool(dsn: str) -> Iterator[Measure]:
 
 @contextmanager
 def _new_connection(dsn: str) -> Iterator[Measure]:
-    # ADR-047's workaround: a fresh connection for every piece of work, on the caller's loop.
+    # The usual workaround for a pool bound to another loop: a fresh connection for every piece of
+    # work, on the caller's loop.
     async def call() -> object:
         con = await asyncpg.connect(dsn)
         try:

@@ -4,7 +4,7 @@ switches, rather than in wall-clock time.
 On a machine shared with other work, CPU time and context switches per call drift much less than
 wall-clock throughput, and when the machine is saturated (every case from N=4 on, on 2 cores shared
 with the PostgreSQL backends) throughput is simply the inverse of CPU per call. This is the evidence
-behind benchmarks/NOTES.md. The server's own CPU is not counted: it is the same for every case that
+behind docs/performance.md. The server's own CPU is not counted: it is the same for every case that
 sends the same statements.
 """
 

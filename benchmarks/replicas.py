@@ -1,7 +1,7 @@
 """``python -m benchmarks.replicas``: reads through ``db.read`` on hot standbys against the primary alone.
 
 A private primary and two hot standbys (``tests/pgcluster.py``) on this machine. Each case is measured
-next to its baseline in alternating slices, as in ``python -m benchmarks`` (see NOTES.md, "Read
+next to its baseline in alternating slices, as in ``python -m benchmarks`` (see docs/performance.md, "Read
 replicas"), from N sync threads:
 
 * **read throughput**: ``db.read.fetchval(query)`` on a Database with two replicas against

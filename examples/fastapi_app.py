@@ -20,7 +20,7 @@ db = Database(max_size=4)  # $LOOPBRIDGE_DSN; one pool for the whole process
 
 
 async def create_tables(db: Database) -> None:
-    # DDL in the lifespan, on uvicorn's loop: the case that failed in DF-501.
+    # DDL in the lifespan, on uvicorn's loop: created for real, or the server does not start.
     await db.aexecute(
         "CREATE TABLE IF NOT EXISTS example_fastapi_notes (id serial PRIMARY KEY, text text NOT NULL)"
     )

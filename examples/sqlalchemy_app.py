@@ -1,13 +1,13 @@
-"""One SQLAlchemy engine for a CLI wizard, a server's loop, sync views and a test loop: ADR-047, solved.
+"""One SQLAlchemy engine for a CLI wizard, a server's loop, sync views and a test loop.
 
 Run it (PostgreSQL at $LOOPBRIDGE_DSN, else postgresql://postgres@127.0.0.1:5432/postgres):
 
     pip install -e '.[sqlalchemy]' && python examples/sqlalchemy_app.py
 
-ADR-047's team had two session scopes: ``session_scope()`` for code on the server's loop and
+Without loopbridge, such an application needs two session scopes: ``session_scope()`` for code on the server's loop and
 ``session_scope_fresh()`` (a new engine per request) for everything that might run on another loop. Here
 there is one ``Engine`` and one scope, whatever the caller: ``engine.session()``, entered with ``with`` in
-sync code and with ``async with`` in async code on any loop. The app creates its tables (DF-501), runs a
+sync code and with ``async with`` in async code on any loop. The app creates its tables (really, or it raises), runs a
 setup wizard on one ``asyncio.run()`` loop, serves requests on a second loop while sync views write from
 threads, reuses a sync report function through ``run_sync``, then checks every row over a connection of
 its own, not through the engine.
@@ -59,7 +59,7 @@ engine = Engine(DSN, pool_size=4, max_overflow=0)
 
 
 async def setup_wizard() -> None:
-    await engine.arun_sync(Base.metadata.create_all)  # DF-501: really created, or it raises
+    await engine.arun_sync(Base.metadata.create_all)  # really created, or it raises
     async with engine.session() as session:
         session.add_all([Team(name="core"), Team(name="web")])
 

@@ -79,10 +79,11 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         :class:`~loopbridge.PoolTimeoutError`; None waits forever.
     :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
         statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
-        session reset query on release. See ``loopbridge._pgbouncer`` for what stays unsupported there.
+        session reset query on release. Session state (``SET``, ``LISTEN``, advisory locks) stays
+        unavailable there.
     :param replicas: DSNs of hot standbys of the primary, which serve :attr:`read` (each with a pool of
-        its own, of the same sizes and options); ``db`` itself always uses the primary. See
-        docs/scaling-out.md.
+        its own, of the same sizes and options); ``db`` itself always uses the primary. See "Several
+        hosts and replicas" in the documentation.
     :param consistency: what a read through :attr:`read` sees: ``'caller'``, every write its caller
         (thread, task, request) made through ``db`` before it; ``'database'``, every write anybody made
         through ``db`` before it.

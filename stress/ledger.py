@@ -4,8 +4,9 @@ Verification compares the ledger with the table: a call that returned success ("
 its rows in the table exactly once; a call that failed may or may not have committed (a connection can die
 after the commit and before the reply), but never twice and never half of a transaction.
 
-Every failure must be of a type the README documents for a server that goes away, restarts, or a call that
-times out or is cancelled (:data:`EXPECTED`). Anything else is counted as *undocumented* and fails the run.
+Every failure must be of a type the documentation (docs/reliability.md) lists for a server that goes
+away, restarts, or a call that times out or is cancelled (:data:`EXPECTED`). Anything else is counted as
+*undocumented* and fails the run.
 
 A call that took longer than its bound is *hung*, whether it is still running at the end or returned
 late. And the load closes everything it opens, so a transaction (or stream, or subscription) that the
@@ -31,15 +32,15 @@ import loopbridge
 
 __all__ = ["ABANDONED", "EXPECTED", "EXPECTED_IN_BLOCKS", "Attempt", "Ledger", "describe_failure"]
 
-#: The failures a call may legitimately end with under the stress suite's faults, and why. The README's
-#: "Reliability" section lists the same types. A type not covered here is a bug.
+#: The failures a call may legitimately end with under the stress suite's faults, and why.
+#: docs/reliability.md, "What a call can raise", lists the same types. A type not covered here is a bug.
 EXPECTED: dict[type[BaseException], str] = {
     loopbridge.CallTimeoutError: "the caller's timeout expired (PoolTimeoutError: no connection in time)",
     loopbridge.ConnectError: "a new connection could not be made: the server is restarting",
     loopbridge.ConnectionLostError: "the connection died during the call: backend terminated, restart",
 }
 
-#: Also documented for a ``with db.transaction()`` block (README, "Transactions"): the statement running
+#: Also documented for a ``with db.transaction()`` block (docs/data/transactions.md): the statement running
 #: when the connection broke raises ConnectionLostError (above), every later one (and the commit) raises
 #: TransactionClosedError.
 EXPECTED_IN_BLOCKS: dict[type[BaseException], str] = {

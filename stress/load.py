@@ -3,7 +3,7 @@
 * ``sync_threads`` plain threads call the blocking methods (Django/Flask views);
 * ``loops`` threads each run ``asyncio.run()`` with ``tasks_per_loop`` tasks awaiting the ``a``-twins
   (FastAPI handlers, pytest-asyncio);
-* one thread whose event loop is running calls the *blocking* methods from inside it (the DF-501 case);
+* one thread whose event loop is running calls the *blocking* methods from inside it (DDL in a lifespan);
 * one forked worker process (see :meth:`Load.fork_worker`) uses the inherited Database itself.
 
 Most calls insert one row; some run a multi-statement transaction inserting two rows, either through
@@ -53,7 +53,7 @@ SHORT_TIMEOUT_SHARE, CANCEL_SHARE = 0.03, 0.03
 
 @dataclass(frozen=True)
 class Plan:
-    """What the load does; the defaults are the figures the README documents for a full run."""
+    """What the load does; the defaults are the figures docs/reliability.md documents for a full run."""
 
     duration: float = 60.0
     sync_threads: int = 64

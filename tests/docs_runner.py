@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ def run(path: Path) -> dict[str, Any]:
     """Run the block in *path*; return its module namespace."""
     source = path.read_text()
     code = compile(source, str(path), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(path), "__builtins__": __builtins__}
+    # The block is the __main__ module, as a script is: what looks its own module up by name (SQLAlchemy
+    # resolving a model's annotations, Django's ROOT_URLCONF = __name__, pickle) finds the block.
+    module = types.ModuleType("__main__")
+    module.__file__ = str(path)
+    sys.modules["__main__"] = module
+    namespace: dict[str, Any] = module.__dict__
     if code.co_flags & inspect.CO_COROUTINE:  # await at the top level: a notebook cell
 
         async def cell() -> None:

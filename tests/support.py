@@ -88,8 +88,8 @@ class Caller:
 
     * ``sync-thread``: a plain thread calls the blocking method (a Django/Flask view);
     * ``foreign-loop``: a coroutine on a loop of its own awaits the ``a``-twin (FastAPI, pytest-asyncio);
-    * ``running-loop-thread``: code running inside an event loop calls the *blocking* method (the
-      DF-501 lifespan case).
+    * ``running-loop-thread``: code running inside an event loop calls the *blocking* method (DDL in
+      a FastAPI lifespan, a notebook cell).
     """
 
     def __init__(self, kind: str) -> None:

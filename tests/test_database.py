@@ -77,8 +77,8 @@ class TestQueries:
         assert caller.call(db, "fetchval", "SELECT 1") == 1
 
     def test_a_failed_ddl_never_reports_success(self, db: Database, caller: Caller, dsn: str) -> None:
-        # DF-501: a table "ensured" that was never created. Here a failed CREATE raises, and the
-        # table does not exist.
+        # A table must never be reported as "ensured" without existing: a failed CREATE raises, and
+        # the table does not exist.
         with pytest.raises(asyncpg.PostgresSyntaxError):
             caller.call(db, "execute", "CREATE TABLE broken (id int,")
         assert independent(dsn, "SELECT to_regclass('broken')")[0][0] is None

@@ -102,7 +102,7 @@ class Item(models.Model):
     name = models.CharField(max_length=50)
 """
 
-# Each view looks its Database or Engine up where it uses it, as the README says.
+# Each view looks its Database or Engine up where it uses it, as the Django guide says.
 VIEWS = """
 from django.http import JsonResponse
 from sqlalchemy import text
@@ -241,7 +241,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def loopbridge_app_db(django_db_setup):
-    # The README's recipe: loopbridge_rollback_db around the Django app's own Database.
+    # The Django guide's recipe: loopbridge_rollback_db around the Django app's own Database.
     from loopbridge.contrib.django import databases
 
     return databases["default"]

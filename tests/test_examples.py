@@ -1,7 +1,7 @@
 """The examples run, each by the command(s) written at its top (read from the file, so the two cannot
 drift apart), against the test server through ``$LOOPBRIDGE_DSN``.
 
-They run one after another on **one** schema, as a user following the README runs them against one
+They run one after another on **one** schema, as a user following the documentation runs them against one
 database: an example that reused another's table name (Flask's and Django's both made a ``visits`` table,
 with different columns, and whichever ran second answered 500) fails here.
 """
@@ -27,7 +27,7 @@ from tests.support import WAIT, independent, throwaway_schema, with_query
 
 EXAMPLES = ROOT / "examples"
 
-#: The examples in the README's order; each keeps to tables named ``example_<name>_...``.
+#: The examples in the documentation's order; each keeps to tables named ``example_<name>_...``.
 TABLES = {
     "fastapi": ["example_fastapi_notes"],
     "django": ["example_django_visits"],
@@ -110,7 +110,7 @@ def test_the_django_example_documents_asgi_and_wsgi() -> None:
 
 @pytest.mark.slow
 class TestExamplesOneAfterAnotherOnOneDatabase:
-    """In the README's order, each example on the tables the ones before it left."""
+    """In the documentation's order, each example on the tables the ones before it left."""
 
     def test_fastapi(self, one_schema: tuple[str, str]) -> None:
         dsn, schema = one_schema

@@ -31,7 +31,7 @@ from loopbridge.contrib.fastapi import (
     get_database,
     lifespan,
 )
-from tests.readme import fenced_block
+from tests.marked import fenced_block
 from tests.servers import Served, free_port, python, serve
 from tests.support import WAIT, independent, pool_source, run_loop
 
@@ -71,7 +71,7 @@ def uvicorn_app(dsn: str) -> Iterator[Served]:
 @pytest.mark.slow
 class TestUvicorn:
     def test_lifespan_ddl_creates_the_tables(self, uvicorn_app: Served, dsn: str, schema: str) -> None:
-        # DF-501: seen from an independent connection, not from a "table ensured" log line.
+        # The lifespan's DDL, seen from an independent connection, not from a "table ensured" log line.
         assert tables(dsn, schema) == {"organization", "hits"}
 
     def test_the_server_loop_never_owns_the_pool(self, uvicorn_app: Served) -> None:
@@ -120,7 +120,7 @@ class TestUvicorn:
 
 
 @pytest.mark.slow
-def test_the_readme_quickstart_runs_as_written_and_a_missing_user_is_a_404(
+def test_the_guides_quickstart_runs_as_written_and_a_missing_user_is_a_404(
     tmp_path: Path, dsn: str, schema: str
 ) -> None:
     (tmp_path / "app.py").write_text(fenced_block("fastapi-quickstart"))

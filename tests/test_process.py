@@ -226,7 +226,8 @@ FLAGS = [
     pytest.param((), id="plain"),
 ]
 
-#: How long an exit with calls in flight may take (the README's promise: within 5 s of the script's end).
+#: How long an exit with calls in flight may take (docs/production/shutdown.md promises: within 5 s of
+#: the script's end).
 EXIT_BOUND = 5.0
 
 

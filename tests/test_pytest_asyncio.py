@@ -1,6 +1,6 @@
 """pytest-asyncio: one module-scoped Database used from function-scoped loops, three tests in a row.
 
-ADR-047's "test fixtures" row: pytest-asyncio gives every test a loop of its own, so a pool created on
+pytest-asyncio gives every test a loop of its own, so a pool created on
 the module fixture's loop broke in the next test. Here the module fixture opens the Database and runs
 DDL on a module-scoped loop, and each of three tests, on its own function-scoped loop, uses it and
 sees what the test before it wrote.

@@ -345,7 +345,7 @@ class TestInAProjectOfItsOwn:
         result.assert_outcomes(passed=1)
 
 
-# -- the README's recipe with the README's FastAPI quickstart -----------------------------------------
+# -- the pytest plugin guide's recipe with the FastAPI guide's quickstart ----------------------------
 
 FASTAPI_APP = """
 from fastapi import FastAPI

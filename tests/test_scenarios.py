@@ -1,6 +1,10 @@
-"""The scenarios of DF-501 (bug report) and ADR-047 (architecture decision), each against loopbridge.
+"""The two situations loopbridge exists for, each as it fails without it and must work with it.
 
-See ../shared/context: every scenario those documents describe as failing must work here.
+* Tables created from a lifespan while the server's loop runs (a sync ``create_tables()`` and an awaited
+  ``ensure_table_exists()``), and migrations on loops made by hand: they must really be created, or
+  raise; never reported as "ensured" when they were not.
+* A CLI wizard on one ``asyncio.run()`` loop, then a server on another loop, then test loops: one pool
+  for all of them, and no fresh engine per request.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ def tables(dsn: str, schema: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-class TestDF501:
+class TestTablesCreatedFromARunningLoop:
     def test_fastapi_style_lifespan_creates_tables_with_sync_and_async_calls(
         self, db: Database, dsn: str, schema: str
     ) -> None:
-        """DF-501: create_tables() (sync) and ensure_table_exists() (async) inside a lifespan."""
+        """create_tables() (sync) and ensure_table_exists() (async) inside a lifespan."""
 
         async def lifespan() -> None:
             # What DataFlow's create_tables() did: a sync call while uvicorn's loop is running.
@@ -39,7 +43,7 @@ class TestDF501:
         assert tables(dsn, schema) == {"organization", "project"}
 
     def test_thread_pool_running_asyncio_run_works(self, db: Database) -> None:
-        """DF-501: executor.submit(asyncio.run, migration()) while a loop runs, each migration on a loop of
+        """executor.submit(asyncio.run, migration()) while a loop runs, each migration on a loop of
         its own, all on one Database."""
         db.execute("CREATE TABLE migrations (name text PRIMARY KEY)")
 
@@ -57,7 +61,7 @@ class TestDF501:
         assert db.fetchval("SELECT count(*) FROM migrations") == 4
 
     def test_new_event_loop_and_run_until_complete_work(self, db: Database) -> None:
-        """DF-501: a fresh loop made by hand, used with run_until_complete."""
+        """A fresh loop made by hand, used with run_until_complete."""
 
         def legacy() -> int:
             loop = asyncio.new_event_loop()
@@ -70,7 +74,7 @@ class TestDF501:
         assert in_thread(legacy) == 42
 
     def test_a_failing_ddl_is_never_reported_as_ensured(self, db: Database, dsn: str, schema: str) -> None:
-        """DF-501: a table is reported as ensured only after its DDL ran; a failing DDL raises."""
+        """A table is reported as ensured only after its DDL ran; a failing DDL raises."""
         ensured: set[str] = set()
 
         def ensure_table(name: str, ddl: str) -> None:
@@ -84,9 +88,9 @@ class TestDF501:
         assert tables(dsn, schema) == {"good"}
 
 
-class TestADR047:
+class TestWizardThenServer:
     def test_cli_wizard_loop_then_server_loop_share_one_database(self, db: Database) -> None:
-        """ADR-047: asyncio.run(setup_wizard()) on loop A, then uvicorn serves on loop B."""
+        """asyncio.run(setup_wizard()) on loop A, then uvicorn serves on loop B."""
 
         async def setup_wizard() -> None:
             await db.aexecute("CREATE TABLE settings (key text PRIMARY KEY, value text)")
@@ -114,9 +118,9 @@ class TestADR047:
             assert asyncio.run(one_test()) == n + 1
 
     def test_worker_process_style_fresh_database_objects_are_not_needed(self, dsn: str) -> None:
-        """ADR-047's session_scope_fresh(): a new engine per request. With loopbridge one Database
+        """The "fresh engine per request" workaround, session_scope_fresh(). With loopbridge one Database
         serves every loop; this pins that no new pool is created per loop."""
-        with Bridge("adr") as bridge, Database(dsn, bridge=bridge, max_size=2) as db:
+        with Bridge("fresh") as bridge, Database(dsn, bridge=bridge, max_size=2) as db:
             pools = set()
             for _ in range(3):
 

@@ -1,5 +1,6 @@
 """loopbridge.sqlalchemy: the Engine on the bridge, one session scope from every context, lazy loading,
-cancellation, close, fork, and the DF-501 / ADR-047 scenarios in SQLAlchemy terms.
+cancellation, close, fork, and the situations loopbridge exists for (tables created from a lifespan, a
+CLI wizard's loop then a server's) in SQLAlchemy terms.
 
 Session tests run once per kind of caller (see tests.support.Caller): the sync kinds use
 ``with engine.session()``, the foreign loop ``async with engine.session()``. The test bodies are
@@ -139,7 +140,7 @@ def in_session(
         return in_thread(blocking)
 
     async def inside_a_running_loop() -> T:
-        return blocking()  # blocks the running loop on purpose: the DF-501 lifespan case
+        return blocking()  # blocks the running loop on purpose, as DDL in a lifespan does
 
     return run_loop(inside_a_running_loop)
 
@@ -1487,17 +1488,17 @@ class TestCancellationAndClose:
         wait_until(lambda: backend_states(admin_dsn, schema) == [])
 
 
-# -- DF-501 and ADR-047 ----------------------------------------------------------------------------
+# -- tables created from a lifespan; a wizard's loop, then a server's ------------------------------
 
 
-class TestDF501:
-    """DF-501: tables created from a lifespan, a CLI and a script, verified from outside."""
+class TestTablesCreatedFromARunningLoop:
+    """Tables created from a lifespan, a CLI and a script, verified from outside."""
 
     def test_create_all_from_a_fastapi_style_lifespan(self, engine: Engine, dsn: str, schema: str) -> None:
         async def lifespan() -> None:
-            # The create_tables() of DF-501: a sync call while the server's loop runs...
+            # A create_tables(): a sync call while the server's loop runs...
             engine.run_sync(Base.metadata.create_all, tables=[users_table])
-            # ... and the ensure_table_exists() of DF-501: an await on that loop.
+            # ... and an ensure_table_exists(): an await on that loop.
             await engine.arun_sync(Base.metadata.create_all)
             async with engine.session() as session:
                 session.add(User(name="ada"))
@@ -1516,7 +1517,7 @@ class TestDF501:
 
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            # DF-501's create_tables(): a sync call while the server's loop runs...
+            # A create_tables(): a sync call while the server's loop runs...
             engine.run_sync(Base.metadata.create_all, tables=[users_table])
             # ... and its ensure_table_exists(): an await on that loop.
             await engine.arun_sync(Base.metadata.create_all)
@@ -1564,11 +1565,11 @@ class TestDF501:
         assert tables_in(dsn, schema) == set()  # PostgreSQL DDL is transactional: all or nothing
 
 
-class TestADR047:
+class TestWizardThenServer:
     def test_wizard_loop_then_server_loop_then_test_loops_share_one_engine(
         self, engine: Engine, dsn: str
     ) -> None:
-        """ADR-047 end to end: asyncio.run(setup_wizard()) on loop A, uvicorn-style requests on loop B,
+        """End to end: asyncio.run(setup_wizard()) on loop A, uvicorn-style requests on loop B,
         then a pytest-asyncio-style sequence of loops, all through one Engine and no fresh engines."""
         identities: set[int] = set()
 

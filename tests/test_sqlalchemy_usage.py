@@ -267,7 +267,7 @@ class TestConcurrentUpdates:
     def test_fifty_concurrent_increments_from_threads_and_tasks_record_fifty(
         self, engine: Engine, authors: None, dsn: str
     ) -> None:
-        """The README's showcase: one atomic UPDATE per request. (``author.visits += 1`` on a loaded
+        """The SQLAlchemy guide's showcase: one atomic UPDATE per request. (``author.visits += 1`` on a loaded
         object writes back what it read, and concurrent requests overwrite each other's visit.)"""
         increment = update(Author).where(Author.id == 1).values(visits=Author.visits + 1)
         started = threading.Barrier(10, timeout=WAIT)

@@ -1,5 +1,5 @@
 """``python -m benchmarks.apps``: whole web apps on real servers (uvicorn, gunicorn) loaded by ``wrk``,
-loopbridge against each framework's usual way of reaching PostgreSQL. See benchmarks/NOTES.md, "Real
+loopbridge against each framework's usual way of reaching PostgreSQL. See docs/performance.md, "Real
 apps".
 
 The app modules here are imported by the servers; the runner is ``__main__.py``. Nothing heavy is

@@ -1,5 +1,5 @@
 """``python -m benchmarks.apps``: whole web apps on real servers, loaded by wrk, loopbridge against each
-framework's usual way of reaching PostgreSQL (see benchmarks/NOTES.md, "Real apps").
+framework's usual way of reaching PostgreSQL (see docs/performance.md, "Real apps").
 
 Every app serves ``GET <prefix><id>`` with one primary-key lookup (``SELECT id, name FROM items WHERE
 id = $1``, a random id among 1,000 rows) on a pool of 16. Each pair's two servers run side by side on

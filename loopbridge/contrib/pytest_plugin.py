@@ -3,7 +3,7 @@
 Registered through the ``pytest11`` entry point, so installing loopbridge makes the fixtures available.
 Nothing connects until a test asks for one of them. Their blocking calls go through the bridge, so the
 same fixtures serve sync tests and async tests on any event loop, whatever loop scope pytest-asyncio
-gives them (the ADR-047 "test fixtures" case: no fresh engine per test).
+gives them: no fresh engine or pool per test loop.
 
 Fixtures:
 

@@ -16,8 +16,8 @@
     async def users(db: Database = Depends(get_database)) -> list[dict[str, Any]]:
         return [dict(row) for row in await db.afetch("SELECT id, name FROM users")]
 
-DDL in the lifespan works, awaited or called synchronously (the DF-501 case): the pool lives on the
-bridge loop, never on the server's. A setup that fails stops the server from starting, instead of
+DDL in the lifespan works, awaited or called synchronously: the pool lives on the bridge loop, never on
+the server's. A setup that fails stops the server from starting, instead of
 leaving it serving without its tables.
 """
 

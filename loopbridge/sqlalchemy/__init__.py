@@ -1,7 +1,7 @@
 """SQLAlchemy on the bridge: one ``AsyncEngine`` for every caller, and one session scope for every context.
 
-An SQLAlchemy ``AsyncEngine`` belongs to the event loop that first used it, which is how ADR-047's team
-ended up with two session patterns (``session_scope()`` on the server's loop, ``session_scope_fresh()``
+An SQLAlchemy ``AsyncEngine`` belongs to the event loop that first used it, which is how applications
+end up with two session patterns (``session_scope()`` on the server's loop, ``session_scope_fresh()``
 with a new engine per request everywhere else). Here the engine lives on the bridge loop: it is created
 there on first use, every connection is made and used there, and it is disposed there. Callers never
 touch it; they only reach it through the bridge, with one scope, ``engine.session()``:

@@ -1,7 +1,7 @@
 """The FastAPI app the tests serve with uvicorn: async and sync handlers, and DDL in the lifespan.
 
-Configured by ``$LOOPBRIDGE_DSN``. The lifespan creates the tables the DF-501 way: a sync call and an
-await, both while uvicorn's loop runs.
+Configured by ``$LOOPBRIDGE_DSN``. The lifespan creates the tables with a sync call and an await, both
+while uvicorn's loop runs.
 """
 
 from __future__ import annotations
