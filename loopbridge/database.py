@@ -18,6 +18,7 @@ import asyncpg
 from ._closing import Closing
 from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._limits import check_pool_options, pool_size, seconds
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
@@ -93,8 +94,9 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         **pool_options: Any,
     ) -> None:
         info: DsnInfo = parse_dsn(resolve_dsn(dsn))
-        _check_sizes(min_size, max_size, pool_timeout)
+        min_size, max_size, pool_timeout = _check_sizes(min_size, max_size, pool_timeout)
         _check_options(pool_options)
+        pool_options = check_pool_options(pool_options, min_size, max_size)
         if pgbouncer:
             pool_options = transaction_pooling_options(pool_options)
         password = pool_options.get("password")
@@ -107,7 +109,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             max_size=max_size,
             pool_timeout=pool_timeout,
             pool_options=pool_options,
-            secrets=(info.password, password if isinstance(password, str) else None),
+            secrets=(*info.secrets, password if isinstance(password, str) else None),
         )
 
     # -- properties ---------------------------------------------------------------------------------
@@ -214,19 +216,10 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         await self._source._aclose_on_bridge(timeout)
 
 
-def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> None:
-    if not isinstance(max_size, int) or max_size < 1:
-        raise ConfigurationError(f"max_size must be a positive integer, not {max_size!r}")
-    if not isinstance(min_size, int) or not 0 <= min_size <= max_size:
-        raise ConfigurationError(
-            f"min_size must be an integer from 0 to max_size={max_size}, not {min_size!r}"
-        )
-    if pool_timeout is not None and (
-        isinstance(pool_timeout, bool) or not isinstance(pool_timeout, (int, float)) or not pool_timeout > 0
-    ):
-        raise ConfigurationError(
-            f"pool_timeout must be a positive number of seconds or None, not {pool_timeout!r}"
-        )
+def _check_sizes(min_size: object, max_size: object, pool_timeout: object) -> tuple[int, int, float | None]:
+    high = pool_size("max_size", max_size, low=1)
+    low = pool_size("min_size", min_size, low=0, high=high)
+    return low, high, seconds("pool_timeout", pool_timeout)
 
 
 def _check_options(options: dict[str, Any]) -> None:

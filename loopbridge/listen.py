@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import asyncpg
 
 from ._call import ToCompletion
+from ._limits import call_timeout
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._pipe import End, Pipe
 from ._twins import NotAwaitable, twin_contexts
@@ -84,6 +85,8 @@ class Gap:
 
 
 Item = Notification | Gap
+
+_INSTEAD = "await sub.aget() (or use 'async for item in sub')"
 _HandleState = Literal["new", "open", "closed"]
 
 
@@ -150,8 +153,9 @@ class Subscription(NotAwaitable):
             self.__enter__()
         if self._state == "closed":
             raise SubscriptionClosedError(_closed_message(self))
+        timeout = None if timeout is None else call_timeout(timeout, "Subscription.get()")
         try:
-            item = self._core.pipe.receive(timeout)
+            item = self._core.pipe.receive(self.bridge, timeout, _INSTEAD)
         except CallTimeoutError:
             return None
         return self._item(item)
@@ -188,6 +192,7 @@ class Subscription(NotAwaitable):
             await self.__aenter__()
         if self._state == "closed":
             raise SubscriptionClosedError(_closed_message(self))
+        timeout = None if timeout is None else call_timeout(timeout, "Subscription.aget()")
         try:
             item = await self._core.pipe.areceive(self.bridge, timeout)
         except CallTimeoutError:
