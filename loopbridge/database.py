@@ -18,11 +18,13 @@ import asyncpg
 from ._closing import Closing
 from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._keepalive import DEFAULT_IDLE as DEFAULT_KEEPALIVE
+from ._keepalive import keepalive as check_keepalive
 from ._limits import check_pool_options, pool_size, seconds
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
-from ._source import Lease, PoolSource
+from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
@@ -47,7 +49,17 @@ def _pass_through_options() -> frozenset[str]:
 
 _POOL_OPTIONS = _pass_through_options()
 # Database's own keywords, for "did you mean" when one is misspelled.
-_OWN_OPTIONS = frozenset({"bridge", "min_size", "max_size", "pool_timeout", "pgbouncer"})
+_OWN_OPTIONS = frozenset(
+    {
+        "bridge",
+        "min_size",
+        "max_size",
+        "pool_timeout",
+        "pgbouncer",
+        "round_trip_timeout",
+        "keepalive",
+    }
+)
 
 
 class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
@@ -75,9 +87,17 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     :param pgbouncer: the server is reached through PgBouncer (or another pooler) in transaction or
         statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
         session reset query on release. See ``loopbridge._pgbouncer`` for what stays unsupported there.
+    :param round_trip_timeout: seconds a round trip loopbridge makes on its own (the reset when a
+        connection goes back to the pool, BEGIN, COMMIT, ROLLBACK, LISTEN, a subscription's
+        heartbeat) may go unanswered: then the connection is terminated and its slot freed (counted in
+        ``stats().discarded``).
+    :param keepalive: seconds of silence before the kernel probes a connection (TCP keepalive, and
+        ``TCP_USER_TIMEOUT`` at three times that; the server probes its side too); None: off. See
+        ``loopbridge._keepalive``.
     :param pool_options: passed to ``asyncpg.create_pool`` / ``asyncpg.connect`` (``command_timeout``,
         ``statement_cache_size``, ``ssl``, ``server_settings``, ``init``, ``setup``, ``connect``, ...).
-    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or an unknown option.
+    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or timeouts, or an unknown
+        or invalid option.
     """
 
     __slots__ = ("__weakref__", "_info", "_source")
@@ -91,14 +111,21 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         max_size: int = 10,
         pool_timeout: float | None = 30.0,
         pgbouncer: bool = False,
+        round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
         **pool_options: Any,
     ) -> None:
         info: DsnInfo = parse_dsn(resolve_dsn(dsn))
         min_size, max_size, pool_timeout = _check_sizes(min_size, max_size, pool_timeout)
+        round_trip = seconds("round_trip_timeout", round_trip_timeout, allow_none=False)
+        assert round_trip is not None
+        probing = check_keepalive(keepalive)
         _check_options(pool_options)
         pool_options = check_pool_options(pool_options, min_size, max_size)
         if pgbouncer:
             pool_options = transaction_pooling_options(pool_options)
+            if probing is not None:  # PgBouncer refuses unknown startup parameters: its own apply
+                probing = probing.client_only()
         password = pool_options.get("password")
         self._info = info
         # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin).
@@ -110,6 +137,8 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             pool_timeout=pool_timeout,
             pool_options=pool_options,
             secrets=(*info.secrets, password if isinstance(password, str) else None),
+            round_trip_timeout=round_trip,
+            keepalive=probing,
         )
 
     # -- properties ---------------------------------------------------------------------------------
@@ -185,7 +214,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
 
     def stats(self) -> DatabaseStats:
         """Pool and call figures, and the bridge loop's lag, now. Never blocks."""
-        size, idle, leased = self._source.figures()
+        size, idle, leased, discarded = self._source.figures()
         max_size = self._source.max_size
         waiting = max(0, leased - max_size)
         bridge = self.bridge.stats()
@@ -201,6 +230,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             calls_in_flight=bridge.calls_in_flight,
             loop_lag=bridge.loop_lag,
             max_loop_lag=bridge.max_loop_lag,
+            discarded=discarded,
         )
 
     def _streaming_transaction(self) -> tuple[_Core, bool]:

@@ -1,0 +1,157 @@
+"""A silent peer (half-open connections) never hangs a caller, eats a pool slot or hides lost notifications.
+
+A peer that silently discards traffic (a NAT, firewall or load balancer that dropped its state, a
+partitioned network) never closes a connection: writes "succeed" and nothing comes back. These tests put
+the fault-injecting proxy (``tests/faultproxy.py``) between the Database and the real server and
+``silence()`` it; what the server really has is checked over a direct connection. The proxy is a
+userspace program, so TCP keepalive cannot notice the silence through it: only loopbridge's own bounds
+(``round_trip_timeout``, a call's ``timeout=``, ``pool_timeout``, a subscription's heartbeat) can, which
+is what these tests pin. The proxy keeps the server's side of a silenced connection open (as a real
+partition does until the server's own keepalive notices), and resets it when the test ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from loopbridge import (
+    Bridge,
+    CallTimeoutError,
+    Database,
+    PoolTimeoutError,
+)
+from tests.boundary import wait_until
+from tests.faultproxy import FaultProxy
+from tests.support import WAIT, Caller, with_query
+
+#: round_trip_timeout in these tests: how long a connection may stay silent in loopbridge's own round
+#: trips before it is terminated.
+ROUND_TRIP = 1.0
+#: Slack for a loaded 2-core machine on top of a bound.
+SLACK = 2.5
+
+
+@pytest.fixture
+def target_dsn(request: pytest.FixtureRequest, admin_dsn: str) -> str:
+    """The test server's DSN, or the private cluster's where the test server is not on TCP (the embedded
+    server listens on a unix socket, which the proxy cannot forward)."""
+    try:
+        FaultProxy.in_front_of(admin_dsn)
+    except ValueError:
+        cluster = request.getfixturevalue("cluster")
+        dsn: str = cluster.dsn()
+        return dsn
+    return admin_dsn
+
+
+@pytest.fixture
+def proxy(target_dsn: str) -> Iterator[FaultProxy]:
+    with FaultProxy.in_front_of(target_dsn) as started:
+        yield started
+
+
+@pytest.fixture
+def app() -> str:
+    """The application_name of this test's sessions, to find them on the server."""
+    return f"lbt_silent_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def through(proxy: FaultProxy, target_dsn: str, app: str) -> str:
+    """A DSN that reaches the server through the proxy, its sessions named *app*."""
+    return with_query(proxy.dsn_for(target_dsn), application_name=app)
+
+
+@pytest.fixture
+def silent_db(through: str, bridge: Bridge) -> Iterator[Database]:
+    """A pool of two through the proxy, quick to give up on silence: round_trip_timeout=1, pool_timeout=3."""
+    db = Database(
+        through, bridge=bridge, min_size=0, max_size=2, pool_timeout=3, round_trip_timeout=ROUND_TRIP
+    )
+    yield db
+    db.close(timeout=2)
+
+
+def warm(db: Database, count: int) -> set[int]:
+    """Open *count* connections at once (each held for a moment), and return their backends' pids."""
+    pids: set[int] = set()
+    lock = threading.Lock()
+
+    def hold() -> None:
+        pid = db.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.3)", timeout=WAIT)
+        with lock:
+            pids.add(pid)
+
+    threads = [threading.Thread(target=hold) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    return pids
+
+
+def elapsed_since(started: float) -> float:
+    return time.monotonic() - started
+
+
+class TestPoolSlots:
+    def test_calls_on_silent_connections_fail_in_time_and_every_slot_comes_back(
+        self, silent_db: Database, proxy: FaultProxy, caller: Caller
+    ) -> None:
+        """A call with timeout=2 failed after about 3 s, but its connection's release then waited for
+        ever on asyncpg's cancel and reset: two such connections, and a pool of two was dead for good,
+        with stats() counting them neither idle nor in use. Now the release is bounded: past it the
+        connection is terminated, its slot counted in use until then, and the pool serves its full
+        size again once the network is back."""
+        db = silent_db
+        assert len(warm(db, 2)) == 2
+        proxy.silence()
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(CallTimeoutError):
+                caller.call(db, "fetchval", "SELECT 1", timeout=1)
+            assert elapsed_since(started) < 1 + SLACK
+        stats = db.stats()
+        assert stats.size == stats.idle + stats.in_use  # never neither
+        wait_until(lambda: db.stats().in_use == 0, timeout=1 + ROUND_TRIP + SLACK, what="both slots free")
+        assert db.stats().discarded == 2
+        proxy.heal()
+        started = time.monotonic()
+        assert len(warm(db, 2)) == 2  # the full size, on fresh connections
+        assert elapsed_since(started) < SLACK
+
+    def test_a_call_without_timeout_waits_no_longer_than_pool_timeout_for_a_slot(
+        self, through: str, bridge: Bridge, proxy: FaultProxy, caller: Caller
+    ) -> None:
+        """A call without timeout= waited past pool_timeout: the acquire skipped the pool timeout while
+        the lease count was within max_size, and the slot of a connection whose release hung counted
+        as free."""
+        db = Database(through, bridge=bridge, min_size=0, max_size=1, pool_timeout=1, round_trip_timeout=5)
+        try:
+            assert db.fetchval("SELECT 1") == 1
+            proxy.silence()
+            with pytest.raises(CallTimeoutError):
+                db.fetchval("SELECT 1", timeout=0.5)  # its release now waits up to 5 s for an answer
+            assert db.stats().in_use == 1
+            started = time.monotonic()
+            with pytest.raises(PoolTimeoutError, match="pool_timeout=1 s"):
+                caller.call(db, "fetchval", "SELECT 1")
+            assert elapsed_since(started) < 1 + SLACK
+        finally:
+            db.close(timeout=2)
+
+    def test_a_new_connection_into_silence_fails_within_pool_timeout(
+        self, silent_db: Database, proxy: FaultProxy, caller: Caller
+    ) -> None:
+        proxy.silence()
+        started = time.monotonic()
+        with pytest.raises(PoolTimeoutError, match="the server did not answer in time"):
+            caller.call(silent_db, "fetchval", "SELECT 1")
+        assert elapsed_since(started) < 3 + SLACK
+        proxy.heal()
+        assert caller.call(silent_db, "fetchval", "SELECT 1", timeout=WAIT) == 1
