@@ -19,6 +19,7 @@ from .errors import (
     PoolTimeoutError,
     SubscriptionClosedError,
     TransactionClosedError,
+    TransactionTimeoutError,
 )
 from .listen import Gap, Notification, Subscription
 from .stats import BridgeStats, DatabaseStats
@@ -47,6 +48,7 @@ __all__ = [
     "SubscriptionClosedError",
     "Transaction",
     "TransactionClosedError",
+    "TransactionTimeoutError",
     "__version__",
     "default_bridge",
 ]

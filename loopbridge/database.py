@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 from typing import Any
 
 import asyncpg
@@ -57,6 +58,7 @@ _OWN_OPTIONS = frozenset(
         "pool_timeout",
         "pgbouncer",
         "round_trip_timeout",
+        "transaction_timeout",
         "keepalive",
     }
 )
@@ -91,6 +93,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         connection goes back to the pool, BEGIN, COMMIT, ROLLBACK, LISTEN, a subscription's
         heartbeat) may go unanswered: then the connection is terminated and its slot freed (counted in
         ``stats().discarded``).
+    :param transaction_timeout: the default ``timeout=`` of :meth:`transaction` blocks (None: none).
     :param keepalive: seconds of silence before the kernel probes a connection (TCP keepalive, and
         ``TCP_USER_TIMEOUT`` at three times that; the server probes its side too); None: off. See
         ``loopbridge._keepalive``.
@@ -112,6 +115,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         pool_timeout: float | None = 30.0,
         pgbouncer: bool = False,
         round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        transaction_timeout: float | None = None,
         keepalive: float | None = DEFAULT_KEEPALIVE,
         **pool_options: Any,
     ) -> None:
@@ -138,6 +142,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             pool_options=pool_options,
             secrets=(*info.secrets, password if isinstance(password, str) else None),
             round_trip_timeout=round_trip,
+            transaction_timeout=seconds("transaction_timeout", transaction_timeout),
             keepalive=probing,
         )
 
@@ -187,7 +192,12 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     # -- beyond single statements: transactions, LISTEN, stats (streams and COPY: the mixins) --------
 
     def transaction(
-        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+        self,
+        *,
+        isolation: str | None = None,
+        readonly: bool = False,
+        deferrable: bool = False,
+        timeout: float | None = None,
     ) -> Transaction:
         """A transaction for a block: ``with db.transaction() as tx: tx.execute(...)`` in sync code,
         ``async with db.transaction() as tx: await tx.aexecute(...)`` in async code, on any loop.
@@ -197,9 +207,14 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
 
         :param isolation: ``'read_committed'``, ``'repeatable_read'``, ``'serializable'`` (or
             ``'read_uncommitted'``); None: the server's default.
-        :raises ConfigurationError: for an unknown isolation level.
+        :param timeout: seconds for the whole block, from waiting for a connection to COMMIT; on expiry
+            it is rolled back at once and :class:`~loopbridge.TransactionTimeoutError` raised. None: the
+            Database's ``transaction_timeout``; ``float('inf')``: none.
+        :raises ConfigurationError: for an unknown isolation level or a bad timeout.
         """
-        return Transaction(self._source, isolation=isolation, readonly=readonly, deferrable=deferrable)
+        return Transaction(
+            self._source, isolation=isolation, readonly=readonly, deferrable=deferrable, timeout=timeout
+        )
 
     def listen(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
         """LISTEN on *channels*: ``with db.listen("jobs") as sub:`` in sync code, ``async with
@@ -234,8 +249,9 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         )
 
     def _streaming_transaction(self) -> tuple[_Core, bool]:
-        # A stream of the Database declares its cursor in a transaction of its own.
-        return Transaction(self._source)._core, True
+        # A stream of the Database declares its cursor in a transaction of its own, with no block
+        # timeout (its reader's timeout= bounds each wait for rows).
+        return Transaction(self._source, timeout=math.inf)._core, True
 
     # -- closing: close() and aclose() come from Closing -----------------------------------------------
 

@@ -22,10 +22,12 @@ import pytest
 from loopbridge import (
     Bridge,
     CallTimeoutError,
+    ConnectionLostError,
     Database,
     PoolTimeoutError,
+    TransactionTimeoutError,
 )
-from tests.boundary import wait_until
+from tests.boundary import Driver, sessions, wait_until
 from tests.faultproxy import FaultProxy
 from tests.support import WAIT, Caller, with_query
 
@@ -155,3 +157,62 @@ class TestPoolSlots:
         assert elapsed_since(started) < 3 + SLACK
         proxy.heal()
         assert caller.call(silent_db, "fetchval", "SELECT 1", timeout=WAIT) == 1
+
+
+class TestTransactions:
+    def test_begin_on_a_silent_connection_is_given_up_in_time(
+        self, silent_db: Database, proxy: FaultProxy, driver: Driver
+    ) -> None:
+        """with db.transaction() waited for ever at BEGIN on a silent connection."""
+        db = silent_db
+        warm(db, 1)
+        proxy.silence()
+        started = time.monotonic()
+        with pytest.raises((ConnectionLostError, PoolTimeoutError)):
+            driver.enter(db.transaction())
+        # BEGIN on the idle connection (1 s), then a new one, into the silence (pool_timeout, 3 s).
+        assert elapsed_since(started) < ROUND_TRIP + 3 + SLACK
+        wait_until(lambda: db.stats().in_use == 0, timeout=SLACK, what="the slot free")
+        assert db.stats().discarded >= 1
+
+    def test_commit_on_a_silent_connection_is_given_up_in_time_and_says_the_outcome_is_unknown(
+        self, silent_db: Database, proxy: FaultProxy, driver: Driver
+    ) -> None:
+        """The COMMIT at the end of a block waited for ever on a silent connection."""
+        db = silent_db
+        tx = db.transaction()
+        driver.enter(tx)
+        assert driver.call(tx, "fetchval", "SELECT 1") == 1
+        proxy.silence()
+        started = time.monotonic()
+        with pytest.raises(ConnectionLostError, match="the outcome is unknown"):
+            driver.exit(tx)
+        assert elapsed_since(started) < ROUND_TRIP + SLACK
+        assert tx.state == "lost"
+        wait_until(lambda: db.stats().in_use == 0, timeout=SLACK, what="the slot free")
+
+    def test_a_block_timeout_ends_a_silent_transaction_on_both_sides(
+        self, silent_db: Database, proxy: FaultProxy, driver: Driver, admin_dsn: str, app: str
+    ) -> None:
+        """Under load, blocks on silent connections stayed stuck 65-71 s and counting, their server
+        sessions idle in transaction holding locks. A block with timeout= ends at its timeout, its
+        connection terminated (our ROLLBACK cannot get through), and the server ends its side too:
+        the transaction told it to (idle_in_transaction_session_timeout), since nothing else can."""
+        db = silent_db
+        tx = db.transaction(timeout=2)
+        driver.enter(tx)
+        driver.call(tx, "execute", "SELECT 1")
+        proxy.silence()
+        started = time.monotonic()
+        with pytest.raises(TransactionTimeoutError, match="timeout=2 s"):
+            driver.call(tx, "execute", "SELECT 2")  # no timeout of its own: the block's bounds it
+        assert elapsed_since(started) < 2 + SLACK
+        driver.exit(tx, TransactionTimeoutError("the block ended with the error"))
+        wait_until(lambda: db.stats().in_use == 0, timeout=ROUND_TRIP + SLACK, what="the slot free")
+        # The server's session, kept open by the proxy, ends by itself after the block's time plus a
+        # second: nothing stays idle in transaction.
+        wait_until(
+            lambda: sessions(admin_dsn, app, "idle in transaction") == 0,
+            timeout=2 + 1 + SLACK,
+            what="no session idle in transaction",
+        )
