@@ -30,7 +30,7 @@ from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .errors import ConfigurationError
-from .listen import DEFAULT_QUEUE_SIZE, Subscription
+from .listen import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_SIZE, Subscription
 from .stats import DatabaseStats
 from .transaction import Transaction, _Core
 
@@ -216,16 +216,24 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             self._source, isolation=isolation, readonly=readonly, deferrable=deferrable, timeout=timeout
         )
 
-    def listen(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+    def listen(
+        self,
+        *channels: str,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
+    ) -> Subscription:
         """LISTEN on *channels*: ``with db.listen("jobs") as sub:`` in sync code, ``async with
         db.listen("jobs") as sub:`` in async code, on any loop. LISTEN is in effect once the block is
         entered (or, without a block, at the first item asked for). See :class:`~loopbridge.Subscription`.
 
         :param queue_size: notifications held for a consumer that is behind; beyond it they are
             dropped, and a :class:`~loopbridge.Gap` marks where.
-        :raises ConfigurationError: for no channel, or a bad *queue_size*.
+        :param heartbeat: seconds between round trips checking that the connection still answers; a
+            silent one is noticed within ``heartbeat + round_trip_timeout`` and replaced (with a Gap).
+            None: no heartbeat.
+        :raises ConfigurationError: for no channel, or a bad *queue_size* or *heartbeat*.
         """
-        return Subscription(self._source, channels, queue_size)
+        return Subscription(self._source, channels, queue_size, heartbeat)
 
     def stats(self) -> DatabaseStats:
         """Pool and call figures, and the bridge loop's lag, now. Never blocks."""

@@ -24,12 +24,16 @@ from loopbridge import (
     CallTimeoutError,
     ConnectionLostError,
     Database,
+    Gap,
+    Notification,
     PoolTimeoutError,
+    Subscription,
     TransactionTimeoutError,
 )
+from loopbridge._asyncpg import sent_so_far
 from tests.boundary import Driver, sessions, wait_until
 from tests.faultproxy import FaultProxy
-from tests.support import WAIT, Caller, with_query
+from tests.support import WAIT, Caller, independent, with_query
 
 #: round_trip_timeout in these tests: how long a connection may stay silent in loopbridge's own round
 #: trips before it is terminated.
@@ -216,3 +220,61 @@ class TestTransactions:
             timeout=2 + 1 + SLACK,
             what="no session idle in transaction",
         )
+
+
+class TestListen:
+    def test_a_silent_subscription_is_noticed_and_a_gap_marks_what_it_missed(
+        self, through: str, bridge: Bridge, proxy: FaultProxy, driver: Driver, target_dsn: str
+    ) -> None:
+        """LISTEN over a half-open connection missed 431 of 479 notifications, without a Gap: idle LISTEN
+        connections are what NAT and load-balancer idle timeouts drop. A heartbeat notices the silence
+        within heartbeat + round_trip_timeout, and the subscription reconnects as for a killed
+        backend."""
+        db = Database(through, bridge=bridge, min_size=0, max_size=3, pool_timeout=3, round_trip_timeout=1)
+        try:
+            sub = db.listen("silent_peer", heartbeat=0.5)
+            driver.enter(sub)
+            independent(target_dsn, "SELECT pg_notify('silent_peer', 'before')")
+            first = driver.call(sub, "get", timeout=WAIT)
+            assert isinstance(first, Notification)
+            assert first.payload == "before"
+            proxy.silence()
+            independent(target_dsn, "SELECT pg_notify('silent_peer', 'lost')")
+            time.sleep(0.5 + 1 + 0.5)  # the heartbeat has noticed: reconnection attempts are under way
+            proxy.heal()
+            started = time.monotonic()
+            gap = driver.call(sub, "get", timeout=WAIT)
+            assert isinstance(gap, Gap)
+            assert gap.reason == "reconnected"
+            # Reconnecting: an attempt made into the silence is given up after 2 round trips' worth.
+            assert elapsed_since(started) < 2 * 1 + SLACK
+            independent(target_dsn, "SELECT pg_notify('silent_peer', 'after')")
+            after = driver.call(sub, "get", timeout=WAIT)
+            assert isinstance(after, Notification)
+            assert after.payload == "after"
+            driver.exit(sub)
+            assert db.stats().discarded >= 1
+        finally:
+            db.close(timeout=2)
+
+    def test_the_heartbeat_costs_one_round_trip_per_period_and_can_be_turned_off(self, db: Database) -> None:
+        def heartbeats(sub: Subscription) -> int:
+            before = db.bridge.run(_sent, sub)
+            assert sub.get(timeout=1.1) is None  # about five heartbeat periods of 0.2 s
+            return int(db.bridge.run(_sent, sub)) - before
+
+        with db.listen("beats", heartbeat=0.2) as sub:
+            beating = heartbeats(sub)
+        with db.listen("quiet", heartbeat=None) as sub:
+            quiet = heartbeats(sub)
+        assert 3 <= beating <= 7
+        assert quiet == 0
+
+
+async def _sent(sub: Subscription) -> int:
+    """Statements asyncpg has sent on the subscription's connection so far."""
+    held = sub._core.held
+    assert held is not None
+    sent = sent_so_far(held.con)
+    assert sent is not None
+    return sent
