@@ -71,6 +71,8 @@ class Queries:
             statement is cancelled and :class:`~loopbridge.CallTimeoutError` raised.
         :raises ConnectionLostError: if the connection died during the call.
         :raises CallTimeoutError: if *timeout*, or the ``command_timeout`` option, expired.
+        :raises asyncpg.DataError: for values PostgreSQL cannot take in one message (over 1 GB), in the
+            caller's thread, before anything is sent (see ``loopbridge._limits``).
         """
         result: list[asyncpg.Record] = await self._statement("fetch", query, args)
         return result

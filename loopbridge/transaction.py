@@ -115,6 +115,9 @@ class Transaction(Queries, CopyMethods, StreamMethods, NotAwaitable):
         was lost (the statement that was running when the connection broke raises
         :class:`ConnectionLostError`); from the end of a block in which a statement failed and its
         error was caught: PostgreSQL had aborted the transaction, which is rolled back instead.
+    :raises TransactionTimeoutError: once the block's ``timeout=`` expired: from the statement running
+        then, every later one, and the end of a block that would have committed (rolled back at the
+        expiry, on the bridge loop).
     """
 
     __slots__ = ("__weakref__", "_core")
