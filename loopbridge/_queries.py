@@ -36,7 +36,8 @@ R = TypeVar("R")
 
 def _values(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     # (query, *values): values too big to send are refused before they are encoded on the bridge loop.
-    check_parameters(label, args[1:])
+    if len(args) > 1:
+        check_parameters(label, args[1:])
 
 
 def _rows(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

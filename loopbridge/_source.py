@@ -193,7 +193,7 @@ class PoolSource(ClosedWhenUnreachable):
         self.discarded = 0  # connections terminated rather than pooled again (see discard)
         # Bridge-loop state.
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
-        self._releasing: set[asyncio.Task[None]] = set()  # connections being reset after their call
+        self._releasing: dict[asyncio.Task[None], PoolConnectionProxy] = {}  # releases under way
         self._kept: set[Resource] = set()  # they hold a connection until closed: closed first
         self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
         self._silent = False  # a connection went unanswered since a connection was last made
@@ -464,48 +464,41 @@ class PoolSource(ClosedWhenUnreachable):
         )
 
     async def release(self, pool: asyncpg.Pool, con: PoolConnectionProxy, bound: float | None = None) -> None:
-        """Give *con* back to *pool*: asyncpg waits for a cancellation still on its way to the server,
-        then resets the connection. Both within *bound* seconds (default ``round_trip_timeout``), or the
-        connection is terminated (:meth:`discard`) and its slot freed.
-
-        The release runs to its end even if the caller is cancelled meanwhile (the caller stops waiting).
-        """
-        # A task of its own: asyncpg shields its release, so cancellation cannot leak the connection; but
-        # a release it had to finish alone, once its caller was cancelled, fails unseen ("Task exception
-        # was never retrieved") if the connection died meanwhile. Hold the release ourselves and
-        # retrieve that.
-        release = asyncio.ensure_future(self._release_within(pool, con, bound))
+        """Give *con* back to *pool* and wait until it is back (see :meth:`_start_release`). Never
+        raises: a failed reset is logged (asyncpg has terminated that connection, and the pool replaces
+        it). The release runs to its end even if the caller is cancelled meanwhile (it stops waiting)."""
+        release = self._start_release(pool, con, bound)
         try:
             await asyncio.shield(release)
         except asyncio.CancelledError:
-            release.add_done_callback(_retrieve)
             raise
+        except Exception:  # said by _released, which also retrieved it
+            pass
 
-    async def _release_within(
+    def _start_release(
         self, pool: asyncpg.Pool, con: PoolConnectionProxy, bound: float | None
-    ) -> None:
-        """The one place a connection goes back to its pool (see :meth:`release`).
+    ) -> asyncio.Task[None]:
+        """The one place a connection goes back to its pool: asyncpg's release (it waits for a
+        cancellation still on its way to the server, then resets the connection), as a task of its own
+        with a deadline, *bound* seconds away (default ``round_trip_timeout``).
 
-        Bounded by terminating the connection when it is overdue (:meth:`_check_deadlines`), never by
-        cancelling asyncpg's release: that one goes on, shielded, and the error it then meets would be
-        reported as never retrieved. Terminated, the connection fails whatever asyncpg waits for (the
-        cancellation, the reset) at once, and the slot is free.
+        A task of its own: asyncpg shields its release, so cancellation cannot leak the connection, but
+        an error it met alone, once its caller was cancelled, would be reported as never retrieved:
+        :func:`_released` retrieves it, and frees the slot. Bounded by terminating the connection when
+        it is overdue (:meth:`_check_deadlines`), never by cancelling asyncpg's release, for the same
+        reason: terminated, the connection fails whatever asyncpg waits for at once, and the slot is
+        free.
         """
-        seconds = self._round_trip_timeout if bound is None else bound
-        self._giving_back[con] = asyncio.get_running_loop().time() + seconds
+        loop = asyncio.get_running_loop()
+        self._giving_back[con] = loop.time() + (self._round_trip_timeout if bound is None else bound)
         if self._checking is None:
             self._check_soon()
-        try:
-            await pool.release(con)
-        except Exception:
-            if con not in self._overdue:
-                raise
-            # asyncpg's release failed on the connection terminated under it: as it should.
-        finally:
-            del self._giving_back[con]
-            if self._overdue:
-                self._overdue.discard(con)
-            self.leased -= 1  # back in the pool, or terminated: either way the slot is free
+        task = loop.create_task(pool.release(con))
+        self._releasing[task] = con
+        # Through a weak reference: the task is reachable from the loop, and a source nobody holds
+        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
+        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
+        return task
 
     def _check_soon(self) -> None:
         loop = asyncio.get_running_loop()
@@ -544,25 +537,30 @@ class PoolSource(ClosedWhenUnreachable):
         """
         if pool.get_idle_size() == 0:
             return False
-        task = asyncio.get_running_loop().create_task(self._release_within(pool, con, None))
-        self._releasing.add(task)
-        # Through a weak reference: the task is reachable from the loop, and a source nobody holds
-        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
-        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
+        self._start_release(pool, con, None)
         return True
 
     def _released(self, task: asyncio.Task[None]) -> None:
-        self._releasing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # As in _PoolLease.__aexit__: asyncpg has terminated the connection and the pool opens a new
-            # one.
+        """A release is over: the connection is back in the pool, or terminated; either way its slot is
+        free."""
+        con = self._releasing.pop(task)
+        del self._giving_back[con]
+        self.leased -= 1
+        overdue = bool(self._overdue) and con in self._overdue
+        if overdue:
+            self._overdue.discard(con)
+        if not task.cancelled() and task.exception() is not None and not overdue:
+            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
+            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
+            # nothing leaks and the pool opens a new one. The call's own outcome stands. (An overdue
+            # one failed because it was terminated under it: said when it was.)
             logger.debug(
                 "%r: a connection failed its reset on release and was closed: %r", self, task.exception()
             )
 
     @property
     def releasing(self) -> int:
-        """Connections being reset in the background after their call."""
+        """Connections being given back (reset), in the background after their call or not."""
         return len(self._releasing)
 
     # -- closing ------------------------------------------------------------------------------------
@@ -660,7 +658,7 @@ class PoolSource(ClosedWhenUnreachable):
         if self._checking is not None:
             dropped.append(self._checking)
         self.pool = self._opening = None
-        self._releasing = set()
+        self._releasing = {}
         self._kept = set()
         self._acquiring, self._giving_back, self._overdue, self._checking = {}, {}, set(), None
         self.leased = 0
@@ -719,16 +717,11 @@ class _PoolLease:
         # caller hears of it.
         if exc is None and source.release_in_background(self._pool, con):
             return
-        try:
-            await source.release(self._pool, con)
-        except Exception as error:
-            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
-            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
-            # nothing leaks and the pool opens a new one. The call's own outcome stands, whether a
-            # result already received (a committed write must not be reported as failed) or the error
-            # that ended the call, which says more than the failed reset (found by the stress suite:
-            # "InternalClientError: cannot switch to state 15" replacing a timeout).
-            logger.debug("%r: a connection failed its reset on release and was closed: %r", source, error)
+        # A failed reset never replaces the call's own outcome, whether a result already received (a
+        # committed write must not be reported as failed) or the error that ended the call, which says
+        # more than the failed reset (found by the stress suite: "InternalClientError: cannot switch to
+        # state 15" replacing a timeout). release() logs it and does not raise.
+        await source.release(self._pool, con)
         if lost:
             assert exc is not None
             self.unsent = sent is not None and sent == self._sent
