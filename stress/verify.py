@@ -113,53 +113,64 @@ def check_bridge(verdict: Verdict, db: Database) -> None:
 
 
 def check_full_pool(verdict: Verdict, db: Database) -> None:
-    """The pool serves its full size: ``max_size`` calls at once, each on a connection of its own (a
-    slot lost to a connection that never came back would leave one short). Calls that meet a
-    connection the faults left behind fail (it is then replaced), and the round is tried again, until
-    :data:`FULL_POOL_WITHIN` seconds have passed; the slots still missing then count as leaked."""
+    """The pool serves its full size: ``max_size`` calls at once, each holding a connection of its own
+    at the same moment (a slot lost to a connection that never came back would leave one of them
+    waiting for another's). Calls that meet a connection the faults left behind fail (it is then
+    replaced), and the round is tried again, until :data:`FULL_POOL_WITHIN` seconds have passed; the
+    slots still missing then count as leaked."""
     size = db.stats().max_size
     started = time.monotonic()
     rounds = 0
-    served: set[int] = set()
     while True:
         rounds += 1
         served = _all_at_once(db, size)
         elapsed = time.monotonic() - started
-        if len(served) == size:
+        if served == size:
             verdict.pool_detail = (
                 f"served all {size} connections at once after {elapsed:.1f} s ({rounds} round(s))"
             )
             return
         if elapsed > FULL_POOL_WITHIN:
-            verdict.leaked += size - len(served)
-            verdict.pool_detail = (
-                f"served only {len(served)} of {size} connections at once after {elapsed:.1f} s"
-            )
+            verdict.leaked += size - served
+            verdict.pool_detail = f"served only {served} of {size} connections at once after {elapsed:.1f} s"
             return
         time.sleep(0.5)
 
 
-def _all_at_once(db: Database, size: int) -> set[int]:
-    """The backends that served *size* simultaneous calls (a failed call serves none)."""
-    pids: set[int] = set()
+async def _occupy(con: object, hold: float) -> tuple[float, float]:
+    """On a pooled connection: prove it answers, then hold it *hold* seconds; when it was held."""
+    await con.fetchval("SELECT 1")  # type: ignore[attr-defined]
+    began = time.monotonic()
+    await asyncio.sleep(hold)
+    return began, time.monotonic()
+
+
+def _all_at_once(db: Database, size: int) -> int:
+    """How many of *size* simultaneous calls held a connection at the same moment (0 to *size*).
+    Counted on the client: behind PgBouncer, several of them share a server connection."""
+    held: list[tuple[float, float]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(size, timeout=30)
 
     def call() -> None:
         try:
             barrier.wait()
-            pid = db.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.5)", timeout=5)
+            span = db.run(_occupy, 1.0, timeout=5)
         except Exception:  # a connection the faults left behind, now replaced; or the barrier broke
             return
         with lock:
-            pids.add(pid)
+            held.append(span)
 
     threads = [threading.Thread(target=call, name=f"stress-full-pool-{n}") for n in range(size)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    return pids
+    if not held:
+        return 0
+    # Those that held theirs while the first to let go still held its own: at the same moment.
+    first_end = min(end for _, end in held)
+    return sum(1 for began, _ in held if began < first_end)
 
 
 async def _pool_sizes(db: Database) -> tuple[int, int]:

@@ -216,7 +216,9 @@ from loopbridge import Bridge, Database, LoopBridgeError
 DSN = sys.argv[1]
 
 def exiting():
-    print("EXITING", time.time(), flush=True)
+    # One write: print() writes its pieces one by one, and another thread's print may land between them.
+    sys.stdout.write(f"EXITING {time.time()}\\n")
+    sys.stdout.flush()
 """
 
 #: Interpreters the exit is tested under: the strictest, warnings as errors alone, and plain python.
