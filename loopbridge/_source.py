@@ -48,6 +48,7 @@ from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_conne
 from ._dsn import DsnInfo, redact
 from ._keepalive import Keepalive
 from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, stranded_log_level
+from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ DEFAULT_ROUND_TRIP_TIMEOUT = 5.0
 #: Seconds between two checks of the deadlines of the acquires and releases in flight: how late, at
 #: most, a bound is enforced.
 TICK = 0.1
+#: asyncpg's own reconnection to ``min_size`` (no caller waits for it) gets this many round trips'
+#: worth of ``round_trip_timeout`` per connection attempt.
+BACKGROUND_CONNECT_ROUND_TRIPS = 2
 
 
 class Lease(Protocol):
@@ -341,15 +345,26 @@ class PoolSource(ClosedWhenUnreachable):
         leaves the attempt to finish on its own, and a connection it still makes is closed at once.
         """
         attempt = asyncio.ensure_future(self._connect_now(*args, **kwargs))
+        # No caller waits for asyncpg's own reconnection to min_size, so no pool_timeout bounds it; it
+        # holds a slot while it connects, and into a silent network it would hold it for asyncpg's
+        # whole connect timeout (60 s), well after the network is back. Two round trips' worth.
+        background = self.pool is not None and _asyncpg.restoring_floor(self.pool)
+        bound = BACKGROUND_CONNECT_ROUND_TRIPS * self._round_trip_timeout if background else None
         try:
-            connection = await asyncio.shield(attempt)
+            async with within(bound) as limit:
+                connection = await asyncio.shield(attempt)
         except asyncio.CancelledError:
-            orphan = asyncio.ensure_future(_close_when_made(attempt))
-            self._orphans.add(orphan)
-            orphan.add_done_callback(self._orphans.discard)
+            self._orphan(attempt)
             raise
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            if not limit.expired():
+                raise
+            self._orphan(attempt)
+            error = ConnectError(connect_failure(self.info, exc, *self._secrets))
+            self._floor_failed(error)
+            raise error from None
         except ConnectError as exc:
-            if self.pool is not None and _asyncpg.restoring_floor(self.pool):
+            if background:
                 self._floor_failed(exc)
             raise
         self._silent = False
@@ -357,6 +372,13 @@ class PoolSource(ClosedWhenUnreachable):
             self._floor_failing = False
             logger.info("%r: connecting works again", self)
         return connection
+
+    def _orphan(self, attempt: asyncio.Future[asyncpg.Connection]) -> None:
+        """Leave a connection attempt nobody waits for any more to finish on its own, and close what it
+        makes (see :meth:`_connect`)."""
+        orphan = asyncio.ensure_future(_close_when_made(attempt))
+        self._orphans.add(orphan)
+        orphan.add_done_callback(self._orphans.discard)
 
     def _floor_failed(self, exc: ConnectError) -> None:
         """asyncpg could not reconnect to keep ``min_size`` connections open, in the background (no call

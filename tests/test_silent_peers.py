@@ -162,6 +162,27 @@ class TestPoolSlots:
         proxy.heal()
         assert caller.call(silent_db, "fetchval", "SELECT 1", timeout=WAIT) == 1
 
+    def test_reconnecting_to_min_size_into_a_silent_network_holds_no_slot_for_long(
+        self, through: str, bridge: Bridge, proxy: FaultProxy
+    ) -> None:
+        """asyncpg reconnects in the background to keep min_size connections open; an attempt into a
+        silent network held a pool slot for asyncpg's whole connect timeout (60 s), so the pool served
+        one connection short well after the network healed. Such an attempt now gets two round trips'
+        worth (round_trip_timeout) before it is given up."""
+        db = Database(through, bridge=bridge, min_size=2, max_size=2, pool_timeout=3, round_trip_timeout=1)
+        try:
+            db.open()
+            proxy.silence()
+            proxy.reset()  # the pool's connections die: asyncpg reconnects into the silence
+            time.sleep(0.5)
+            proxy.heal()
+            # The attempt started into the silence gives its slot back within two round trips' worth.
+            wait_until(
+                lambda: len(warm(db, 2)) == 2, timeout=2 * ROUND_TRIP + SLACK, what="both slots at once"
+            )
+        finally:
+            db.close(timeout=2)
+
 
 class TestTransactions:
     def test_begin_on_a_silent_connection_is_given_up_in_time(
