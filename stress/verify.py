@@ -121,18 +121,23 @@ def check_full_pool(verdict: Verdict, db: Database) -> None:
     size = db.stats().max_size
     started = time.monotonic()
     rounds = 0
+    met: Counter[str] = Counter()  # what the calls of the rounds before met
     while True:
         rounds += 1
-        served = _all_at_once(db, size)
+        served, failures = _all_at_once(db, size)
         elapsed = time.monotonic() - started
         if served == size:
+            earlier = f"; before that: {', '.join(f'{n} {name}' for name, n in met.items())}" if met else ""
             verdict.pool_detail = (
-                f"served all {size} connections at once after {elapsed:.1f} s ({rounds} round(s))"
+                f"served all {size} connections at once after {elapsed:.1f} s ({rounds} round(s){earlier})"
             )
             return
+        met.update(failures)
         if elapsed > FULL_POOL_WITHIN:
             verdict.leaked += size - served
-            verdict.pool_detail = f"served only {served} of {size} connections at once after {elapsed:.1f} s"
+            verdict.pool_detail = (
+                f"served only {served} of {size} connections at once after {elapsed:.1f} s (met: {dict(met)})"
+            )
             return
         time.sleep(0.5)
 
@@ -145,10 +150,12 @@ async def _occupy(con: object, hold: float) -> tuple[float, float]:
     return began, time.monotonic()
 
 
-def _all_at_once(db: Database, size: int) -> int:
-    """How many of *size* simultaneous calls held a connection at the same moment (0 to *size*).
-    Counted on the client: behind PgBouncer, several of them share a server connection."""
+def _all_at_once(db: Database, size: int) -> tuple[int, Counter[str]]:
+    """How many of *size* simultaneous calls held a connection at the same moment (0 to *size*), and
+    what the others failed with. Counted on the client: behind PgBouncer, several of them share a
+    server connection."""
     held: list[tuple[float, float]] = []
+    failures: Counter[str] = Counter()
     lock = threading.Lock()
     barrier = threading.Barrier(size, timeout=30)
 
@@ -156,7 +163,9 @@ def _all_at_once(db: Database, size: int) -> int:
         try:
             barrier.wait()
             span = db.run(_occupy, 1.0, timeout=5)
-        except Exception:  # a connection the faults left behind, now replaced; or the barrier broke
+        except Exception as exc:  # a connection the faults left behind, now replaced; or the barrier broke
+            with lock:
+                failures[type(exc).__name__] += 1
             return
         with lock:
             held.append(span)
@@ -167,10 +176,10 @@ def _all_at_once(db: Database, size: int) -> int:
     for thread in threads:
         thread.join(60)
     if not held:
-        return 0
+        return 0, failures
     # Those that held theirs while the first to let go still held its own: at the same moment.
     first_end = min(end for _, end in held)
-    return sum(1 for began, _ in held if began < first_end)
+    return sum(1 for began, _ in held if began < first_end), failures
 
 
 async def _pool_sizes(db: Database) -> tuple[int, int]:
