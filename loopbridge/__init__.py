@@ -19,6 +19,7 @@ from .errors import (
     PoolTimeoutError,
     SubscriptionClosedError,
     TransactionClosedError,
+    TransactionTimeoutError,
 )
 from .listen import Gap, Notification, Subscription
 from .read import Reader
@@ -50,6 +51,7 @@ __all__ = [
     "SubscriptionClosedError",
     "Transaction",
     "TransactionClosedError",
+    "TransactionTimeoutError",
     "__version__",
     "default_bridge",
 ]

@@ -10,7 +10,10 @@ renamed one fails there, with a message saying what to install, instead of deep 
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -18,15 +21,21 @@ import asyncpg
 import asyncpg.cursor
 import asyncpg.utils
 
+from ._loop import bridge_threads
+
 __all__ = [
     "check",
     "close_portal",
     "held_connections",
+    "idle_connections",
     "is_connected",
     "pending_cancellations",
     "protocol_of",
+    "quiet_floor_warnings",
     "quote_ident",
+    "restoring_floor",
     "sent_so_far",
+    "socket_of",
 ]
 
 #: The asyncpg releases these internals were checked against.
@@ -68,8 +77,9 @@ def check(pool: asyncpg.Pool) -> None:
         connection = holder._con
         if connection is None:
             continue
-        if not hasattr(connection, "_cancellations"):
-            raise _incompatible("Connection._cancellations")
+        for name in ("_cancellations", "_transport"):
+            if not hasattr(connection, name):
+                raise _incompatible(f"Connection.{name}")
         protocol = protocol_of(connection)
         for name in ("queries_count", "is_connected"):
             if not hasattr(protocol, name):
@@ -106,6 +116,15 @@ def held_connections(pool: asyncpg.Pool) -> list[Any]:
     ]
 
 
+def idle_connections(pool: asyncpg.Pool) -> list[Any]:
+    """The open connections of *pool* that nobody holds."""
+    return [
+        holder._con
+        for holder in getattr(pool, "_holders", ())
+        if holder._in_use is None and holder._con is not None and not holder._con.is_closed()
+    ]
+
+
 def pending_cancellations(connection: Any) -> set[Any]:
     """Tasks still sending a cancel request for a statement of *connection*."""
     return set(getattr(connection, "_cancellations", ()))
@@ -121,3 +140,43 @@ def quote_ident(name: str) -> str:
     """*name* as a quoted SQL identifier, as asyncpg quotes the channels it LISTENs on."""
     quoted: str = asyncpg.utils._quote_ident(name)
     return quoted
+
+
+def socket_of(connection: object) -> Any:
+    """The socket under an asyncpg connection (through TLS too), or None if it cannot tell."""
+    transport = getattr(connection, "_transport", None)
+    return None if transport is None else transport.get_extra_info("socket")
+
+
+def restoring_floor(pool: object) -> bool:
+    """Whether the running task is *pool*'s own, reconnecting in the background to keep ``min_size``
+    connections open (asyncpg 0.32's connection floor; earlier releases have none)."""
+    task = getattr(pool, "_maintenance_task", None)
+    return task is not None and task is asyncio.current_task()
+
+
+#: What asyncpg 0.32's pool logs, with a traceback, each time it fails to reconnect to its ``min_size``.
+_FLOOR_WARNING = "Failed to restore the pool connection floor"
+
+
+class _QuietFloor(logging.Filter):
+    """Drops asyncpg's floor warnings logged on a bridge thread: loopbridge's source says it once per
+    episode, in a line (``PoolSource._floor_failed``). Pools of other loops are left alone."""
+
+    def __init__(self, bridge_threads: set[int]) -> None:
+        super().__init__()
+        self.bridge_threads = bridge_threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            isinstance(record.msg, str)
+            and record.msg.startswith(_FLOOR_WARNING)
+            and threading.get_ident() in self.bridge_threads
+        )
+
+
+@functools.cache
+def quiet_floor_warnings() -> None:
+    """Install the filter on asyncpg's pool logger, once (when the first pool opens: importing
+    loopbridge changes nothing)."""
+    logging.getLogger("asyncpg.pool").addFilter(_QuietFloor(bridge_threads))

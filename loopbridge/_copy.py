@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, Union
 
 from asyncpg.pool import PoolConnectionProxy
 
+from ._limits import call_timeout
 from ._owner import abandon_soon
 from ._pipe import End, Pipe, PipeClosed
 from .errors import CallTimeoutError, LoopBridgeError
@@ -317,6 +318,8 @@ async def _table_out(
 
 # -- one COPY: a task on the bridge loop, and the caller's side of its pipe ------------------------
 
+_COPY_INSTEAD = "await the async twin (await db.acopy_to_table(...), ...), which feeds the COPY from there"
+
 Direction = Literal["in", "out"]
 
 
@@ -330,7 +333,7 @@ class _Job:
         self.source = source
         self.bridge = source.bridge
         self.label = f"{type(source).__name__}.{name}()"
-        self.timeout = timeout
+        self.timeout = None if timeout is None else call_timeout(timeout, self.label)
         self.pipe: Pipe[Any] | None = None
         self.task: asyncio.Task[str] | None = None
 
@@ -347,7 +350,7 @@ class _Job:
         assert pipe is not None
         try:
             for chunk in chunks:
-                pipe.send(chunk, None)
+                pipe.send(self.bridge, chunk, None, _COPY_INSTEAD)
             pipe.finish()
         except PipeClosed:  # the COPY ended early (it failed): _finish says why
             pass
@@ -361,7 +364,7 @@ class _Job:
         pipe = self.pipe
         assert pipe is not None
         try:
-            while not isinstance(chunk := pipe.receive(None), End):
+            while not isinstance(chunk := pipe.receive(self.bridge, None, _COPY_INSTEAD), End):
                 write(chunk)
         except BaseException as exc:  # writing the output failed, or Ctrl-C
             self._abort(exc)

@@ -59,6 +59,9 @@ class DsnInfo:
     database: str
     user: str
     password: str | None
+    secrets: tuple[str, ...] = ()
+    """Every password-like value of the DSN (the user info's password, ``password=`` and
+    ``sslpassword=``): scrubbed from every message that may quote the server or asyncpg."""
 
     def describe(self) -> str:
         """``database 'app' on db:5432 as user 'web'``, for messages."""
@@ -112,7 +115,7 @@ def _parse(dsn: str) -> DsnInfo:
             "use 'postgresql://user:password@host:5432/dbname'"
         )
     normalized = f"{normalized_scheme}://{rest}"
-    redacted = _redact_any(normalized)
+    redacted, hidden = _hide(normalized)
     # urlsplit cannot read a multi-host netloc's ports, so split the netloc by hand.
     parts = urlsplit(normalized)
     if parts.fragment or "@" in parts.path:
@@ -127,9 +130,16 @@ def _parse(dsn: str) -> DsnInfo:
         # asyncpg splits at the first '@', urlsplit at the last: the two would read different hosts,
         # and asyncpg would try to reach one named after the end of the password.
         raise ConfigurationError(
-            f"invalid DSN {_redact_any(normalized)!r}: an '@' in the user name or password must be "
-            "percent-encoded (%40)"
+            f"invalid DSN {redacted!r}: an '@' in the user name or password must be percent-encoded (%40)"
         )
+    if "@" not in parts.netloc and _user_info_password(rest) is not None:
+        # 'app:pw?x@db/shop': a '/', '?' or '#' in the password ended the host part early, and the rest
+        # of the password would be read as a database name, a port or a query field.
+        raise ConfigurationError(
+            f"invalid DSN {redacted!r}: a '#', '/' or '?' in the user name or password must be "
+            "percent-encoded (%23, %2F, %3F), and so must an '@' in a query value after a ':' (%40)"
+        )
+    _check_query(parts.query, redacted)
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     user, has_password, password = userinfo.partition(":")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
@@ -151,7 +161,9 @@ def _parse(dsn: str) -> DsnInfo:
     for port in ports:
         # isascii: str.isdigit() accepts '²', which int() refuses.
         if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-            raise ConfigurationError(f"invalid port {port!r} in DSN {redacted!r}: expected 1-65535")
+            raise ConfigurationError(
+                f"invalid port {_shown(port, hidden)} in DSN {redacted!r}: expected 1-65535"
+            )
 
     user = unquote(user) or query.get("user") or os.environ.get("PGUSER") or _os_user()
     database = (
@@ -162,6 +174,7 @@ def _parse(dsn: str) -> DsnInfo:
         or user
     )
     secret = unquote(password) if has_password else query.get("password") or os.environ.get("PGPASSWORD")
+    secrets = {secret, query.get("password"), query.get("sslpassword"), *hidden, *map(unquote, hidden)}
     return DsnInfo(
         dsn=normalized,
         redacted=redacted,
@@ -170,6 +183,8 @@ def _parse(dsn: str) -> DsnInfo:
         database=database,
         user=user,
         password=secret or None,
+        # Longest first, so that redact() replaces a whole secret before a shorter one inside it.
+        secrets=tuple(sorted(filter(None, secrets), key=len, reverse=True)),
     )
 
 
@@ -190,31 +205,109 @@ def _split_host_port(item: str) -> tuple[str, str]:
 
 
 def _redact_any(dsn: str) -> str:
-    """*dsn* with its password replaced by ``***``, whatever the string: well-formed or not, it errs
-    on the side of hiding too much.
+    """*dsn* with its password replaced by ``***``, whatever the string (see :func:`_hide`)."""
+    return _hide(dsn)[0]
 
-    The user info ends at the last '@' of the authority (which ends at the first '/', '?' or '#').
-    But an unencoded '/', '?' or '#' in the password ends the authority early, and then an '@' after
-    it gives that away: everything up to the last '@' of the whole string is taken as user info.
+
+#: A password-like query field's value: everything up to the next field that is well formed
+#: (``&name=``), or to the end. A password with an unencoded '&' or '#' ("password=Hunter2&SeKrEt")
+#: would otherwise show its end as a field of its own, or as a fragment.
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)(.*?)(?=&[A-Za-z_][A-Za-z0-9_.]*=|\Z)", re.I | re.S)
+
+
+def _hide(dsn: str) -> tuple[str, tuple[str, ...]]:
+    """*dsn* with every password-like part replaced by ``***``, and the parts replaced.
+
+    Whatever the string, well formed or not, it errs on the side of hiding too much: the user info's
+    password as :func:`_user_info_password` finds it, and a ``password=`` or ``sslpassword=`` query
+    field up to the next well-formed field.
     """
+    hidden: list[str] = []
     scheme, separator, rest = dsn.partition("://")
     if not separator or not _SCHEME.fullmatch(scheme):
         # Not a URL: a libpq keyword string, or a mistyped URL ("postgresql:/app:pw@db/x") whose user
         # info, if any, precedes its last '@'.
-        text = _scrub_keyword_dsn(dsn)
-        return f"{_REDACTED}@{text.rpartition('@')[2]}" if "@" in text else text
+        text = _scrub_keyword_dsn(dsn, hidden)
+        if "@" in text:
+            head, _, tail = text.rpartition("@")
+            hidden.append(head)
+            text = f"{_REDACTED}@{tail}"
+        return text, tuple(hidden)
+    # Both kinds of secret are found in the string as given, and their union is hidden: either may
+    # contain what looks like the other ("app:x?password=y@db", "?password=a@b").
+    spans: list[tuple[int, int]] = []
+    password = _user_info_password(rest)
+    if password is not None:
+        spans.append(password)
+    spans.extend(match.span(2) for match in _QUERY_SECRET.finditer(rest))
+    pieces: list[str] = []
+    shown = 0
+    for start, stop in _merged(spans):
+        hidden.append(rest[start:stop])
+        pieces += [rest[shown:start], _REDACTED]
+        shown = stop
+    pieces.append(rest[shown:])
+    return f"{scheme}{separator}{''.join(pieces)}", tuple(piece for piece in hidden if piece)
+
+
+def _user_info_password(rest: str) -> tuple[int, int] | None:
+    """Where the password of the user info is in *rest* (the DSN after ``scheme://``), if it has one.
+
+    The user info ends at the last '@' of the authority (which ends at the first '/', '?' or '#'). But
+    an unencoded '/', '?' or '#' in the password ends the authority early, and then an '@' after it
+    gives that away: everything up to the last '@' of the whole string is taken as user info.
+    """
     end = next((i for i, char in enumerate(rest) if char in "/?#"), len(rest))
     at = rest.rfind("@") if "@" in rest[end:] else rest.rfind("@", 0, end)
     if at >= 0 and ":" in rest[:at]:
-        user = rest[:at].partition(":")[0]
-        rest = f"{user}:{_REDACTED}{rest[at:]}"
-    rest = re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1" + _REDACTED, rest, flags=re.IGNORECASE)
-    return f"{scheme}{separator}{rest}"
+        return rest.index(":") + 1, at
+    return None
 
 
-def _scrub_keyword_dsn(dsn: str) -> str:
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """*spans* (start, stop) sorted, with those that overlap or touch joined."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def _scrub_keyword_dsn(dsn: str, hidden: list[str]) -> str:
     # A value is a word or a quoted string (which may hold spaces), as libpq reads it.
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", r"\1" + _REDACTED, dsn, flags=re.IGNORECASE)
+    def hide(match: re.Match[str]) -> str:
+        hidden.append(match[2])
+        return match[1] + _REDACTED
+
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", hide, dsn, flags=re.IGNORECASE)
+
+
+def _shown(piece: str, hidden: tuple[str, ...]) -> str:
+    """*piece* of a DSN quoted for a message, unless it may be part of a password."""
+    if any(piece in secret or secret in piece for secret in hidden):
+        return "(not shown: it may be part of the password)"
+    return repr(piece)
+
+
+def _check_query(query: str, redacted: str) -> None:
+    """asyncpg parses the query strictly, and its error quotes the field it could not read: for a
+    password with an unencoded '&' ("password=Hunter2&SeKrEt"), the password's end. Refuse such a
+    query here, saying where without quoting it."""
+    if not query:
+        return
+    fields = query.split("&")
+    for number, field in enumerate(fields, 1):
+        name, equals, _ = field.partition("=")
+        if equals and name:
+            continue
+        where = redacted.partition("?")[0]
+        raise ConfigurationError(
+            f"invalid DSN {where + '?...'!r}: field {number} of its query string (of {len(fields)}) is not "
+            "'name=value'. A password in the DSN must have '&' percent-encoded as %26 and '#' as %23; query "
+            "fields are separated by a single '&'"
+        )
 
 
 def _os_user() -> str:

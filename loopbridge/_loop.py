@@ -39,6 +39,8 @@ __all__ = [
     "LoopThread",
     "Resource",
     "abandon",
+    "bridge_threads",
+    "closing_log_level",
     "park_at_exit",
     "stranded_log_level",
 ]
@@ -57,6 +59,15 @@ STOP_MARGIN = 5 * GRACE
 #: the level at which ending such connections is logged: a warning on close(), which cut the holder's
 #: work short; debug at interpreter exit, where the holders are daemon threads the interpreter stops.
 stranded_log_level: ContextVar[int | None] = ContextVar("loopbridge_stranded_log_level", default=None)
+
+#: Set in the shutdown task: the level at which closing a resource reports what it had to cut short
+#: (connections still in use, or not answering their close). Debug at interpreter exit, where nobody can
+#: act on it any more and the exit must stay quiet; a warning otherwise (the default).
+closing_log_level: ContextVar[int] = ContextVar("loopbridge_closing_log_level", default=logging.WARNING)
+
+
+#: The threads running a bridge loop now (their idents): what runs there is loopbridge's to report.
+bridge_threads: set[int] = set()
 
 
 class Resource(Protocol):
@@ -261,12 +272,14 @@ class LoopThread:
         self.thread_id = threading.get_ident()
         loop.set_exception_handler(_exception_handler)
         asyncio.set_event_loop(loop)
+        bridge_threads.add(self.thread_id)
         ready.set()
         try:
             loop.run_forever()
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+            bridge_threads.discard(self.thread_id)
 
     @property
     def accepting(self) -> bool:
@@ -394,6 +407,7 @@ class LoopThread:
     async def _shutdown(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        closing_log_level.set(logging.DEBUG if self.at_exit else logging.WARNING)
 
         def left() -> float:
             return max(0.0, deadline - loop.time())

@@ -103,6 +103,19 @@ class PinnedSource:
     def command_timeout(self) -> float | None:
         return self.inner.command_timeout
 
+    @property
+    def round_trip_timeout(self) -> float:
+        return self.inner.round_trip_timeout
+
+    @property
+    def transaction_timeout(self) -> float | None:
+        return self.inner.transaction_timeout
+
+    def discard(self, con: PoolConnectionProxy, why: str | None = None) -> None:
+        if con is not self.con:  # a connection of the pool (a subscription's): the pool's business
+            self.inner.discard(con, why)
+        # The pinned one belongs to the test's transaction, which its fixture ends.
+
     def keep(self, resource: Resource) -> None:
         self.inner.keep(resource)
 
@@ -192,7 +205,7 @@ class PinnedSource:
     async def open(self) -> Any:
         return await self.inner.open()
 
-    def figures(self) -> tuple[int, int, int]:
+    def figures(self) -> tuple[int, int, int, int]:
         return self.inner.figures()
 
     @property
@@ -270,7 +283,7 @@ class _PinnedHeld:
         except Exception:  # asyncpg refuses even is_closed() on a connection released meanwhile
             return True
 
-    def discard(self) -> None:
+    def discard(self, why: str | None = None) -> None:
         pass  # the test's transaction owns the session; its rollback ends whatever this left
 
     async def release(self) -> None:

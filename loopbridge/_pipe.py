@@ -96,12 +96,15 @@ class Pipe(Generic[T]):
         except janus.AsyncQueueShutDown:
             pass
 
-    def send(self, item: T, timeout: float | None) -> None:
+    def send(self, bridge: Bridge, item: T, timeout: float | None, instead: str | None = None) -> None:
         """In a sync caller's thread: queue *item*, waiting while the pipe is full.
 
         :raises PipeClosed: if the reader (a task on the bridge loop) closed the pipe.
         :raises CallTimeoutError: if there was no room within *timeout* seconds.
+        :raises DeadlockError: on *bridge*'s own thread, whose loop the reader needs; *instead* says
+            what to do there.
         """
+        bridge._refuse_blocking_call(f"{self.label}: sending", instead)
         try:
             self._queue.sync_q.put(item, timeout=timeout)
         except janus.SyncQueueShutDown:
@@ -132,12 +135,15 @@ class Pipe(Generic[T]):
         except janus.AsyncQueueShutDown:
             return self._end()
 
-    def receive(self, timeout: float | None) -> T | End:
+    def receive(self, bridge: Bridge, timeout: float | None, instead: str | None = None) -> T | End:
         """In a sync caller's thread: the next item, or END. Ctrl-C interrupts the wait.
 
         :raises CallTimeoutError: if nothing arrived within *timeout* seconds.
+        :raises DeadlockError: on *bridge*'s own thread, whose loop the writer needs (even a wait with
+            a timeout would stall every caller meanwhile); *instead* says what to do there.
         :raises: the error the writer finished with.
         """
+        bridge._refuse_blocking_call(f"{self.label}: waiting for the next item", instead)
         try:
             return self._queue.sync_q.get(timeout=timeout)
         except janus.SyncQueueShutDown:

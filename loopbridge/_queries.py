@@ -20,7 +20,9 @@ import asyncpg
 
 from ._call import invoke
 from ._dead import DEAD_CONNECTION_RETRIES
+from ._limits import check_parameters, check_rows
 from ._source import Lease
+from ._twins import checked
 from .errors import CallTimeoutError, ConnectionLostError
 
 if TYPE_CHECKING:
@@ -31,6 +33,16 @@ __all__ = ["Queries"]
 logger = logging.getLogger("loopbridge")
 
 R = TypeVar("R")
+
+
+def _values(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    # (query, *values): values too big to send are refused before they are encoded on the bridge loop.
+    if len(args) > 1:
+        check_parameters(label, args[1:])
+
+
+def _rows(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    check_rows(label, args[1] if len(args) > 1 else kwargs.get("args"))
 
 
 class Queries:
@@ -53,6 +65,7 @@ class Queries:
         """asyncpg's ``command_timeout`` for the statements, for the message when it expires."""
         raise NotImplementedError
 
+    @checked(_values)
     async def _fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:
         """Run *query* with *args* (``$1``, ``$2``, ...) and return every row as an asyncpg ``Record``.
 
@@ -60,25 +73,31 @@ class Queries:
             statement is cancelled and :class:`~loopbridge.CallTimeoutError` raised.
         :raises ConnectionLostError: if the connection died during the call.
         :raises CallTimeoutError: if *timeout*, or the ``command_timeout`` option, expired.
+        :raises asyncpg.DataError: for values PostgreSQL cannot take in one message (over 1 GB), in the
+            caller's thread, before anything is sent (see ``loopbridge._limits``).
         """
         result: list[asyncpg.Record] = await self._statement("fetch", query, args)
         return result
 
+    @checked(_values)
     async def _fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
         """Run *query* and return its first row, or None if it returned none."""
         result: asyncpg.Record | None = await self._statement("fetchrow", query, args)
         return result
 
+    @checked(_values)
     async def _fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
         """Run *query* and return the value of *column* in its first row, or None if no row."""
         return await self._statement("fetchval", query, args, column=column)
 
+    @checked(_values)
     async def _execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a command and return its status (``'INSERT 0 1'``). Without *args*, *query* may hold
         several statements separated by semicolons."""
         result: str = await self._statement("execute", query, args)
         return result
 
+    @checked(_rows)
     async def _executemany(
         self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:

@@ -134,7 +134,7 @@ class Replica:
                 con.terminate()
 
     def stats(self) -> ReplicaStats:
-        size, idle, leased = self.source.figures()
+        size, idle, leased, _ = self.source.figures()
         return ReplicaStats(
             dsn=self.info.redacted,
             state=self.state,

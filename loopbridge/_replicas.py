@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from ._dsn import DsnInfo, parse_dsn
+from ._keepalive import Keepalive
 from ._replica_health import (
     _POSITION,
     INTERVAL,
@@ -44,7 +45,7 @@ from ._replica_health import (
     watch_primary,
     watch_replica,
 )
-from ._source import Lease, PoolSource, _frozen, _shared, _shared_lock
+from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, Lease, PoolSource, _frozen, _shared, _shared_lock
 from ._written import RecordingSource, current_writes, ticket
 from .errors import ConfigurationError, DatabaseClosedError
 
@@ -124,6 +125,9 @@ def shared_replicated(
     pool_timeout: float | None,
     pool_options: dict[str, Any],
     secrets: tuple[str | None, ...],
+    round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+    transaction_timeout: float | None = None,
+    keepalive: Keepalive | None = None,
 ) -> ReplicatedSource:
     """The open :class:`ReplicatedSource` of this configuration on *bridge*, or a new one, as
     :meth:`PoolSource.shared <loopbridge._source.PoolSource.shared>` does for a Database without replicas
@@ -139,6 +143,9 @@ def shared_replicated(
         min_size,
         max_size,
         pool_timeout,
+        round_trip_timeout,
+        transaction_timeout,
+        keepalive,
         _frozen(pool_options),
     )
     with _shared_lock:
@@ -157,6 +164,9 @@ def shared_replicated(
                 pool_timeout=pool_timeout,
                 pool_options=dict(pool_options),
                 secrets=secrets,
+                round_trip_timeout=round_trip_timeout,
+                transaction_timeout=transaction_timeout,
+                keepalive=keepalive,
             )
             sources[key] = source
         source._users.add(user)
@@ -180,9 +190,12 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
         pool_timeout: float | None,
         pool_options: dict[str, Any],
         secrets: tuple[str | None, ...],
+        round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        transaction_timeout: float | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         password = pool_options.get("password")
-        everything = (*secrets, *(each.password for each in replicas))
+        everything = (*secrets, *(secret for each in replicas for secret in each.secrets))
         connect_options = {k: v for k, v in pool_options.items() if k in _CONNECT_OPTIONS and k != "connect"}
         self.replicas = [
             Replica(
@@ -195,7 +208,9 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
                     max_size=max_size,
                     pool_timeout=pool_timeout,
                     pool_options=dict(pool_options),
-                    secrets=(each.password, password if isinstance(password, str) else None),
+                    secrets=(*each.secrets, password if isinstance(password, str) else None),
+                    round_trip_timeout=round_trip_timeout,
+                    keepalive=keepalive,
                 ),
                 connect_options,
             )
@@ -209,6 +224,9 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
             pool_timeout=pool_timeout,
             pool_options=pool_options,
             secrets=everything,
+            round_trip_timeout=round_trip_timeout,
+            transaction_timeout=transaction_timeout,
+            keepalive=keepalive,
         )
         self.consistency = consistency
         self.max_lag = float(max_lag)

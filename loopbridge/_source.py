@@ -13,6 +13,19 @@ closes the pool (and what holds connections of it) on the bridge loop. Everythin
 The pytest plugin swaps a second implementation in, :class:`loopbridge._pin.PinnedSource`, which serves
 every one of them from the connection holding a test's transaction; this one has no branch for it.
 
+**Every wait on the server is bounded here.** An acquire waits at most ``pool_timeout`` (for a free
+connection, or for a new one to be made). The bounds cost the hot path nothing measurable: each wait
+only enters itself, with its deadline, in a dict, and one check every :data:`TICK` seconds (only while
+something waits) enforces them all (see :meth:`PoolSource._check_deadlines`), where a timer per wait
+cost about 10 µs of CPU per call. A release waits at most ``round_trip_timeout`` for what asyncpg
+does then, a cancellation still on its way to the server and the reset query: a connection that does not
+answer in time (a half-open one: a NAT, firewall or load balancer that forgot it, a partition) is
+terminated and its slot freed at once (:meth:`PoolSource.discard`, counted in ``stats().discarded``); the
+pool opens a new one when it is needed. The first such connection of an episode replaces the pool's idle
+connections too: whatever silenced one (a NAT, a load balancer, a partition) silenced them all. A slot
+counts as in use until its connection is back in the pool or terminated, never as neither. New sockets
+get TCP keepalive (``loopbridge._keepalive``).
+
 Everything here runs on the bridge loop, except what says otherwise (``closed``, :meth:`stats` and the
 repr, read from callers' threads).
 """
@@ -34,15 +47,35 @@ from asyncpg.pool import PoolConnectionProxy
 from . import _asyncpg
 from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_connection
 from ._dsn import DsnInfo, redact
-from ._loop import ClosedWhenUnreachable, Resource, stranded_log_level
+from ._keepalive import Keepalive
+from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, stranded_log_level
+from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
 
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["ClosedSource", "Held", "Lease", "PoolSource", "Source", "connect_failure"]
+__all__ = [
+    "DEFAULT_ROUND_TRIP_TIMEOUT",
+    "ClosedSource",
+    "Held",
+    "Lease",
+    "PoolSource",
+    "Source",
+    "connect_failure",
+]
 
 logger = logging.getLogger("loopbridge")
+
+#: Seconds loopbridge waits for the server to answer a round trip of its own (the reset on release,
+#: BEGIN, COMMIT, ROLLBACK, LISTEN, a heartbeat) before it takes the connection for dead.
+DEFAULT_ROUND_TRIP_TIMEOUT = 5.0
+#: Seconds between two checks of the deadlines of the acquires and releases in flight: how late, at
+#: most, a bound is enforced.
+TICK = 0.1
+#: asyncpg's own reconnection to ``min_size`` (no caller waits for it) gets this many round trips'
+#: worth of ``round_trip_timeout`` per connection attempt.
+BACKGROUND_CONNECT_ROUND_TRIPS = 2
 
 
 class Lease(Protocol):
@@ -76,8 +109,9 @@ class Held(Protocol):
     def gone(self) -> bool:
         """True once the connection is closed, or no longer ours."""
 
-    def discard(self) -> None:
-        """The session's state is unknown (a BEGIN or ROLLBACK interrupted): never pool it again."""
+    def discard(self, why: str | None = None) -> None:
+        """The session's state is unknown (a BEGIN or ROLLBACK interrupted), or (*why*) the server did
+        not answer that in time: never pool it again."""
 
     async def release(self) -> None:
         """Give the connection back."""
@@ -95,6 +129,15 @@ class Source(Protocol):
     @property
     def command_timeout(self) -> float | None: ...
 
+    @property
+    def round_trip_timeout(self) -> float:
+        """Seconds a round trip of loopbridge's own may go unanswered before the connection is taken for
+        dead (see the module docstring)."""
+
+    @property
+    def transaction_timeout(self) -> float | None:
+        """The default ``timeout=`` of a transaction block (None: unbounded)."""
+
     def lease(self) -> Lease: ...
 
     async def hold(self) -> Held: ...
@@ -106,6 +149,10 @@ class Source(Protocol):
         then (a subscription)."""
 
     def forget(self, resource: Resource) -> None: ...
+
+    def discard(self, con: PoolConnectionProxy, why: str | None = None) -> None:
+        """Terminate *con* rather than pool it again (the server rolls back what it was in); *why*: it
+        did not answer that in time (logged). Its slot is free at once."""
 
     def redact(self, text: str) -> str:
         """*text* with every secret of the source's DSN and options replaced by ``***``."""
@@ -132,27 +179,44 @@ class PoolSource(ClosedWhenUnreachable):
         pool_timeout: float | None,
         pool_options: dict[str, Any],
         secrets: tuple[str | None, ...],
+        round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        transaction_timeout: float | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.info = info
         self._bridge = bridge
         self.min_size = min_size
         self.max_size = max_size
         self.pool_timeout = pool_timeout
+        self._round_trip_timeout = round_trip_timeout
+        self._transaction_timeout = transaction_timeout
+        self._keepalive = keepalive
         self._user_connect: Callable[..., Awaitable[asyncpg.Connection]] = pool_options.pop(
             "connect", asyncpg.connect
         )
+        if keepalive is not None and self._user_connect is not asyncpg.connect:
+            keepalive = keepalive.client_only()  # a connect of the caller's may not take settings
         self._pool_options = pool_options
         self._secrets = secrets
         # Read from callers' threads (closed, stats(), repr): each a single attribute, written only on
         # the bridge loop, except closed, which close() sets first in the caller's thread.
         self.closed_flag = False
         self.pool: asyncpg.Pool | None = None
-        self.leased = 0  # connections held or being acquired
+        self.leased = 0  # connections held, being acquired, or being given back (reset)
+        self.discarded = 0  # connections terminated rather than pooled again (see discard)
         # Bridge-loop state.
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
-        self._releasing: set[asyncio.Task[None]] = set()  # connections being reset after their call
+        self._releasing: dict[asyncio.Task[None], PoolConnectionProxy] = {}  # releases under way
         self._kept: set[Resource] = set()  # they hold a connection until closed: closed first
         self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
+        self._silent = False  # a connection went unanswered since a connection was last made
+        # The bounded waits in flight, with the loop time each must end by (see _check_deadlines); and
+        # those the check ended, for the wait itself to tell its caller why.
+        self._acquiring: dict[asyncio.Task[Any], float] = {}
+        self._giving_back: dict[PoolConnectionProxy, float] = {}
+        self._overdue: set[object] = set()
+        self._checking: asyncio.TimerHandle | None = None
+        self._floor_failing = False  # asyncpg's background reconnection to min_size is failing
 
         self._users: weakref.WeakSet[object] = weakref.WeakSet()  # the facades using it, not closed
 
@@ -168,6 +232,9 @@ class PoolSource(ClosedWhenUnreachable):
         pool_timeout: float | None,
         pool_options: dict[str, Any],
         secrets: tuple[str | None, ...],
+        round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        transaction_timeout: float | None = None,
+        keepalive: Keepalive | None = None,
     ) -> PoolSource:
         """The open source of this configuration on *bridge*, or a new one; *user* (a facade) uses it
         until :meth:`let_go`.
@@ -177,7 +244,16 @@ class PoolSource(ClosedWhenUnreachable):
         pools, nor does code that makes a Database per request by mistake. Options are compared by
         value; functions and other unhashable values (``init=``, an ``ssl`` context) by identity.
         """
-        key = (info.dsn, min_size, max_size, pool_timeout, _frozen(pool_options))
+        key = (
+            info.dsn,
+            min_size,
+            max_size,
+            pool_timeout,
+            round_trip_timeout,
+            transaction_timeout,
+            keepalive,
+            _frozen(pool_options),
+        )
         with _shared_lock:
             sources = _shared.setdefault(bridge, weakref.WeakValueDictionary())
             source = sources.get(key)
@@ -190,6 +266,9 @@ class PoolSource(ClosedWhenUnreachable):
                     pool_timeout=pool_timeout,
                     pool_options=dict(pool_options),
                     secrets=secrets,
+                    round_trip_timeout=round_trip_timeout,
+                    transaction_timeout=transaction_timeout,
+                    keepalive=keepalive,
                 )
             source._users.add(user)
         return source
@@ -215,6 +294,14 @@ class PoolSource(ClosedWhenUnreachable):
         timeout: float | None = self._pool_options.get("command_timeout")
         return timeout
 
+    @property
+    def round_trip_timeout(self) -> float:
+        return self._round_trip_timeout
+
+    @property
+    def transaction_timeout(self) -> float | None:
+        return self._transaction_timeout
+
     def lease(self) -> _PoolLease:
         return _PoolLease(self)
 
@@ -229,6 +316,33 @@ class PoolSource(ClosedWhenUnreachable):
 
     def forget(self, resource: Resource) -> None:
         self._kept.discard(resource)
+
+    def discard(self, con: PoolConnectionProxy, why: str | None = None) -> None:
+        self.discarded += 1
+        discard(con)
+        if why is None:
+            return
+        if self._silent:  # the episode was said, and its idle connections replaced, already
+            logger.debug("%r: the server did not answer %s either; terminated", self, why)
+            return
+        # The first silent connection of an episode (until a connection is made again). A NAT, firewall
+        # or load balancer that forgets its flows, or a partition, silences every connection at once,
+        # the idle ones too, which cannot tell until a call uses them (and waits for its timeout, or
+        # for ever without one): replace them now. Cheap when the network is fine: they reconnect.
+        self._silent = True
+        idle = _asyncpg.idle_connections(self.pool) if self.pool is not None else []
+        for connection in idle:
+            connection.terminate()
+        self.discarded += len(idle)
+        logger.warning(
+            "%r: the server did not answer %s within round_trip_timeout=%g s: the connection was terminated "
+            "and its slot freed%s. A network that drops traffic, or a stuck server? (Said once, until a "
+            "connection is made again.)",
+            self,
+            why,
+            self._round_trip_timeout,
+            f", and the {len(idle)} idle one(s) replaced too" if idle else "",
+        )
 
     def redact(self, text: str) -> str:
         return redact(text, *self._secrets)
@@ -262,7 +376,12 @@ class PoolSource(ClosedWhenUnreachable):
             opening = self._opening = asyncio.get_running_loop().create_task(self._create_pool())
             opening.add_done_callback(_retrieve)
             self._bridge._register(self)
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if opening.cancelled() and self.closed_flag:  # the Database closed while it opened
+                raise DatabaseClosedError(f"{self!r} was closed while its pool was being opened") from None
+            raise
 
     async def _create_pool(self) -> asyncpg.Pool:
         try:
@@ -276,11 +395,12 @@ class PoolSource(ClosedWhenUnreachable):
                 **self._pool_options,
             )
             _asyncpg.check(pool)
+            _asyncpg.quiet_floor_warnings()
         except BaseException:
             self._opening = None  # the next call tries again: a failed open is never cached
             raise
         if self.closed_flag:  # closed while opening
-            await pool.close()
+            await _close_pool(pool, self._round_trip_timeout)
             raise DatabaseClosedError(f"{self!r} was closed while its pool was being opened")
         self.pool = pool
         logger.debug("%r: pool open", self)
@@ -295,27 +415,88 @@ class PoolSource(ClosedWhenUnreachable):
         leaves the attempt to finish on its own, and a connection it still makes is closed at once.
         """
         attempt = asyncio.ensure_future(self._connect_now(*args, **kwargs))
+        # No caller waits for asyncpg's own reconnection to min_size, so no pool_timeout bounds it; it
+        # holds a slot while it connects, and into a silent network it would hold it for asyncpg's
+        # whole connect timeout (60 s), well after the network is back. Two round trips' worth.
+        background = self.pool is not None and _asyncpg.restoring_floor(self.pool)
+        bound = BACKGROUND_CONNECT_ROUND_TRIPS * self._round_trip_timeout if background else None
         try:
-            return await asyncio.shield(attempt)
+            async with within(bound) as limit:
+                connection = await asyncio.shield(attempt)
         except asyncio.CancelledError:
-            orphan = asyncio.ensure_future(_close_when_made(attempt))
-            self._orphans.add(orphan)
-            orphan.add_done_callback(self._orphans.discard)
+            self._orphan(attempt)
             raise
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            if not limit.expired():
+                raise
+            self._orphan(attempt)
+            error = ConnectError(connect_failure(self.info, exc, *self._secrets))
+            self._floor_failed(error)
+            raise error from None
+        except ConnectError as exc:
+            if background:
+                self._floor_failed(exc)
+            raise
+        self._silent = False
+        if self._floor_failing:
+            self._floor_failing = False
+            logger.info("%r: connecting works again", self)
+        return connection
+
+    def _orphan(self, attempt: asyncio.Future[asyncpg.Connection]) -> None:
+        """Leave a connection attempt nobody waits for any more to finish on its own, and close what it
+        makes (see :meth:`_connect`)."""
+        orphan = asyncio.ensure_future(_close_when_made(attempt))
+        self._orphans.add(orphan)
+        orphan.add_done_callback(self._orphans.discard)
+
+    def _floor_failed(self, exc: ConnectError) -> None:
+        """asyncpg could not reconnect to keep ``min_size`` connections open, in the background (no call
+        waits for it). It logs that with a traceback at every retry; this says it once per episode, in
+        a line, and ``loopbridge._asyncpg`` keeps asyncpg's own quiet."""
+        level = logging.DEBUG if self._floor_failing else logging.WARNING
+        self._floor_failing = True
+        logger.log(
+            level,
+            "%r: could not reopen min_size=%d connections in the background: %s. asyncpg retries with a "
+            "growing delay; calls meanwhile connect on their own (said once, until connecting works again)",
+            self,
+            self.min_size,
+            exc,
+        )
 
     async def _connect_now(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
-        """asyncpg's connect, with failures made to say where and who."""
+        """asyncpg's connect, with failures made to say where and who, and TCP keepalive on both sides
+        of the new connection (see ``loopbridge._keepalive``)."""
+        keepalive = self._keepalive
+        attempt = kwargs
+        if keepalive is not None and keepalive.on_server:  # the caller's own settings win
+            attempt = {
+                **kwargs,
+                "server_settings": {**keepalive.server_settings(), **(kwargs.get("server_settings") or {})},
+            }
         try:
-            return await self._user_connect(*args, **kwargs)
+            connection = await self._user_connect(*args, **attempt)
         except Exception as exc:
+            if keepalive is not None and keepalive.refused(exc):
+                self._keepalive = keepalive.client_only()
+                logger.info(
+                    "%r: the server (a pooler?) refuses keepalive settings at login; connecting without "
+                    "them (the server's own keepalive settings apply)",
+                    self,
+                )
+                return await self._connect_now(*args, **kwargs)
             raise ConnectError(connect_failure(self.info, exc, *self._secrets)) from exc
+        if keepalive is not None:
+            keepalive.apply(_asyncpg.socket_of(connection))
+        return connection
 
     # -- connections --------------------------------------------------------------------------------
 
     async def acquire(self) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
         """A connection of the pool, and the pool to give it back to.
 
-        :raises PoolTimeoutError: if none became free within ``pool_timeout``.
+        :raises PoolTimeoutError: if none became free, or could be made, within ``pool_timeout``.
         :raises ConnectionLostError: if connections kept dying as they were handed out.
         """
         pool = self.pool or await self.open()
@@ -324,10 +505,7 @@ class PoolSource(ClosedWhenUnreachable):
         for retry in range(DEAD_CONNECTION_RETRIES + 1):
             self.leased += 1
             try:
-                if self.leased <= self.max_size:  # a connection is free or can be opened: no waiting
-                    con: PoolConnectionProxy = await pool.acquire()
-                else:
-                    con = await self._acquire_waiting(pool)
+                con = await self._acquire_within(pool)
             except BaseException as exc:
                 self.leased -= 1
                 # A connection that died before it was handed out (its backend terminated as it was
@@ -342,30 +520,98 @@ class PoolSource(ClosedWhenUnreachable):
             return pool, con
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _acquire_waiting(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
+    async def _acquire_within(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
+        """``pool.acquire()`` within ``pool_timeout``, whatever it waits for: a connection to become
+        free, or a new one to be made (and the pool's ``setup``). Bounded by :meth:`_check_deadlines`,
+        which cancels the acquire when it is overdue, rather than with asyncpg's own ``timeout=`` (a
+        task of its own, Python < 3.12) or a timer of its own (see the module docstring)."""
+        if self.pool_timeout is None:
+            con: PoolConnectionProxy = await pool.acquire()
+            return con
+        task = asyncio.current_task()
+        assert task is not None
+        self._acquiring[task] = asyncio.get_running_loop().time() + self.pool_timeout
+        if self._checking is None:
+            self._check_soon()
         try:
-            con: PoolConnectionProxy = await pool.acquire(timeout=self.pool_timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            waiting = self.leased - self.max_size
+            return await pool.acquire()
+        except asyncio.CancelledError:
+            if task not in self._overdue or not _only_ours(task):
+                raise
+        finally:
+            del self._acquiring[task]
+            if self._overdue:
+                self._overdue.discard(task)
+        waiting = self.leased - self.max_size
+        if waiting > 0:
             raise PoolTimeoutError(
                 f"no connection became free within pool_timeout={self.pool_timeout:g} s: all "
                 f"{self.max_size} connections of {self!r} were in use and {waiting} caller(s) waiting. "
                 "Raise max_size, keep transactions short, or raise pool_timeout"
-            ) from None
-        return con
+            )
+        raise PoolTimeoutError(
+            f"no connection to {self.info.describe()} could be made within pool_timeout="
+            f"{self.pool_timeout:g} s: the server did not answer in time. Check the network between here "
+            "and the server (or raise pool_timeout)"
+        )
 
-    async def release(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> None:
-        """Give *con* back to *pool* (asyncpg resets it first)."""
-        self.leased -= 1
-        # asyncpg shields the release, so cancellation cannot leak the connection; but a release it had
-        # to finish alone, once its caller was cancelled, fails unseen ("Task exception was never
-        # retrieved") if the connection died meanwhile. Hold the release ourselves and retrieve that.
-        release = asyncio.ensure_future(pool.release(con))
+    async def release(self, pool: asyncpg.Pool, con: PoolConnectionProxy, bound: float | None = None) -> None:
+        """Give *con* back to *pool* and wait until it is back (see :meth:`_start_release`). Never
+        raises: a failed reset is logged (asyncpg has terminated that connection, and the pool replaces
+        it). The release runs to its end even if the caller is cancelled meanwhile (it stops waiting)."""
+        release = self._start_release(pool, con, bound)
         try:
             await asyncio.shield(release)
         except asyncio.CancelledError:
-            release.add_done_callback(_retrieve)
             raise
+        except Exception:  # said by _released, which also retrieved it
+            pass
+
+    def _start_release(
+        self, pool: asyncpg.Pool, con: PoolConnectionProxy, bound: float | None
+    ) -> asyncio.Task[None]:
+        """The one place a connection goes back to its pool: asyncpg's release (it waits for a
+        cancellation still on its way to the server, then resets the connection), as a task of its own
+        with a deadline, *bound* seconds away (default ``round_trip_timeout``).
+
+        A task of its own: asyncpg shields its release, so cancellation cannot leak the connection, but
+        an error it met alone, once its caller was cancelled, would be reported as never retrieved:
+        :func:`_released` retrieves it, and frees the slot. Bounded by terminating the connection when
+        it is overdue (:meth:`_check_deadlines`), never by cancelling asyncpg's release, for the same
+        reason: terminated, the connection fails whatever asyncpg waits for at once, and the slot is
+        free.
+        """
+        loop = asyncio.get_running_loop()
+        self._giving_back[con] = loop.time() + (self._round_trip_timeout if bound is None else bound)
+        if self._checking is None:
+            self._check_soon()
+        task = loop.create_task(pool.release(con))
+        self._releasing[task] = con
+        # Through a weak reference: the task is reachable from the loop, and a source nobody holds
+        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
+        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
+        return task
+
+    def _check_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._checking = loop.call_at(loop.time() + TICK, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """End the acquires and releases in flight that are past their deadline: an acquire is
+        cancelled (it raises :class:`PoolTimeoutError`), a release's connection terminated (its slot is
+        free). Runs every :data:`TICK` seconds while any is in flight, on the bridge loop."""
+        self._checking = None
+        now = asyncio.get_running_loop().time()
+        for task, deadline in list(self._acquiring.items()):
+            if deadline <= now and task not in self._overdue:
+                self._overdue.add(task)
+                task.cancel()
+        for con, deadline in list(self._giving_back.items()):
+            if deadline <= now and con not in self._overdue:
+                self._overdue.add(con)
+                self.discard(con, "the reset of a connection given back to the pool")
+        if self._acquiring or self._giving_back:
+            self._check_soon()
 
     def release_in_background(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> bool:
         """Give *con* back without making the caller wait for it, if another connection is idle; False
@@ -383,26 +629,30 @@ class PoolSource(ClosedWhenUnreachable):
         """
         if pool.get_idle_size() == 0:
             return False
-        self.leased -= 1
-        task = asyncio.get_running_loop().create_task(pool.release(con))
-        self._releasing.add(task)
-        # Through a weak reference: the task is reachable from the loop, and a source nobody holds
-        # any more must not stay alive until its last reset is done (see loopbridge._loop.Resources).
-        task.add_done_callback(functools.partial(_released, weakref.ref(self)))
+        self._start_release(pool, con, None)
         return True
 
     def _released(self, task: asyncio.Task[None]) -> None:
-        self._releasing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # As in _PoolLease.__aexit__: asyncpg has terminated the connection and the pool opens a new
-            # one.
+        """A release is over: the connection is back in the pool, or terminated; either way its slot is
+        free."""
+        con = self._releasing.pop(task)
+        del self._giving_back[con]
+        self.leased -= 1
+        overdue = bool(self._overdue) and con in self._overdue
+        if overdue:
+            self._overdue.discard(con)
+        if not task.cancelled() and task.exception() is not None and not overdue:
+            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
+            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
+            # nothing leaks and the pool opens a new one. The call's own outcome stands. (An overdue
+            # one failed because it was terminated under it: said when it was.)
             logger.debug(
                 "%r: a connection failed its reset on release and was closed: %r", self, task.exception()
             )
 
     @property
     def releasing(self) -> int:
-        """Connections being reset in the background after their call."""
+        """Connections being given back (reset), in the background after their call or not."""
         return len(self._releasing)
 
     # -- closing ------------------------------------------------------------------------------------
@@ -417,20 +667,28 @@ class PoolSource(ClosedWhenUnreachable):
 
     async def _aclose_on_bridge(self, timeout: float) -> None:
         """Close the pool: what holds a connection until it is closed goes first, calls in flight may
-        finish within *timeout* seconds, then their connections are terminated."""
+        finish within *timeout* seconds, then their connections are terminated. The whole close takes
+        *timeout* seconds at most, and a little more (GRACE) only to unwind what it cancelled, whatever
+        the server does: silent, half-open, refusing, or still answering the pool's opening."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         self.closed_flag = True
         pool, opening = self.pool, self._opening
         self.pool = self._opening = None
         self._bridge._unregister(self)
+        # The deadlines go on being checked while the close waits for calls in flight; they stop with
+        # the last wait (_check_deadlines re-arms only while one is in flight).
         for resource in list(self._kept):  # subscriptions never end on their own
-            await resource._aclose_on_bridge(timeout)
-        if self._orphans:  # connection attempts still finishing, to be closed as soon as they are made
-            await asyncio.wait(set(self._orphans), timeout=timeout)
+            await resource._aclose_on_bridge(left())
         if pool is None and opening is not None:  # closed while the pool was being created
-            try:
-                pool = await asyncio.shield(opening)
-            except Exception:  # it failed to open: nothing to close
-                return
+            pool = await _stop_opening(opening, left())
+        # Connection attempts still finishing, closed as soon as they are made: waited for a moment, then
+        # cancelled (a silent server would keep them for asyncpg's whole connect timeout).
+        await _end_tasks(self._orphans, min(left(), GRACE))
         if pool is None:
             return
         closing = asyncio.ensure_future(pool.close())
@@ -439,11 +697,21 @@ class PoolSource(ClosedWhenUnreachable):
             # Once close() has begun, a connection ended below is not replaced to keep min_size: a
             # replacement still connecting when the loop stops would be left unclosed.
             await asyncio.sleep(0)
-            await self._end_stranded_connections(pool, level, timeout)
+            await self._end_stranded_connections(pool, level, left())
         try:
-            await asyncio.wait_for(closing, timeout)
+            await asyncio.wait_for(closing, left())
         except (asyncio.TimeoutError, TimeoutError):
-            logger.warning("%r: connections still in use after %g s; terminating them", self, timeout)
+            # Calls still holding connections, or connections that do not answer their Terminate (a
+            # graceful close waits for the server to hang up: a silent one never does). At interpreter
+            # exit nobody can act on it any more: said at debug level, as for stranded connections.
+            what = "still in use" if _asyncpg.held_connections(pool) else "not answering their close"
+            logger.log(
+                closing_log_level.get(),
+                "%r: connections %s after %g s; terminating them",
+                self,
+                what,
+                timeout,
+            )
             pool.terminate()
 
     async def _end_stranded_connections(self, pool: asyncpg.Pool, level: int, timeout: float) -> None:
@@ -479,20 +747,23 @@ class PoolSource(ClosedWhenUnreachable):
         dropped.extend(self._releasing)
         for resource in self._kept:
             dropped.extend(resource._forget_after_fork())
+        if self._checking is not None:
+            dropped.append(self._checking)
         self.pool = self._opening = None
-        self._releasing = set()
+        self._releasing = {}
         self._kept = set()
+        self._acquiring, self._giving_back, self._overdue, self._checking = {}, {}, set(), None
         self.leased = 0
         return dropped
 
     # -- figures ------------------------------------------------------------------------------------
 
-    def figures(self) -> tuple[int, int, int]:
-        """``(size, idle, leased)`` now, from any thread."""
+    def figures(self) -> tuple[int, int, int, int]:
+        """``(size, idle, leased, discarded)`` now, from any thread."""
         pool = self.pool
         if pool is None:
-            return 0, 0, self.leased
-        return pool.get_size(), pool.get_idle_size(), self.leased
+            return 0, 0, self.leased, self.discarded
+        return pool.get_size(), pool.get_idle_size(), self.leased, self.discarded
 
 
 class ClosedSource:
@@ -544,8 +815,19 @@ class ClosedSource:
     def lost_message(self, exc: BaseException) -> str:
         return self.was.lost_message(exc)
 
-    def figures(self) -> tuple[int, int, int]:
-        return 0, 0, 0
+    def figures(self) -> tuple[int, int, int, int]:
+        return 0, 0, 0, 0
+
+    @property
+    def round_trip_timeout(self) -> float:
+        return self.was.round_trip_timeout
+
+    @property
+    def transaction_timeout(self) -> float | None:
+        return self.was.transaction_timeout
+
+    def discard(self, con: PoolConnectionProxy, why: str | None = None) -> None:
+        self.was.discard(con, why)
 
     def mark_closed(self) -> bool:
         return False
@@ -595,21 +877,16 @@ class _PoolLease:
                     "db.transaction()) so that it ends with the call",
                     source,
                 )
-            discard(con)
+            source.discard(con)
         # After an error the connection may be mid-cancellation or broken: hand it back before the
         # caller hears of it.
         if exc is None and source.release_in_background(self._pool, con):
             return
-        try:
-            await source.release(self._pool, con)
-        except Exception as error:
-            # The connection could not be reset for the next caller (it died, or asyncpg's protocol was
-            # still unwinding a server error): asyncpg has terminated it and returned its slot, so
-            # nothing leaks and the pool opens a new one. The call's own outcome stands, whether a
-            # result already received (a committed write must not be reported as failed) or the error
-            # that ended the call, which says more than the failed reset (found by the stress suite:
-            # "InternalClientError: cannot switch to state 15" replacing a timeout).
-            logger.debug("%r: a connection failed its reset on release and was closed: %r", source, error)
+        # A failed reset never replaces the call's own outcome, whether a result already received (a
+        # committed write must not be reported as failed) or the error that ended the call, which says
+        # more than the failed reset (found by the stress suite: "InternalClientError: cannot switch to
+        # state 15" replacing a timeout). release() logs it and does not raise.
+        await source.release(self._pool, con)
         if lost:
             assert exc is not None
             self.unsent = sent is not None and sent == self._sent
@@ -639,8 +916,8 @@ class _PoolHeld:
         except asyncpg.InterfaceError:  # asyncpg hands a connection that closed back to its pool at once
             return True
 
-    def discard(self) -> None:
-        discard(self.con)
+    def discard(self, why: str | None = None) -> None:
+        self._source.discard(self.con, why)
 
     async def release(self) -> None:
         await self._source.release(self._pool, self.con)
@@ -744,6 +1021,47 @@ async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:
         await connection.close(timeout=5)
     except BaseException:  # closing failed or was cancelled: close() has aborted the connection
         connection.terminate()
+
+
+def _only_ours(task: asyncio.Task[Any]) -> bool:
+    """Whether *task*'s cancellation was ours alone, and consume it (Python 3.11+ can tell: another
+    cancellation at the same moment, the caller's, is then left to propagate)."""
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel is None or uncancel() == 0
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+    """Close *pool* gracefully within *timeout* seconds, else terminate it: a graceful close waits for
+    the server to hang up, which a silent one never does."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        pool.terminate()
+
+
+async def _stop_opening(opening: asyncio.Task[asyncpg.Pool], timeout: float) -> asyncpg.Pool | None:
+    """The pool an opening made within *timeout* seconds, or None: after that the opening is cancelled
+    (asyncpg then terminates what it connected). Waited for, so that nothing of it is left to run, or
+    to be destroyed pending, on a loop that stops."""
+    await asyncio.wait((opening,), timeout=timeout)
+    if not opening.done():
+        opening.cancel()
+        await asyncio.wait((opening,), timeout=GRACE)
+    if not opening.done() or opening.cancelled() or opening.exception() is not None:
+        return None  # it failed to open, or was closed while opening: nothing to close
+    return opening.result()
+
+
+async def _end_tasks(tasks: set[asyncio.Task[None]], timeout: float) -> None:
+    """Wait up to *timeout* seconds for *tasks*, then cancel what is left and let it unwind."""
+    if not tasks:
+        return
+    await asyncio.wait(set(tasks), timeout=timeout)
+    left = [task for task in tasks if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=GRACE)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

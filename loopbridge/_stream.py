@@ -39,6 +39,7 @@ from asyncpg.cursor import Cursor
 
 from ._asyncpg import close_portal
 from ._call import ToCompletion
+from ._limits import call_timeout
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
 from ._twins import NotAwaitable, twin_contexts
@@ -48,6 +49,7 @@ from .errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseClosedError,
+    DeadlockError,
     TransactionClosedError,
 )
 
@@ -212,6 +214,8 @@ class Producer(Generic[T]):
 
 _HandleState = Literal["new", "open", "done", "closed"]
 
+_STREAM_INSTEAD = "iterate the stream with 'async for' (or close it and use 'await db.afetch(...)')"
+
 
 class Stream(NotAwaitable, Generic[T]):
     """The caller's side of a stream: iterate it once, with ``for`` or ``async for``; it is also a
@@ -222,7 +226,7 @@ class Stream(NotAwaitable, Generic[T]):
 
     def __init__(self, batches: Batches[T], bridge: Bridge, label: str, timeout: float | None) -> None:
         self._core: Producer[T] = Producer(batches, bridge, label)
-        self._timeout = timeout
+        self._timeout = None if timeout is None else call_timeout(timeout, label)
         self._batch: list[T] = []
         self._index = 0
         self._state: _HandleState = "new"
@@ -254,7 +258,9 @@ class Stream(NotAwaitable, Generic[T]):
                 self._after_close()
             raise StopIteration
         try:
-            batch = self._core.pipe.receive(self._timeout)
+            batch = self._core.pipe.receive(self.bridge, self._timeout, _STREAM_INSTEAD)
+        except DeadlockError:  # refused before waiting: the stream is as it was
+            raise
         except Exception as exc:  # from the server, or a timeout: the stream is over, and closed on return
             if isinstance(exc, CallTimeoutError):  # the wait for rows was cut short
                 self._core.interrupted = True

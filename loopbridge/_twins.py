@@ -39,7 +39,7 @@ from .errors import BridgeClosedError
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["Bridged", "NotAwaitable", "OpenClose", "twin_contexts", "twins"]
+__all__ = ["ArgumentCheck", "Bridged", "NotAwaitable", "OpenClose", "checked", "twin_contexts", "twins"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -96,9 +96,12 @@ def twins(
     async_label = f"{async_owner}.{async_name}()"
     short = _SHORT_NAMES.get(async_owner, async_owner.lower())
     async_hint = f"await {short}.{async_name}(...)"
+    check: ArgumentCheck | None = getattr(impl, _CHECK, None)
 
     def sync(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]
+        if check is not None:
+            check(sync_label, args, kwargs)
         bridge = self.bridge
         if _get_running_loop() is None:  # a plain sync caller: nothing more to check
             result: R = bridge._run(impl, (self, *args), kwargs, timeout, sync_label)
@@ -114,6 +117,8 @@ def twins(
 
     async def async_(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         timeout: float | None = kwargs.pop("timeout", None)  # type: ignore[assignment]
+        if check is not None:
+            check(async_label, args, kwargs)
         result: R = await self.bridge._arun(impl, (self, *args), kwargs, timeout, async_label)
         return result
 
@@ -130,6 +135,25 @@ def twins(
         twin.__doc__ = doc + note
         twin.__dict__.update(__wrapped__=impl, __signature__=signature)
     return sync, async_
+
+
+#: ``check(label, args, kwargs)``: refuses a call's arguments in the caller's thread (see :func:`checked`).
+ArgumentCheck = Callable[[str, tuple[Any, ...], dict[str, Any]], None]
+_CHECK = "_loopbridge_check"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def checked(check: ArgumentCheck) -> Callable[[F], F]:
+    """Mark an implementation so that both of its twins run ``check(label, args, kwargs)`` in the
+    caller's thread before crossing: what it refuses never reaches the bridge loop (the bridge loop
+    must not spend seconds on arguments only to fail)."""
+
+    def mark(impl: F) -> F:
+        setattr(impl, _CHECK, check)
+        return impl
+
+    return mark
 
 
 E = TypeVar("E")

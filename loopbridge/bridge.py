@@ -34,6 +34,7 @@ from ._call import (
     describe,
     invoke,
 )
+from ._limits import call_timeout, seconds
 from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
@@ -90,14 +91,13 @@ class Bridge:
     ) -> None:
         if loop_factory is not None and uvloop:
             raise ConfigurationError("pass either loop_factory or uvloop=True, not both")
-        _check_seconds("close_timeout", close_timeout, allow_none=False)
-        _check_seconds("block_threshold", block_threshold, allow_none=True)
-        _check_seconds("warn_blocking", warn_blocking, allow_none=True)
+        close_seconds = seconds("close_timeout", close_timeout, allow_none=False)
+        assert close_seconds is not None
         self._name = name
-        self.warn_blocking = warn_blocking
+        self.warn_blocking = seconds("warn_blocking", warn_blocking)
         self._loop_factory = loop_factory or _loop_factory_for(uvloop)
-        self._close_timeout = close_timeout
-        self._block_threshold = block_threshold
+        self._close_timeout = close_seconds
+        self._block_threshold = seconds("block_threshold", block_threshold)
         self._state: _State = "created"
         # The loop thread while running or closing; None before the first start, and once closed.
         self._live: LoopThread | None = None
@@ -230,23 +230,24 @@ class Bridge:
 
         :raises BridgeClosedError: if the bridge is closed.
         """
-        label, generation = self._prepare(fn, args, timeout, None, "Bridge.submit")
+        label, generation, timeout = self._prepare(fn, args, timeout, None, "Bridge.submit")
         call: FutureCall[Any] = FutureCall(fn, args if callable(fn) else None, None, timeout, label)
         generation.submit(call)
         return call.future
 
     def _prepare(
         self, fn: Any, args: tuple[Any, ...], timeout: float | None, label: str | None, default: str
-    ) -> tuple[str, LoopThread]:
-        """Check a call in the caller's thread (nothing is queued if it cannot work); the live loop."""
+    ) -> tuple[str, LoopThread, float | None]:
+        """Check a call in the caller's thread (nothing is queued if it cannot work): its label, the live
+        loop, and its timeout (None for none: ``inf`` is none too)."""
         label = _label(fn, label, default)
         _check_fn(fn, args, label)
         if timeout is not None:
-            _check_timeout(timeout, label)
+            timeout = call_timeout(timeout, label)
         generation = self._generation()
         if not callable(fn):
             _check_loop(fn, generation.loop, label)
-        return label, generation
+        return label, generation, timeout
 
     # The internal entry points below take keyword arguments for fn and a label for messages; the
     # Database facade and friends use them. They are the only two ways into the loop thread.
@@ -259,7 +260,7 @@ class Bridge:
         timeout: float | None,
         label: str | None,
     ) -> Any:
-        label, generation = self._prepare(fn, args, timeout, label, "Bridge.run")
+        label, generation, timeout = self._prepare(fn, args, timeout, label, "Bridge.run")
         if generation.thread_id == threading.get_ident():
             _close_if_coroutine(fn)
             raise DeadlockError(_deadlock_message(label, self._name))
@@ -288,7 +289,7 @@ class Bridge:
         timeout: float | None,
         label: str | None,
     ) -> Any:
-        label, generation = self._prepare(fn, args, timeout, label, "Bridge.arun")
+        label, generation, timeout = self._prepare(fn, args, timeout, label, "Bridge.arun")
         caller_loop = asyncio.get_running_loop()
         if caller_loop is generation.loop:
             return await _run_here(fn, args if callable(fn) else None, kwargs, timeout, label)
@@ -359,11 +360,13 @@ class Bridge:
             "loopbridge.default_bridge(), which replaces a closed default bridge"
         )
 
-    def _refuse_blocking_call(self, label: str) -> None:
+    def _refuse_blocking_call(self, label: str, instead: str | None = None) -> None:
         """Raise :class:`DeadlockError` if called on the bridge thread, where *label* (a blocking call)
-        would wait forever; for callers that must check before they change any state."""
+        would wait forever; for callers that must check before they change any state, and for waits
+        that do not cross (a stream's next batch, a subscription's next item). *instead*: what to do
+        there (default: await the async twin)."""
         if self.in_bridge_thread():
-            raise DeadlockError(_deadlock_message(label, self._name))
+            raise DeadlockError(_deadlock_message(label, self._name, instead))
 
     def _register(self, resource: Resource) -> None:
         """Close *resource* on the bridge loop when the bridge closes, or when it becomes unreachable
@@ -549,23 +552,6 @@ def _check_loop(awaitable: object, bridge_loop: asyncio.AbstractEventLoop, label
     )
 
 
-def _check_timeout(timeout: object, label: str) -> None:
-    """Refuse a timeout the bridge loop could not use, before the call is queued (a bad one would
-    fail there, far from the caller)."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{label}: timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if not timeout >= 0:  # also NaN
-        raise ValueError(f"{label}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
-
-
-def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        also = " or None" if allow_none else ""
-        raise ConfigurationError(f"{name} must be a positive number of seconds{also}, not {value!r}")
-
-
 def _close_if_coroutine(fn: object) -> None:
     if inspect.iscoroutine(fn):
         fn.close()
@@ -575,11 +561,15 @@ def _label(fn: object, label: str | None, default: str) -> str:
     return label if label is not None else f"{default}({describe(fn)})"
 
 
-def _deadlock_message(label: str, name: str) -> str:
+def _deadlock_message(label: str, name: str, instead: str | None = None) -> str:
+    if instead is None:
+        instead = (
+            "await the async twin instead (incorrect: db.fetch(...); correct: await db.afetch(...); for "
+            "Bridge.run: await bridge.arun(...))"
+        )
     return (
         f"{label} is a blocking call, made on the bridge thread of {name!r}: it would wait forever for "
-        "the loop that is running it. On the bridge loop, await the async twin instead "
-        "(incorrect: db.fetch(...); correct: await db.afetch(...); for Bridge.run: await bridge.arun(...))"
+        f"the loop that is running it. On the bridge loop, {instead}"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +20,19 @@ import asyncpg
 from ._closing import Closing
 from ._copy import CopyMethods
 from ._dsn import DsnInfo, parse_dsn, resolve_dsn
+from ._keepalive import DEFAULT_IDLE as DEFAULT_KEEPALIVE
+from ._keepalive import keepalive as check_keepalive
+from ._limits import check_pool_options, pool_size, seconds
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
 from ._replicas import ReplicatedSource, check_replicas, shared_replicated
-from ._source import ClosedSource, Lease, PoolSource
+from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, ClosedSource, Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
 from .bridge import Bridge, default_bridge
 from .errors import ConfigurationError
-from .listen import DEFAULT_QUEUE_SIZE, Subscription
+from .listen import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_SIZE, Subscription
 from .read import Reader
 from .stats import DatabaseStats
 from .transaction import Transaction, _Core
@@ -50,8 +54,20 @@ def _pass_through_options() -> frozenset[str]:
 _POOL_OPTIONS = _pass_through_options()
 # Database's own keywords, for "did you mean" when one is misspelled.
 _OWN_OPTIONS = frozenset(
-    {"bridge", "min_size", "max_size", "pool_timeout", "pgbouncer", "replicas", "max_lag", "replica_wait"}
-    | {"consistency"}
+    {
+        "bridge",
+        "min_size",
+        "max_size",
+        "pool_timeout",
+        "pgbouncer",
+        "round_trip_timeout",
+        "transaction_timeout",
+        "keepalive",
+        "replicas",
+        "consistency",
+        "max_lag",
+        "replica_wait",
+    }
 )
 
 
@@ -81,6 +97,13 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         statement pooling mode: no named prepared statements (``statement_cache_size=0``) and no
         session reset query on release. Session state (``SET``, ``LISTEN``, advisory locks) stays
         unavailable there.
+    :param round_trip_timeout: seconds a round trip loopbridge makes on its own (the reset when a
+        connection goes back to the pool, BEGIN, COMMIT, ROLLBACK, LISTEN, a subscription's
+        heartbeat) may go unanswered: then the connection is terminated and its slot freed (counted in
+        ``stats().discarded``).
+    :param transaction_timeout: the default ``timeout=`` of :meth:`transaction` blocks (None: none).
+    :param keepalive: seconds of silence before the kernel probes a connection (TCP keepalive, and
+        ``TCP_USER_TIMEOUT`` at three times that; the server probes its side too); None: off.
     :param replicas: DSNs of hot standbys of the primary, which serve :attr:`read` (each with a pool of
         its own, of the same sizes and options); ``db`` itself always uses the primary. See "Several
         hosts and replicas" in the documentation.
@@ -92,8 +115,8 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         primary serves it instead.
     :param pool_options: passed to ``asyncpg.create_pool`` / ``asyncpg.connect`` (``command_timeout``,
         ``statement_cache_size``, ``ssl``, ``server_settings``, ``init``, ``setup``, ``connect``, ...).
-    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes, an unknown option, or a
-        replica DSN that is malformed or names the primary.
+    :raises ConfigurationError: for a malformed DSN, no DSN at all, bad sizes or timeouts, an unknown
+        or invalid option, or a replica DSN that is malformed or names the primary.
     """
 
     __slots__ = ("__weakref__", "_closing", "_info", "_source")
@@ -107,6 +130,9 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         max_size: int = 10,
         pool_timeout: float | None = 30.0,
         pgbouncer: bool = False,
+        round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
+        transaction_timeout: float | None = None,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
         replicas: Sequence[str] = (),
         consistency: str = "caller",
         max_lag: float = 5.0,
@@ -114,15 +140,28 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         **pool_options: Any,
     ) -> None:
         info: DsnInfo = parse_dsn(resolve_dsn(dsn))
-        _check_sizes(min_size, max_size, pool_timeout)
+        min_size, max_size, pool_timeout = _check_sizes(min_size, max_size, pool_timeout)
+        round_trip = seconds("round_trip_timeout", round_trip_timeout, allow_none=False)
+        assert round_trip is not None
+        probing = check_keepalive(keepalive)
         _check_options(pool_options)
+        pool_options = check_pool_options(pool_options, min_size, max_size)
         standbys = check_replicas(info, replicas, consistency, max_lag, replica_wait)
         if pgbouncer:
             pool_options = transaction_pooling_options(pool_options)
+            if probing is not None:  # PgBouncer refuses unknown startup parameters: its own apply
+                probing = probing.client_only()
         password = pool_options.get("password")
         self._info = info
-        sizes: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "pool_timeout": pool_timeout}
-        secrets = (info.password, password if isinstance(password, str) else None)
+        settings: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "pool_timeout": pool_timeout,
+            "round_trip_timeout": round_trip,
+            "transaction_timeout": seconds("transaction_timeout", transaction_timeout),
+            "keepalive": probing,
+        }
+        secrets = (*info.secrets, password if isinstance(password, str) else None)
         # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin),
         # and close() a closed one. With replicas, the primary's source also counts writes and routes
         # db.read (loopbridge._replicas).
@@ -138,7 +177,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
                 replica_wait=replica_wait,
                 pool_options=pool_options,
                 secrets=secrets,
-                **sizes,
+                **settings,
             )
         else:
             self._source = PoolSource.shared(
@@ -147,7 +186,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
                 bridge if bridge is not None else default_bridge(),
                 pool_options=pool_options,
                 secrets=secrets,
-                **sizes,
+                **settings,
             )
 
     # -- properties ---------------------------------------------------------------------------------
@@ -205,7 +244,12 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     # -- beyond single statements: transactions, LISTEN, stats (streams and COPY: the mixins) --------
 
     def transaction(
-        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+        self,
+        *,
+        isolation: str | None = None,
+        readonly: bool = False,
+        deferrable: bool = False,
+        timeout: float | None = None,
     ) -> Transaction:
         """A transaction for a block: ``with db.transaction() as tx: tx.execute(...)`` in sync code,
         ``async with db.transaction() as tx: await tx.aexecute(...)`` in async code, on any loop.
@@ -215,24 +259,37 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
 
         :param isolation: ``'read_committed'``, ``'repeatable_read'``, ``'serializable'`` (or
             ``'read_uncommitted'``); None: the server's default.
-        :raises ConfigurationError: for an unknown isolation level.
+        :param timeout: seconds for the whole block, from waiting for a connection to COMMIT; on expiry
+            it is rolled back at once and :class:`~loopbridge.TransactionTimeoutError` raised. None: the
+            Database's ``transaction_timeout``; ``float('inf')``: none.
+        :raises ConfigurationError: for an unknown isolation level or a bad timeout.
         """
-        return Transaction(self._source, isolation=isolation, readonly=readonly, deferrable=deferrable)
+        return Transaction(
+            self._source, isolation=isolation, readonly=readonly, deferrable=deferrable, timeout=timeout
+        )
 
-    def listen(self, *channels: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+    def listen(
+        self,
+        *channels: str,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
+    ) -> Subscription:
         """LISTEN on *channels*: ``with db.listen("jobs") as sub:`` in sync code, ``async with
         db.listen("jobs") as sub:`` in async code, on any loop. LISTEN is in effect once the block is
         entered (or, without a block, at the first item asked for). See :class:`~loopbridge.Subscription`.
 
         :param queue_size: notifications held for a consumer that is behind; beyond it they are
             dropped, and a :class:`~loopbridge.Gap` marks where.
-        :raises ConfigurationError: for no channel, or a bad *queue_size*.
+        :param heartbeat: seconds between round trips checking that the connection still answers; a
+            silent one is noticed within ``heartbeat + round_trip_timeout`` and replaced (with a Gap).
+            None: no heartbeat.
+        :raises ConfigurationError: for no channel, or a bad *queue_size* or *heartbeat*.
         """
-        return Subscription(self._source, channels, queue_size)
+        return Subscription(self._source, channels, queue_size, heartbeat)
 
     def stats(self) -> DatabaseStats:
         """Pool and call figures, and the bridge loop's lag, now. Never blocks."""
-        size, idle, leased = self._source.figures()
+        size, idle, leased, discarded = self._source.figures()
         max_size = self._source.max_size
         waiting = max(0, leased - max_size)
         bridge = self.bridge.stats()
@@ -248,12 +305,14 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             calls_in_flight=bridge.calls_in_flight,
             loop_lag=bridge.loop_lag,
             max_loop_lag=bridge.max_loop_lag,
+            discarded=discarded,
             **_replica_figures(self._source),
         )
 
     def _streaming_transaction(self) -> tuple[_Core, bool]:
-        # A stream of the Database declares its cursor in a transaction of its own.
-        return Transaction(self._source)._core, True
+        # A stream of the Database declares its cursor in a transaction of its own, with no block
+        # timeout (its reader's timeout= bounds each wait for rows).
+        return Transaction(self._source, timeout=math.inf)._core, True
 
     # -- closing: close() and aclose() come from Closing -----------------------------------------------
 
@@ -282,19 +341,10 @@ def _replica_figures(source: PoolSource | PinnedSource | ClosedSource) -> dict[s
     return {"replicas": source.replica_stats(), "reads_on_primary": source.reads_on_primary}
 
 
-def _check_sizes(min_size: int, max_size: int, pool_timeout: float | None) -> None:
-    if not isinstance(max_size, int) or max_size < 1:
-        raise ConfigurationError(f"max_size must be a positive integer, not {max_size!r}")
-    if not isinstance(min_size, int) or not 0 <= min_size <= max_size:
-        raise ConfigurationError(
-            f"min_size must be an integer from 0 to max_size={max_size}, not {min_size!r}"
-        )
-    if pool_timeout is not None and (
-        isinstance(pool_timeout, bool) or not isinstance(pool_timeout, (int, float)) or not pool_timeout > 0
-    ):
-        raise ConfigurationError(
-            f"pool_timeout must be a positive number of seconds or None, not {pool_timeout!r}"
-        )
+def _check_sizes(min_size: object, max_size: object, pool_timeout: object) -> tuple[int, int, float | None]:
+    high = pool_size("max_size", max_size, low=1)
+    low = pool_size("min_size", min_size, low=0, high=high)
+    return low, high, seconds("pool_timeout", pool_timeout)
 
 
 def _check_options(options: dict[str, Any]) -> None:

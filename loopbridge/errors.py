@@ -30,6 +30,7 @@ __all__ = [
     "PoolTimeoutError",
     "SubscriptionClosedError",
     "TransactionClosedError",
+    "TransactionTimeoutError",
 ]
 
 
@@ -114,6 +115,19 @@ class TransactionClosedError(LoopBridgeError, RuntimeError):
     The end of a ``with`` block raises it too when a statement in the block failed and its error was
     caught there: the server had aborted the transaction, so it was rolled back (a savepoint to its
     start) and nothing was kept. Let such errors propagate, or run the statement in a savepoint.
+    """
+
+
+class TransactionTimeoutError(TransactionClosedError, CallTimeoutError):
+    """A transaction block's ``timeout=`` expired (``db.transaction(timeout=...)``, or the Database's
+    ``transaction_timeout``): the statement running then was cancelled, the transaction rolled back (or
+    its connection terminated, when the server did not answer the ROLLBACK) and its connection returned
+    at once. Nothing it did was committed: begin a new transaction.
+
+    Raised by that statement, by every later one, by the end of a block that would have committed, and
+    by a block that could not begin in time. Both a :class:`TransactionClosedError` and a
+    :class:`CallTimeoutError` (a ``TimeoutError``). A COMMIT cut off by the timeout is not this: its
+    outcome is unknown, and it raises a plain :class:`CallTimeoutError` saying so.
     """
 
 

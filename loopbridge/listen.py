@@ -16,12 +16,15 @@ One pooled connection per subscription stays on the bridge loop, LISTENing (from
 put each notification in a pipe (a janus queue, see ``loopbridge._pipe``) that the caller reads.
 
 **Nothing is missed silently.** When the connection is lost (the server restarted, the backend was
-terminated), the subscription reconnects in the background, LISTENs again, and then puts a
-:class:`Gap` in the stream: notifications sent while it was away are gone, and the Gap says so, at the
-point where they would have been. A consumer that falls more than ``queue_size`` notifications behind
-gets a Gap too, where the ones it could not hold were dropped. After a Gap, re-read from the database
-whatever you derive from notifications: everything after the Gap is delivered (the Gap arrives once
-LISTEN is in effect again).
+terminated), or goes silent (a NAT, firewall or load balancer that dropped it: idle LISTEN connections
+are exactly what their idle timeouts drop), the subscription reconnects in the background, LISTENs
+again, and then puts a :class:`Gap` in the stream: notifications sent while it was away are gone, and
+the Gap says so, at the point where they would have been. A silent connection is noticed by a
+heartbeat: every ``heartbeat`` seconds a round trip on it, which the server must answer within the
+source's ``round_trip_timeout``, else the connection is terminated and replaced. A consumer that falls
+more than ``queue_size`` notifications behind gets a Gap too, where the ones it could not hold were
+dropped. After a Gap, re-read from the database whatever you derive from notifications: everything
+after the Gap is delivered (the Gap arrives once LISTEN is in effect again).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from typing import TYPE_CHECKING, Literal
 import asyncpg
 
 from ._call import ToCompletion
+from ._limits import call_timeout, seconds
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._pipe import End, Pipe
 from ._twins import NotAwaitable, twin_contexts
+from ._within import within
 from .errors import (
     BridgeClosedError,
     CallTimeoutError,
@@ -49,7 +54,7 @@ if TYPE_CHECKING:
     from ._source import Held, Source
     from .bridge import Bridge
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "Gap", "Notification", "Subscription"]
+__all__ = ["DEFAULT_HEARTBEAT", "DEFAULT_QUEUE_SIZE", "Gap", "Notification", "Subscription"]
 
 logger = logging.getLogger("loopbridge")
 
@@ -57,6 +62,11 @@ logger = logging.getLogger("loopbridge")
 DEFAULT_QUEUE_SIZE = 10_000
 #: Seconds between reconnection attempts: doubling from the first to the last.
 RECONNECT_DELAYS = (0.05, 2.0)
+#: Seconds between two round trips checking that a subscription's connection still answers.
+DEFAULT_HEARTBEAT = 5.0
+#: A reconnection attempt (a connection from the pool, maybe a new one, and its LISTENs) may take this
+#: many round trips' worth of ``round_trip_timeout`` before it is given up and tried again.
+RECONNECT_ROUND_TRIPS = 2
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class Gap:
 
 
 Item = Notification | Gap
+
+_INSTEAD = "await sub.aget() (or use 'async for item in sub')"
 _HandleState = Literal["new", "open", "closed"]
 
 
@@ -106,7 +118,13 @@ class Subscription(NotAwaitable):
 
     _right_form = "'async with db.listen(...) as sub:'"
 
-    def __init__(self, source: Source, channels: tuple[str, ...], queue_size: int) -> None:
+    def __init__(
+        self,
+        source: Source,
+        channels: tuple[str, ...],
+        queue_size: int,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
+    ) -> None:
         if not channels:
             raise ConfigurationError("listen() needs at least one channel name: db.listen('events')")
         for channel in channels:
@@ -114,7 +132,8 @@ class Subscription(NotAwaitable):
                 raise ConfigurationError(f"channel names are non-empty strings, not {channel!r}")
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
             raise ConfigurationError(f"queue_size must be a positive integer, not {queue_size!r}")
-        self._core = _Core(source, tuple(dict.fromkeys(channels)), queue_size)
+        pulse = seconds("heartbeat", heartbeat)
+        self._core = _Core(source, tuple(dict.fromkeys(channels)), queue_size, pulse)
         self._state: _HandleState = "new"
 
     @property
@@ -150,8 +169,9 @@ class Subscription(NotAwaitable):
             self.__enter__()
         if self._state == "closed":
             raise SubscriptionClosedError(_closed_message(self))
+        timeout = None if timeout is None else call_timeout(timeout, "Subscription.get()")
         try:
-            item = self._core.pipe.receive(timeout)
+            item = self._core.pipe.receive(self.bridge, timeout, _INSTEAD)
         except CallTimeoutError:
             return None
         return self._item(item)
@@ -188,6 +208,7 @@ class Subscription(NotAwaitable):
             await self.__aenter__()
         if self._state == "closed":
             raise SubscriptionClosedError(_closed_message(self))
+        timeout = None if timeout is None else call_timeout(timeout, "Subscription.aget()")
         try:
             item = await self._core.pipe.areceive(self.bridge, timeout)
         except CallTimeoutError:
@@ -240,12 +261,15 @@ class _Core:
     """The bridge loop's side of a subscription: its connection, listeners, reconnection and pipe."""
 
     __slots__ = (
+        "beating",
         "channels",
         "con",
         "finalizer",
+        "heartbeat",
         "held",
         "overflowing",
         "pipe",
+        "pulse",
         "queue_size",
         "reconnector",
         "source",
@@ -253,10 +277,15 @@ class _Core:
         "watch",
     )
 
-    def __init__(self, source: Source, channels: tuple[str, ...], queue_size: int) -> None:
+    def __init__(
+        self, source: Source, channels: tuple[str, ...], queue_size: int, heartbeat: float | None
+    ) -> None:
         self.source = source
         self.channels = channels
         self.queue_size = queue_size
+        self.heartbeat = heartbeat
+        self.pulse: asyncio.Task[None] | None = None  # the heartbeat of the connection LISTENing now
+        self.beating = False  # the heartbeat's round trip is under way
         self.state: Literal["new", "listening", "reconnecting", "closed"] = "new"
         self.pipe: Pipe[Item] = Pipe.finished(self.label)  # until start(), on the bridge loop
         self.held: Held | None = None
@@ -286,9 +315,17 @@ class _Core:
     async def _connect(self) -> None:
         held = await self.source.hold_apart()
         con = held.con
+        bound = self.source.round_trip_timeout
         try:
             for channel in self.channels:
-                await con.add_listener(channel, self._on_notification)  # asyncpg quotes the name
+                try:
+                    async with within(bound) as limit:
+                        await con.add_listener(channel, self._on_notification)  # asyncpg quotes the name
+                except (asyncio.TimeoutError, TimeoutError):
+                    if not limit.expired():
+                        raise
+                    held.discard("LISTEN")
+                    raise ConnectionError(f"the server did not answer LISTEN within {bound:g} s") from None
             con.add_termination_listener(self._on_lost)
             if held.gone():  # lost during the LISTENs: the termination listener came too late
                 raise ConnectionError("the connection was lost while LISTENing")
@@ -296,6 +333,35 @@ class _Core:
             await held.release()
             raise
         self.held, self.con = held, con
+        if self.heartbeat is not None:
+            self.pulse = asyncio.get_running_loop().create_task(self._beat(held))
+
+    async def _beat(self, held: Held) -> None:
+        """Every ``heartbeat`` seconds, a round trip on the connection LISTENing: one the server does not
+        answer within ``round_trip_timeout`` is silent (a NAT or load balancer dropped it, a partition),
+        and would miss every notification without a word. Terminating it makes asyncpg report it lost,
+        and the subscription reconnects, with a Gap, as for a killed backend."""
+        assert self.heartbeat is not None
+        bound = self.source.round_trip_timeout
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if self.held is not held or self.state != "listening":
+                return
+            self.beating = True
+            try:
+                async with within(bound) as limit:
+                    await held.con.execute("SELECT 1")
+            except (asyncio.TimeoutError, TimeoutError):
+                if not limit.expired():
+                    raise
+                held.discard("a subscription's heartbeat")  # asyncpg then calls _on_lost
+                return
+            except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError) as exc:
+                # Lost (its termination listener reconnects), or let go of meanwhile.
+                logger.debug("%r: heartbeat failed: %r", self, exc)
+                return
+            finally:
+                self.beating = False
 
     # -- callbacks from asyncpg, on the bridge loop
 
@@ -329,9 +395,13 @@ class _Core:
         await self._let_go()
         delay, longest = RECONNECT_DELAYS
         failures = 0
+        attempt = RECONNECT_ROUND_TRIPS * self.source.round_trip_timeout
         while self._reconnecting():
             try:
-                await self._connect()
+                # Bounded: an attempt into a network that still drops everything would otherwise wait
+                # for the pool_timeout (or asyncpg's connect timeout) after the network is back.
+                async with within(attempt):
+                    await self._connect()
             except (DatabaseClosedError, BridgeClosedError) as exc:
                 await self.aclose(exc)
                 return
@@ -375,13 +445,19 @@ class _Core:
         if reconnector is not None and reconnector is not asyncio.current_task():
             reconnector.cancel()
             await asyncio.wait((reconnector,))
+        await self._stop_beating()
         held = self.held
         if held is not None:
             con = held.con
             try:
                 con.remove_termination_listener(self._on_lost)
-                for channel in self.channels:
-                    await con.remove_listener(channel, self._on_notification)  # UNLISTEN
+                async with within(self.source.round_trip_timeout) as limit:
+                    for channel in self.channels:
+                        await con.remove_listener(channel, self._on_notification)  # UNLISTEN
+            except (asyncio.TimeoutError, TimeoutError):
+                if not limit.expired():
+                    raise
+                held.discard("UNLISTEN")
             except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError) as exc:
                 logger.debug("%r: UNLISTEN failed (%r); the pool discards the connection", self, exc)
         await self._let_go()
@@ -390,7 +466,18 @@ class _Core:
         else:  # what arrived before is still delivered, then the error
             self.pipe.finish(error)
 
+    async def _stop_beating(self) -> None:
+        """Stop the heartbeat before anything else uses the connection: a round trip under way is let
+        finish (it is bounded), rather than cancelled, which would leave a cancel request on its way."""
+        pulse, self.pulse = self.pulse, None
+        if pulse is None or pulse is asyncio.current_task():
+            return
+        if not self.beating:
+            pulse.cancel()
+        await asyncio.wait((pulse,))
+
     async def _let_go(self) -> None:
+        await self._stop_beating()
         held, self.held, self.con = self.held, None, None
         if held is not None:
             try:
@@ -405,7 +492,7 @@ class _Core:
 
     def _forget_after_fork(self) -> list[object]:
         # In a forked child: the parent's connection and tasks; see loopbridge._loop.abandon.
-        return [self, *(obj for obj in (self.held, self.reconnector) if obj is not None)]
+        return [self, *(obj for obj in (self.held, self.reconnector, self.pulse) if obj is not None)]
 
     async def _aclose_on_bridge(self, timeout: float) -> None:
         """The Database (or its bridge) is closing: end the subscription, telling a reader why."""

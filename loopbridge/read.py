@@ -219,6 +219,19 @@ class ReadSource:
     def command_timeout(self) -> float | None:
         return self.primary.command_timeout
 
+    @property
+    def round_trip_timeout(self) -> float:
+        return self.primary.round_trip_timeout
+
+    @property
+    def transaction_timeout(self) -> float | None:
+        return self.primary.transaction_timeout
+
+    def discard(self, con: PoolConnectionProxy, why: str | None = None) -> None:
+        # A connection of a replica's pool or of the primary's: each pool terminates its own, and the
+        # primary's discard is the one that counts it and says so.
+        self.primary.discard(con, why)
+
     def lease(self) -> Lease:
         return ReadLease(self.primary, self.stale)
 

@@ -62,6 +62,12 @@ class DatabaseStats:
     loop_lag: float
     """Seconds: how late the bridge loop runs a scheduled callback right now."""
     max_loop_lag: float
+    """Seconds: the worst lag seen since the thread started."""
+    discarded: int = 0
+    """Connections loopbridge terminated instead of returning them to the pool: the server did not answer
+    a round trip of its own within ``round_trip_timeout`` (a silent network), or the session's state
+    was unknown (a BEGIN or ROLLBACK interrupted). Each slot was freed at once; the pool opens a new
+    connection when one is needed."""
     replicas: tuple[ReplicaStats, ...] = ()
     """One entry per replica (``Database(replicas=...)``), in the order given; empty without replicas."""
     reads_on_primary: int = 0

@@ -17,6 +17,17 @@ raises, whatever raised (a statement, your own code, Ctrl-C, a cancelled task, a
 ended normally raises instead of committing: PostgreSQL aborts a transaction at its first error and
 answers COMMIT with ROLLBACK (see ``_Core.end``).
 
+**Every wait on the server is bounded.** BEGIN, ROLLBACK, savepoints and the end-of-block checks wait
+at most the source's ``round_trip_timeout``; COMMIT what is left of the block's ``timeout=``, or
+``round_trip_timeout`` for a block without one. A connection that does not answer in time is terminated
+(the server rolls back, and nothing is left ``idle in transaction`` by us) and its slot freed. A
+block's ``timeout=`` (or the Database's ``transaction_timeout``) bounds the whole block, from waiting for
+a connection to COMMIT: when it expires, the statement running then is cancelled and the transaction
+rolled back on the bridge loop at once, whatever the caller is doing meanwhile (see ``_Core._expire``);
+its connection goes back to the pool. The server enforces it too: such a transaction sets
+``idle_in_transaction_session_timeout`` for itself, so a partition that keeps our ROLLBACK from reaching
+the server still ends it there.
+
 Nothing stays held when the block is abandoned instead: see :mod:`loopbridge._owner`. A transaction
 whose owner (the thread that began it, or the event loop for ``async with``) goes away, or whose handle
 is garbage collected, while it is still open is rolled back and its connection returned.
@@ -31,10 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -43,15 +57,19 @@ from asyncpg.transaction import Transaction as _AsyncpgTransaction
 from ._asyncpg import protocol_of, sent_so_far
 from ._copy import CopyMethods
 from ._dead import DEAD_CONNECTION_RETRIES, died_unsent, is_connection_failure, lost_connection
+from ._limits import seconds
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._queries import Queries
 from ._stream import StreamMethods
 from ._twins import NotAwaitable, twin_contexts, twins
+from ._within import within
 from .errors import (
+    CallTimeoutError,
     ConfigurationError,
     ConnectionLostError,
     DatabaseClosedError,
     TransactionClosedError,
+    TransactionTimeoutError,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +84,15 @@ ISOLATION_LEVELS = ("read_committed", "read_uncommitted", "repeatable_read", "se
 
 _State = Literal["new", "active", "committed", "rolled back", "lost"]
 _StatementKind = Literal["sql", "callers", "close"]
+
+T = TypeVar("T")
+
+#: A BEGIN the server did not answer in time is tried once more on another connection (BEGIN changes
+#: nothing); a second silent one says the network is gone, not one connection.
+UNANSWERED_BEGIN_RETRIES = 1
+#: Seconds the server allows a transaction with a timeout to sit idle beyond what is left of its
+#: timeout, before it ends the session itself (``idle_in_transaction_session_timeout``).
+SERVER_MARGIN = 1.0
 
 
 class Dependent(Protocol):
@@ -88,6 +115,9 @@ class Transaction(Queries, CopyMethods, StreamMethods, NotAwaitable):
         was lost (the statement that was running when the connection broke raises
         :class:`ConnectionLostError`); from the end of a block in which a statement failed and its
         error was caught: PostgreSQL had aborted the transaction, which is rolled back instead.
+    :raises TransactionTimeoutError: once the block's ``timeout=`` expired: from the statement running
+        then, every later one, and the end of a block that would have committed (rolled back at the
+        expiry, on the bridge loop).
     """
 
     __slots__ = ("__weakref__", "_core")
@@ -102,14 +132,17 @@ class Transaction(Queries, CopyMethods, StreamMethods, NotAwaitable):
         readonly: bool = False,
         deferrable: bool = False,
         parent: Transaction | None = None,
+        timeout: float | None = None,
     ) -> None:
         if isolation is not None and isolation not in ISOLATION_LEVELS:
             raise ConfigurationError(
                 f"isolation must be one of {', '.join(map(repr, ISOLATION_LEVELS))} or None (the "
                 f"server's default), not {isolation!r}"
             )
+        # None: the source's default (the Database's transaction_timeout); inf: none at all.
+        bound = seconds("timeout", source.transaction_timeout if timeout is None else timeout)
         self._core: _Core = _Core(
-            source, parent._core if parent is not None else None, isolation, readonly, deferrable
+            source, parent._core if parent is not None else None, isolation, readonly, deferrable, bound
         )
 
     @property
@@ -125,6 +158,14 @@ class Transaction(Queries, CopyMethods, StreamMethods, NotAwaitable):
     @property
     def is_savepoint(self) -> bool:
         return self._core.parent is not None
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the whole block may take (None: unbounded); a savepoint has its transaction's."""
+        core = self._core
+        while core.parent is not None:
+            core = core.parent
+        return core.timeout
 
     def __repr__(self) -> str:
         kind = "savepoint" if self._core.parent is not None else "Transaction"
@@ -176,7 +217,7 @@ class _Pin:
     """The connection held on the bridge loop for a transaction and its savepoints, and what is known of
     the transaction on it."""
 
-    __slots__ = ("con", "doubt", "held", "lost")
+    __slots__ = ("con", "doubt", "held", "lost", "running")
 
     def __init__(self, held: Held) -> None:
         self.held = held
@@ -187,11 +228,12 @@ class _Pin:
         # an error itself); None once a statement has succeeded since. A COMMIT of an aborted
         # transaction is answered with ROLLBACK, without an error: see _Core.end.
         self.doubt: BaseException | None = None
+        # The task whose step has the connection now: what the block's timeout cancels.
+        self.running: asyncio.Task[object] | None = None
 
-    def turn(self) -> contextlib.AbstractAsyncContextManager[object]:
+    def turn(self) -> _Turn:
         """The connection to ourselves for one step (a statement, BEGIN, COMMIT)."""
-        turn: contextlib.AbstractAsyncContextManager[object] = self.held.turn()
-        return turn
+        return _Turn(self)
 
     def check_lost(self) -> bool:
         """True (and remembered) once the connection is gone."""
@@ -200,12 +242,66 @@ class _Pin:
         return self.lost
 
 
+class _Turn:
+    """``async with pin.turn():`` the held connection's turn, noting which task has it."""
+
+    __slots__ = ("_pin", "_turn")
+
+    def __init__(self, pin: _Pin) -> None:
+        self._pin = pin
+        self._turn: contextlib.AbstractAsyncContextManager[object] = pin.held.turn()
+
+    async def __aenter__(self) -> None:
+        await self._turn.__aenter__()
+        self._pin.running = asyncio.current_task()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._pin.running = None
+        await self._turn.__aexit__(None, None, None)
+
+
+class _Unanswered(Exception):
+    """A round trip of a transaction's own that the server did not answer within its bound: the
+    connection was discarded (terminated)."""
+
+    def __init__(self, what: str, bound: float) -> None:
+        super().__init__(f"the server did not answer {what} within {bound:g} s")
+        self.what = what
+        self.bound = bound
+
+
+async def _round_trip(
+    pin: _Pin | Held, what: str, bound: float | None, operation: Callable[[], Awaitable[T]]
+) -> T:
+    """``await operation()`` within *bound* seconds; past it, the connection is taken for dead: its
+    turn's task stops waiting, the connection is terminated (the server rolls back whatever it was in;
+    its slot is free at once) and :class:`_Unanswered` raised."""
+    try:
+        async with within(bound) as limit:
+            return await operation()
+    except (asyncio.TimeoutError, TimeoutError):
+        if not limit.expired():
+            raise
+    held = pin.held if isinstance(pin, _Pin) else pin
+    assert bound is not None
+    held.discard(what)
+    if isinstance(pin, _Pin):
+        pin.lost = True
+    raise _Unanswered(what, bound)
+
+
 class _Core:
     """The bridge loop's side of a transaction or a savepoint. Touched only on the bridge loop."""
 
     __slots__ = (
+        "deadline",
         "deferrable",
         "dependents",
+        "ending",
+        "expired",
+        "expiry",
         "finalizer",
         "isolation",
         "parent",
@@ -214,19 +310,31 @@ class _Core:
         "rolling_back",
         "source",
         "state",
+        "timeout",
         "watch",
         "why",
         "xact",
     )
 
     def __init__(
-        self, source: Source, parent: _Core | None, isolation: str | None, readonly: bool, deferrable: bool
+        self,
+        source: Source,
+        parent: _Core | None,
+        isolation: str | None,
+        readonly: bool,
+        deferrable: bool,
+        timeout: float | None = None,
     ) -> None:
         self.source = source
         self.parent = parent
         self.isolation = isolation
         self.readonly = readonly
         self.deferrable = deferrable
+        self.timeout = timeout if parent is None else None  # a savepoint keeps its transaction's
+        self.deadline: float | None = None  # the loop's time when the timeout expires
+        self.expiry: asyncio.TimerHandle | None = None
+        self.expired = False  # the block's timeout expired: rolled back, or being rolled back
+        self.ending: asyncio.Future[None] | None = None  # set while end() runs: a second one waits
         self.state: _State = "new"
         self.rolling_back = False  # ending with a ROLLBACK: what lives inside may be cut short
         self.why = ""  # how it ended, for TransactionClosedError
@@ -261,11 +369,43 @@ class _Core:
             async with pin.turn():
                 parent.check_usable()
                 xact = pin.con.transaction()
-                await xact.start()
+                try:
+                    await _round_trip(pin, "SAVEPOINT", self.source.round_trip_timeout, xact.start)
+                except _Unanswered as exc:
+                    raise parent._gone() from exc
+                except asyncio.CancelledError:
+                    if parent._root_expired() and _only_ours():  # cut off by the block's timeout
+                        raise parent.timeout_error("could not begin a savepoint") from None
+                    raise
                 pin.doubt = None  # SAVEPOINT succeeded: the transaction is not aborted
             self.pin, self.xact, self.state = pin, xact, "active"
             parent.dependents.append(self)
             return
+        loop = asyncio.get_running_loop()
+        if self.timeout is not None:
+            self.deadline = loop.time() + self.timeout
+        try:
+            # The block's timeout bounds its beginning too: waiting for a connection, and BEGIN.
+            async with within(self.timeout) as bound:
+                held, xact = await self._begin_on_a_connection()
+        except (asyncio.TimeoutError, TimeoutError):
+            if not bound.expired():  # a PoolTimeoutError, say: it tells what expired
+                raise
+            raise TransactionTimeoutError(
+                f"could not begin the {self.kind} within its timeout={self.timeout:g} s (waiting for a "
+                "connection, or for BEGIN); nothing was done. Try again, or raise the timeout"
+            ) from None
+        self.pin, self.xact, self.state = _Pin(held), xact, "active"
+        if self.deadline is not None:
+            self.expiry = loop.call_at(self.deadline, self._expire)
+        if owner is not None:
+            self.watch = OwnerWatch(self, owner)
+            self.finalizer = guard(handle, self.source.bridge, self, "a transaction")
+
+    async def _begin_on_a_connection(self) -> tuple[Held, _AsyncpgTransaction]:
+        """A held connection with BEGIN done on it (and, for a block with a timeout, the server's own
+        bound on its idle time: see the module docstring)."""
+        unanswered = 0
         for retry in itertools.count():
             held = await self.source.hold()
             protocol = protocol_of(held.con)  # before BEGIN: a connection that dies lets go of it
@@ -277,7 +417,22 @@ class _Core:
                         readonly=self.readonly,
                         deferrable=self.deferrable,
                     )
-                    await xact.start()
+                    await _round_trip(held, "BEGIN", self.source.round_trip_timeout, xact.start)
+                    if self.timeout is not None:
+                        bound_it = functools.partial(self._server_bound, held.con)
+                        await _round_trip(held, "BEGIN", self.source.round_trip_timeout, bound_it)
+            except _Unanswered as exc:
+                # A silent connection (discarded already): BEGIN changes nothing, so another one may
+                # serve; a second silent one means the network, not the connection.
+                await held.release()
+                unanswered += 1
+                if unanswered <= UNANSWERED_BEGIN_RETRIES and held.replaceable:
+                    continue
+                raise ConnectionLostError(
+                    f"could not begin the {self.kind}: {exc} on {unanswered} connection(s) (they were "
+                    "terminated). Nothing was done. Check the network between here and the server, then "
+                    "try again"
+                ) from None
             except BaseException as exc:
                 dead = died_unsent(exc, protocol, sent)
                 # BEGIN changes nothing, so a connection that died under it (before or after it was
@@ -297,14 +452,49 @@ class _Core:
                         f"({type(exc).__name__}), {retry + 1} time(s). Nothing was done; try again"
                     ) from exc
                 raise
-            break
-        self.pin, self.xact, self.state = _Pin(held), xact, "active"
-        if owner is not None:
-            self.watch = OwnerWatch(self, owner)
-            self.finalizer = guard(handle, self.source.bridge, self, "a transaction")
+            return held, xact
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _server_bound(self, con: PoolConnectionProxy) -> None:
+        """Have the server end the transaction itself if it sits idle past the block's timeout: our
+        ROLLBACK may not reach it (a partition), and a session idle in transaction holds its locks."""
+        assert self.timeout is not None
+        milliseconds = max(1, math.ceil((self.timeout + SERVER_MARGIN) * 1000))
+        # Local to the transaction (is_local): it ends with it, whatever ends it.
+        await con.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true)", str(milliseconds)
+        )
+
+    def _expire(self) -> None:
+        """The block's timeout expired (a timer on the bridge loop): cancel the step running now, and roll
+        back at once, without waiting for the caller. Nothing if the block is ending already (a COMMIT
+        under way is bounded by the same deadline)."""
+        self.expiry = None
+        if self.state != "active" or self.ending is not None:
+            return
+        self.expired = True
+        pin = self.pin
+        if pin is not None and pin.running is not None:
+            pin.running.cancel()
+        logger.debug("%r: its timeout=%g s expired; rolling it back", self, self.timeout)
+        task = asyncio.get_running_loop().create_task(self.end(_Expired()))
+        task.add_done_callback(_retrieve)
+
+    def timeout_error(self, action: str) -> TransactionTimeoutError:
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        return TransactionTimeoutError(
+            f"this {self.kind} {action}: the timeout={root.timeout:g} s of its transaction expired, and it "
+            "was rolled back. Nothing it did was committed: begin a new transaction (with a longer timeout=, "
+            "or less work in it)"
+        )
 
     def check_usable(self) -> None:
-        """:raises TransactionClosedError: unless statements may run now."""
+        """:raises TransactionClosedError: unless statements may run now (:class:`TransactionTimeoutError`
+        once the block's timeout expired)."""
+        if self._root_expired():
+            raise self.timeout_error("cannot run statements any more")
         if self.state != "active":
             if self.state == "new":
                 raise TransactionClosedError(
@@ -344,6 +534,14 @@ class _Core:
             "transaction and do the work again"
         )
 
+    def _root_expired(self) -> bool:
+        core: _Core | None = self
+        while core is not None:
+            if core.expired:
+                return True
+            core = core.parent
+        return False
+
     def is_lost(self) -> bool:
         """Whether the transaction's connection is known to be gone."""
         return self.pin is not None and self.pin.lost
@@ -365,8 +563,23 @@ class _Core:
         :raises: asyncpg's error when COMMIT fails (a serialization failure, a deferred constraint):
             the server rolled the transaction back.
         """
+        ending = self.ending
+        if ending is not None:  # an end under way (the timeout's rollback): this one waits for it
+            await asyncio.shield(ending)
         if self.state != "active":
+            if error is None and self._root_expired():  # the block meant to commit
+                raise self.timeout_error("could not commit")
             return
+        self.ending = asyncio.get_running_loop().create_future()
+        try:
+            await self._end(error)
+        finally:
+            self.ending.set_result(None)
+
+    async def _end(self, error: BaseException | None) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
         self.rolling_back = error is not None
         # What lives inside ends first: a savepoint or a stream left open (the innermost first).
         for dependent in reversed(list(self.dependents)):
@@ -374,7 +587,7 @@ class _Core:
         pin, xact = self.pin, self.xact
         assert pin is not None
         assert xact is not None
-        commit = error is None
+        commit = error is None and not self._root_expired()
         failure: BaseException | None = None  # what had aborted a transaction the block meant to commit
         try:
             async with pin.turn():
@@ -386,13 +599,31 @@ class _Core:
                 if commit and pin.doubt is not None:
                     failure = await self._aborted_by(pin)
                     commit = failure is None
+                loop = asyncio.get_running_loop()
+                if commit and self.deadline is not None and loop.time() >= self.deadline:
+                    # Out of time before COMMIT was sent: roll back, and then nothing was committed.
+                    self.expired = True
+                    commit = False
                 protocol = protocol_of(pin.con)
                 sent = sent_so_far(protocol)
+                round_trip = self.source.round_trip_timeout
+                # COMMIT gets what is left of the block's timeout (it may legitimately take a while:
+                # deferred constraints, a synchronous standby), else round_trip_timeout like the rest.
+                bound = round_trip if self.deadline is None else max(0.0, self.deadline - loop.time())
                 try:
                     if commit:
-                        await xact.commit()
+                        await _round_trip(pin, "COMMIT", bound, xact.commit)
                     else:
-                        await xact.rollback()
+                        await _round_trip(pin, "ROLLBACK", round_trip, xact.rollback)
+                except _Unanswered as exc:
+                    # Terminated: the server rolls back, unless a COMMIT it received had committed.
+                    if not commit:
+                        self._ended(
+                            "lost", f"{exc}; its connection was terminated (the server rolls it back)"
+                        )
+                        return
+                    self._ended("lost", f"{exc}; its connection was terminated")
+                    raise self._commit_unanswered(exc) from None
                 except BaseException as exc:
                     if commit and died_unsent(exc, protocol, sent):
                         # The connection was gone before COMMIT was sent (asyncpg: "cannot switch to
@@ -419,6 +650,10 @@ class _Core:
                 pin.doubt = None  # COMMIT, RELEASE or ROLLBACK (TO SAVEPOINT) succeeded: not aborted now
                 if commit:
                     self._ended("committed", "it was committed")
+                elif self._root_expired():
+                    self._ended("rolled back", "it was rolled back because its timeout expired")
+                    if error is None:
+                        raise self.timeout_error("could not commit")
                 elif failure is not None:
                     self._ended(
                         "rolled back",
@@ -430,6 +665,21 @@ class _Core:
         finally:
             await self._let_go()
 
+    def _commit_unanswered(self, exc: _Unanswered) -> Exception:
+        """The error for a COMMIT that was sent and not answered in time: its outcome is unknown."""
+        unknown = (
+            "its connection was terminated, and the outcome is unknown: the server may have committed just "
+            "before. Check before doing the work again (unique keys make a retry safe)"
+        )
+        if self.deadline is not None:  # COMMIT had what was left of the block's timeout
+            return CallTimeoutError(
+                f"the timeout={self.timeout:g} s of this {self.kind} expired during its COMMIT: {unknown}"
+            )
+        return ConnectionLostError(
+            f"the COMMIT of this {self.kind} was not answered within round_trip_timeout={exc.bound:g} s: "
+            f"{unknown}"
+        )
+
     async def _aborted_by(self, pin: _Pin) -> BaseException | None:
         """What aborted the transaction (``pin.doubt``) if the server has aborted it, else None.
 
@@ -439,9 +689,12 @@ class _Core:
         """
         doubt = pin.doubt
         try:
-            await pin.con.execute("SELECT 1")
+            await _round_trip(pin, "a check before COMMIT", self.source.round_trip_timeout, self._ask)
         except asyncpg.InFailedSQLTransactionError:
             return doubt
+        except _Unanswered as exc:  # COMMIT was not sent: none happened
+            self._ended("lost", f"{exc}; its connection was terminated (the server rolls it back)")
+            raise self._gone(committing=True) from None
         except BaseException as exc:
             if _connection_failure(exc, pin) or pin.check_lost():  # COMMIT was not sent: none happened
                 self._ended("lost", "its connection was lost; the server rolled it back")
@@ -449,6 +702,10 @@ class _Core:
             raise
         pin.doubt = None
         return None
+
+    async def _ask(self) -> None:
+        assert self.pin is not None
+        await self.pin.con.execute("SELECT 1")
 
     def _failed_message(self, failure: BaseException) -> str:
         if isinstance(failure, _CallersCode):
@@ -565,6 +822,10 @@ class _Step:
     ) -> None:
         pin, core = self._pin, self._core
         try:
+            if isinstance(exc, asyncio.CancelledError) and core._root_expired() and _only_ours():
+                # The block's timeout cancelled this statement (_Core._expire), not the caller.
+                pin.doubt = exc
+                raise core.timeout_error("was cut off while this statement ran") from None
             if exc is None:
                 if self._kind == "sql":
                     pin.doubt = None
@@ -607,6 +868,25 @@ def _connection_failure(exc: BaseException, pin: _Pin) -> bool:
 
 class _Abandoned(Exception):
     """The reason handed to end() when a transaction is rolled back for an owner that went away."""
+
+
+class _Expired(Exception):
+    """The reason handed to end() when a transaction is rolled back because its timeout expired."""
+
+
+def _only_ours() -> bool:
+    """Whether the running task's cancellation was the block's timeout's alone (Python 3.11+ can tell:
+    a call's own timeout, or its caller, cancelling at the same moment is then left to report itself),
+    and consume it."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel is None or uncancel() == 0
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # The rollback of an expired transaction: end() logs nothing it cannot report; keep asyncio quiet.
+    if not task.cancelled():
+        task.exception()
 
 
 class _CallersCode(Exception):

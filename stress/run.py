@@ -6,6 +6,11 @@ restart the server without disturbing anyone. ``--pgbouncer`` puts a PgBouncer i
 front of it. ``--dsn`` runs against an existing server instead: no restart, and only the backends this
 run opened are terminated (selected by their ``application_name``).
 
+``--faults`` picks the faults (see ``stress/faults.py``): ``terminate`` (backends, every ``--interval``),
+``restart`` (once), ``fork`` (once) and ``halfopen`` (silence episodes through the fault-injecting proxy
+``tests/faultproxy.py``, which then stands between the Database and the server), comma-separated;
+``all`` is every one. The default is ``terminate,restart,fork``.
+
 Exit status: 0 if nothing was lost, duplicated, torn, phantom, hung, leaked or abandoned, every read of
 an acknowledged key saw it, every failure was of a documented type and the bridge is alive (see
 :class:`~stress.verify.Verdict`); 1 otherwise; 2 if the run could not be set up.
@@ -26,18 +31,26 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from loopbridge import Bridge, Database
-from stress.faults import Faults, Target
+from stress.faults import Faults, SilentEpisodes, Target
 from stress.ledger import Ledger
 from stress.load import SCHEMA, Load, Plan
-from stress.verify import Verdict, check_bridge, check_leaks, check_rows
+from stress.verify import Verdict, check_bridge, check_full_pool, check_leaks, check_rows
+
+if TYPE_CHECKING:
+    from tests.faultproxy import FaultProxy
 
 __all__ = ["main", "run"]
 
 logger = logging.getLogger("stress")
+
+#: The faults ``--faults`` chooses from, and those a run injects unless told otherwise.
+FAULTS = ("terminate", "restart", "fork", "halfopen")
+DEFAULT_FAULTS = ("terminate", "restart", "fork")
 
 
 @dataclass
@@ -51,6 +64,8 @@ class Setup:
     clients: Callable[[], int] | None
     pgbouncer: bool
     server_settings: dict[str, str]
+    proxy: FaultProxy | None = None
+    """The fault-injecting proxy the Database reaches the server through (``--faults halfopen``)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,6 +78,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loops", type=int, default=4)
     parser.add_argument("--tasks-per-loop", type=int, default=32)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between terminations")
+    parser.add_argument(
+        "--faults",
+        default=",".join(DEFAULT_FAULTS),
+        help=f"comma-separated, from {', '.join(FAULTS)}, or all (default: {','.join(DEFAULT_FAULTS)})",
+    )
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server")
     parser.add_argument("--no-fork", action="store_true", help="do not fork a worker process")
     parser.add_argument(
@@ -77,6 +97,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--pgbouncer starts its own PgBouncer in front of a private cluster; drop --dsn")
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    chosen = {name.strip() for name in args.faults.split(",") if name.strip()}
+    if chosen == {"all"}:
+        chosen = set(FAULTS)
+    unknown = chosen - set(FAULTS)
+    if unknown or not chosen:
+        parser.error(f"--faults takes {', '.join(FAULTS)} (comma-separated) or all, not {args.faults!r}")
+    if args.no_restart:
+        chosen.discard("restart")
+    if args.no_fork:
+        chosen.discard("fork")
+    args.faults = frozenset(chosen)
     return args
 
 
@@ -114,7 +145,28 @@ class SetupError(RuntimeError):
 
 @contextmanager
 def environment(args: argparse.Namespace) -> Iterator[Setup]:
-    """The server (and PgBouncer) for one run, with the ``writes`` table; torn down afterwards."""
+    """The server (and PgBouncer, and the fault-injecting proxy) for one run, with the ``writes`` table;
+    torn down afterwards."""
+    with _server(args) as setup:
+        if "halfopen" not in args.faults:
+            yield setup
+            return
+        from tests.faultproxy import FaultProxy
+
+        try:
+            proxy = FaultProxy.in_front_of(setup.dsn).start()
+        except Exception as exc:
+            raise SetupError(f"fault-injecting proxy: {exc}") from exc
+        try:
+            setup.proxy = proxy
+            setup.dsn = proxy.dsn_for(setup.dsn)
+            yield setup
+        finally:
+            proxy.stop()
+
+
+@contextmanager
+def _server(args: argparse.Namespace) -> Iterator[Setup]:
     if args.dsn:
         yield from _existing_server(args.dsn)
         return
@@ -146,7 +198,7 @@ def environment(args: argparse.Namespace) -> Iterator[Setup]:
             dsn=dsn,
             admin_dsn=admin,
             target=Target("datname", "stress"),
-            restart=None if args.no_restart else cluster.restart,
+            restart=cluster.restart if "restart" in args.faults else None,
             clients=clients,
             pgbouncer=args.pgbouncer,
             server_settings={"application_name": "loopbridge-stress"},
@@ -226,13 +278,20 @@ def run(setup: Setup, plan: Plan, args: argparse.Namespace) -> Verdict:
         min_size=4,
         max_size=16,
         pool_timeout=10,
+        # Blocks end within their calls' bound whatever the network does (an application worried about
+        # silent networks would say so too): see loopbridge.transaction.
+        transaction_timeout=TRANSACTION_TIMEOUT,
         pgbouncer=setup.pgbouncer,
         server_settings=setup.server_settings,
     )
+    through = " through PgBouncer (transaction mode)" if setup.pgbouncer else ""
+    if setup.proxy is not None:
+        through += " through a fault-injecting proxy"
+    forked = ", 1 forked worker" if "fork" in args.faults else ""
     print(
         f"stress: {plan.duration:g} s; {plan.sync_threads} sync threads, {plan.loops} loops x "
-        f"{plan.tasks_per_loop} tasks, 1 running-loop thread, 1 forked worker; one Database "
-        f"{db.dsn}{' through PgBouncer (transaction mode)' if setup.pgbouncer else ''}; seed {plan.seed}",
+        f"{plan.tasks_per_loop} tasks, 1 running-loop thread{forked}; one Database {db.dsn}{through}; "
+        f"faults {','.join(sorted(args.faults))}; seed {plan.seed}",
         flush=True,
     )
     ledger = Ledger()
@@ -253,19 +312,29 @@ def _run(setup: Setup, plan: Plan, args: argparse.Namespace, db: Database, ledge
         target=setup.target,
         deadline=load.deadline,
         interval=args.interval,
+        terminate="terminate" in args.faults,
         restart=setup.restart,
         restart_at=started + plan.duration * 0.5,
-        fork=None if args.no_fork else load.fork_worker,
+        fork=load.fork_worker if "fork" in args.faults else None,
         fork_at=started + plan.duration * 0.3,
     )
+    episodes = None
+    if setup.proxy is not None:
+        # The last episode heals a few seconds before the load ends: the load itself then meets what
+        # the silence left behind, as an application would.
+        episodes = SilentEpisodes(setup.proxy, load.deadline - QUIET_TAIL, plan.seed)
     threads = load.start()
     faults.start()
+    if episodes is not None:
+        episodes.start()
     _watch(ledger, load.deadline, started)
     join_deadline = time.monotonic() + plan.hang_bound + 10
     for thread in threads:
         thread.join(max(0.0, join_deadline - time.monotonic()))
     stuck = [thread.name for thread in threads if thread.is_alive()]
     faults_done = faults.join(max(1.0, join_deadline - time.monotonic()))
+    if episodes is not None:
+        faults_done = episodes.join(max(1.0, join_deadline - time.monotonic())) and faults_done
     elapsed = time.monotonic() - started
 
     # Anything a caller dropped unclosed is reported now (it would hold a connection in the leak check).
@@ -279,16 +348,24 @@ def _run(setup: Setup, plan: Plan, args: argparse.Namespace, db: Database, ledge
     check_rows(verdict, ledger, rows)
     check_bridge(verdict, db)
     stats = db.bridge.stats()
+    check_full_pool(verdict, db)
     check_leaks(verdict, db, setup.admin_dsn, setup.target, setup.clients)
     verdict.abandoned = ledger.abandoned  # after the leak check: the bridge has run every release
     calls = sum(verdict.acknowledged.values()) + sum(verdict.failed.values())
+    silent = ""
+    if episodes is not None:
+        silent = (
+            f", {episodes.episodes} half-open episodes ({episodes.silent_seconds:.1f} s silent, "
+            f"{db.stats().discarded} connections discarded)"
+        )
     print(
         f"stress: {calls} calls in {elapsed:.1f} s ({calls / elapsed:.0f}/s); faults: "
         f"{faults.terminated} backends terminated in {faults.rounds} rounds, {faults.restarts} restart "
-        f"({faults.restart_seconds:.1f} s), fork: {faults.fork_outcome}; bridge: max loop lag "
+        f"({faults.restart_seconds:.1f} s), fork: {faults.fork_outcome}{silent}; bridge: max loop lag "
         f"{stats.max_loop_lag:.2f} s, {stats.blocked_episodes} blocked episodes",
         flush=True,
     )
+    print(f"stress: pool: {verdict.pool_detail}", flush=True)
     print(f"stress: leak check: {verdict.leak_detail}", flush=True)
     if stuck or not faults_done:
         verdict.notes.append(f"threads still running: {stuck or ['stress-faults']}")
@@ -301,6 +378,13 @@ def _run(setup: Setup, plan: Plan, args: argparse.Namespace, db: Database, ledge
     for note in verdict.notes:
         print(f"stress: note: {note}", flush=True)
     return verdict
+
+
+#: Every block of the load is bounded by this (``Database(transaction_timeout=...)``), within the calls'
+#: hang bound whatever the network does.
+TRANSACTION_TIMEOUT = 12.0
+#: Seconds of the load after the last half-open episode healed.
+QUIET_TAIL = 4.0
 
 
 def _watch(ledger: Ledger, deadline: float, started: float) -> None:

@@ -9,14 +9,16 @@
   worker that never reported;
 * **abandoned**: a transaction (or stream, subscription) the library reported as left open by its
   caller (garbage collected unclosed, or its owner gone): the load closes everything it opens;
-* **leaked**: once the load stops, every server session of the Database must be one of the pool's idle
-  connections and none ``idle in transaction``; every connection back in the pool; and after
-  ``close()``, no session left at all.
+* **leaked**: once the load stops, the pool serves its full size again, ``max_size`` calls at once, each
+  on a connection of its own, within :data:`FULL_POOL_WITHIN` seconds (a slot it cannot serve counts);
+  every server session of the Database must then be one of the pool's idle connections and none ``idle
+  in transaction``; every connection back in the pool; and after ``close()``, no session left at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,10 +31,12 @@ from loopbridge._source import PoolSource
 from stress.faults import Target
 from stress.ledger import OK, Ledger
 
-__all__ = ["Verdict", "check_bridge", "check_leaks", "check_rows"]
+__all__ = ["Verdict", "check_bridge", "check_full_pool", "check_leaks", "check_rows"]
 
 #: How long the server and the pool get to settle after the load stops (or after close).
 SETTLE = 15.0
+#: How long after the load stops the pool must serve all of its connections at once.
+FULL_POOL_WITHIN = 20.0
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Verdict:
     leaked: int = 0
     abandoned: int = 0
     leak_detail: str = ""
+    pool_detail: str = ""
     bridge_alive: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -105,6 +110,76 @@ def check_bridge(verdict: Verdict, db: Database) -> None:
         verdict.notes.append(f"final call failed: {type(exc).__name__}: {exc}")
         served = False
     verdict.bridge_alive = thread is not None and thread.is_alive() and db.bridge.stats().running and served
+
+
+def check_full_pool(verdict: Verdict, db: Database) -> None:
+    """The pool serves its full size: ``max_size`` calls at once, each holding a connection of its own
+    at the same moment (a slot lost to a connection that never came back would leave one of them
+    waiting for another's). Calls that meet a connection the faults left behind fail (it is then
+    replaced), and the round is tried again, until :data:`FULL_POOL_WITHIN` seconds have passed; the
+    slots still missing then count as leaked."""
+    size = db.stats().max_size
+    started = time.monotonic()
+    rounds = 0
+    met: Counter[str] = Counter()  # what the calls of the rounds before met
+    while True:
+        rounds += 1
+        served, failures = _all_at_once(db, size)
+        elapsed = time.monotonic() - started
+        if served == size:
+            earlier = f"; before that: {', '.join(f'{n} {name}' for name, n in met.items())}" if met else ""
+            verdict.pool_detail = (
+                f"served all {size} connections at once after {elapsed:.1f} s ({rounds} round(s){earlier})"
+            )
+            return
+        met.update(failures)
+        if elapsed > FULL_POOL_WITHIN:
+            verdict.leaked += size - served
+            verdict.pool_detail = (
+                f"served only {served} of {size} connections at once after {elapsed:.1f} s (met: {dict(met)})"
+            )
+            return
+        time.sleep(0.5)
+
+
+async def _occupy(con: object, hold: float) -> tuple[float, float]:
+    """On a pooled connection: prove it answers, then hold it *hold* seconds; when it was held."""
+    await con.fetchval("SELECT 1")  # type: ignore[attr-defined]
+    began = time.monotonic()
+    await asyncio.sleep(hold)
+    return began, time.monotonic()
+
+
+def _all_at_once(db: Database, size: int) -> tuple[int, Counter[str]]:
+    """How many of *size* simultaneous calls held a connection at the same moment (0 to *size*), and
+    what the others failed with. Counted on the client: behind PgBouncer, several of them share a
+    server connection."""
+    held: list[tuple[float, float]] = []
+    failures: Counter[str] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(size, timeout=30)
+
+    def call() -> None:
+        try:
+            barrier.wait()
+            span = db.run(_occupy, 1.0, timeout=5)
+        except Exception as exc:  # a connection the faults left behind, now replaced; or the barrier broke
+            with lock:
+                failures[type(exc).__name__] += 1
+            return
+        with lock:
+            held.append(span)
+
+    threads = [threading.Thread(target=call, name=f"stress-full-pool-{n}") for n in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if not held:
+        return 0, failures
+    # Those that held theirs while the first to let go still held its own: at the same moment.
+    first_end = min(end for _, end in held)
+    return sum(1 for began, _ in held if began < first_end), failures
 
 
 async def _pool_sizes(db: Database) -> tuple[int, int]:

@@ -20,6 +20,9 @@ moment and from any thread, makes the network misbehave:
   rather than being closed for an ``ECONNREFUSED``: closing it would give the port back, and another
   process could take it before ``heal()`` binds it again. Open connections keep working.
 * :meth:`~FaultProxy.heal`: new connections are forwarded again, and stalled ones resume.
+* :meth:`~FaultProxy.forget_silenced`: the server's side of every silenced connection is reset, as the
+  server's own TCP keepalive would end it on a real partition (which the proxy, acknowledging
+  everything, keeps from happening); the client's side goes on hearing nothing.
 
 What it cannot imitate: the proxy is a userspace program, so the kernel under it acknowledges every
 segment the client sends. TCP keepalive probes and ``TCP_USER_TIMEOUT`` therefore never fail through a
@@ -427,6 +430,20 @@ class FaultProxy:
     def heal(self) -> None:
         """Forward new connections again and let stalled ones resume (silenced ones stay silent)."""
         self._set_mode(Mode.PASS, _Flow.FORWARD)
+
+    def forget_silenced(self) -> None:
+        """Reset the server's side of every silenced connection, and only that: the server ends those
+        sessions (rolling back what they were in), while their clients still hear nothing. What the
+        server's keepalive does on a real partition, which the proxy's kernel, answering its probes,
+        keeps from happening here."""
+
+        async def forget() -> None:
+            for link in list(self._links):
+                if link.flow is _Flow.DROPPED:
+                    _rst(link.server)
+            await self._sockets_closed()
+
+        self._run(forget)
 
     def reset(self) -> None:
         """Close every open connection with an RST, client side and server side. The mode is unchanged."""

@@ -123,6 +123,17 @@ def pool_source(db: Database) -> PoolSource:
     return source
 
 
+def all_released(db: Database, timeout: float = WAIT) -> None:
+    """Wait until every connection of *db*'s pool is back: none held, and none still being reset after
+    its call (a caller gets its result before the reset, and the slot counts as in use until then)."""
+    source = pool_source(db)
+    deadline = time.monotonic() + timeout
+    while source.leased:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{source.leased} connection(s) of {db!r} still held after {timeout} s")
+        time.sleep(0.01)
+
+
 def independent(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
     """Run *query* over a connection of its own (not through any bridge): what the server really has."""
 

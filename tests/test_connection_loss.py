@@ -20,7 +20,7 @@ import pytest
 from loopbridge import Bridge, CallTimeoutError, ConnectionLostError, Database, TransactionClosedError
 from tests.boundary import wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, independent, pool_source
+from tests.support import WAIT, Caller, all_released, independent
 
 
 def terminate(admin_dsn: str, application_name: str, *, when: str = "true") -> int:
@@ -160,7 +160,7 @@ class TestDeadPooledConnections:
         assert db.fetchval("SELECT 1", timeout=WAIT) == 1
         assert len(made) == 2
         assert any("died while being acquired" in r.getMessage() for r in caplog.records)
-        assert pool_source(db).leased == 0
+        all_released(db)
 
     def test_a_call_that_may_have_reached_the_server_is_never_retried(
         self, db: Database, admin_dsn: str, schema: str
@@ -187,7 +187,7 @@ class TestRelease:
         with pytest.raises(asyncpg.UndefinedTableError):
             db.execute("INSERT INTO missing VALUES (1)")
         assert db.fetchval("SELECT count(*) FROM t") == 1
-        assert pool_source(db).leased == 0
+        all_released(db)
 
     def test_a_release_left_to_finish_alone_reports_no_unretrieved_error(
         self, dsn: str, bridge: Bridge, caplog: pytest.LogCaptureFixture
@@ -387,7 +387,7 @@ class TestTransactionsLosingTheirConnection:
         assert isinstance(error, TransactionClosedError)
         assert "cannot commit" in str(error)
         assert db.fetchval("SELECT count(*) FROM t") == 0
-        assert pool_source(db).leased == 0
+        all_released(db)
 
 
 class TestCallsLeavingATransactionOpen:

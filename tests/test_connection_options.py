@@ -1,15 +1,20 @@
-"""Connection options that pass straight through to asyncpg: multi-host DSNs, target_session_attrs, ssl."""
+"""Connection options: multi-host DSNs, target_session_attrs and ssl pass straight through to asyncpg;
+TCP keepalive is set on every pooled connection."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from loopbridge import Bridge, ConnectError, Database
+from loopbridge import Bridge, ConfigurationError, ConnectError, Database
+from loopbridge._asyncpg import socket_of
 from tests.pgcluster import PASSWORD, PrivateCluster
 
 #: A loopback port nothing listens on: connecting to it is refused at once.
@@ -129,3 +134,80 @@ class TestSsl:
             db.fetchval("SELECT 1")
         assert PASSWORD not in str(info.value)
         assert PASSWORD not in repr(db)
+
+
+async def _socket_options(con: Any) -> dict[str, int] | None:
+    """The keepalive options of the socket under *con*, or None when it is not TCP (a unix socket)."""
+    sock = socket_of(con)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    tcp = socket.IPPROTO_TCP
+    return {
+        "SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        "TCP_KEEPIDLE": sock.getsockopt(tcp, socket.TCP_KEEPIDLE),
+        "TCP_KEEPINTVL": sock.getsockopt(tcp, socket.TCP_KEEPINTVL),
+        "TCP_KEEPCNT": sock.getsockopt(tcp, socket.TCP_KEEPCNT),
+        "TCP_USER_TIMEOUT": sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT),
+    }
+
+
+def _server_probing(db: Database) -> tuple[str, str, str]:
+    row = db.fetchrow(
+        "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'), "
+        "current_setting('tcp_keepalives_count')"
+    )
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def _system_keepalive() -> tuple[str, str, str]:
+    """The kernel's keepalive settings, which the server uses when not told otherwise (same machine)."""
+    names = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
+    return tuple(Path(f"/proc/sys/net/ipv4/{name}").read_text().strip() for name in names)  # type: ignore[return-value]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="the keepalive options are Linux's")
+class TestKeepalive:
+    """TCP keepalive, the second line of defence against a silent peer (loopbridge/_keepalive.py)."""
+
+    def test_pool_connections_probe_a_silent_peer_on_both_sides_by_default(
+        self, cluster: PrivateCluster, bridge: Bridge
+    ) -> None:
+        db = Database(cluster.dsn(), bridge=bridge)
+        assert db.run(_socket_options) == {
+            "SO_KEEPALIVE": 1,
+            "TCP_KEEPIDLE": 10,
+            "TCP_KEEPINTVL": 5,
+            "TCP_KEEPCNT": 3,
+            "TCP_USER_TIMEOUT": 30_000,
+        }
+        assert _server_probing(db) == ("10", "5", "3")
+
+    def test_the_idle_time_sets_the_rest_and_the_callers_server_settings_win(
+        self, cluster: PrivateCluster, bridge: Bridge
+    ) -> None:
+        db = Database(
+            cluster.dsn(), bridge=bridge, keepalive=20, server_settings={"tcp_keepalives_count": "7"}
+        )
+        options = db.run(_socket_options)
+        assert options is not None
+        assert (options["TCP_KEEPIDLE"], options["TCP_KEEPINTVL"], options["TCP_USER_TIMEOUT"]) == (
+            20,
+            10,
+            60_000,
+        )
+        assert _server_probing(db) == ("20", "10", "7")
+
+    def test_keepalive_none_leaves_the_sockets_and_the_server_as_they_are(
+        self, cluster: PrivateCluster, bridge: Bridge
+    ) -> None:
+        db = Database(cluster.dsn(), bridge=bridge, keepalive=None)
+        options = db.run(_socket_options)
+        assert options is not None
+        assert options["SO_KEEPALIVE"] == 0
+        assert _server_probing(db) == _system_keepalive()  # the server's defaults: the system's
+
+    @pytest.mark.parametrize("keepalive", [0, 0.5, 40_000, "10", True])
+    def test_a_keepalive_beyond_the_kernels_bounds_is_refused(self, dsn: str, keepalive: Any) -> None:
+        with pytest.raises(ConfigurationError, match="keepalive must be a number of seconds from 1 to 32767"):
+            Database(dsn, keepalive=keepalive)

@@ -30,7 +30,7 @@ from loopbridge._dsn import parse_dsn
 from loopbridge._twins import twins
 from tests.boundary import sessions, wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
+from tests.support import WAIT, Caller, all_released, in_thread, independent, pool_source, run_loop
 
 
 @pytest.fixture
@@ -409,7 +409,7 @@ class TestPool:
             )
 
         assert run_loop(main) == list(range(12))
-        assert pool_source(db).leased == 0
+        all_released(db)
         db.close()
 
     def test_a_timeout_while_waiting_for_a_connection_gives_it_back(self, dsn: str, bridge: Bridge) -> None:
@@ -420,7 +420,7 @@ class TestPool:
         with pytest.raises(CallTimeoutError):
             db.fetchval("SELECT 1", timeout=0.2)
         holder.join(WAIT)
-        assert pool_source(db).leased == 0
+        all_released(db)
         assert db.fetchval("SELECT 1") == 1
         db.close()
 

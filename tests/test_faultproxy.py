@@ -199,6 +199,25 @@ class TestSilence:
 
         run_loop(go)
 
+    def test_forgetting_silenced_connections_ends_their_sessions_and_leaves_their_clients_silent(
+        self, proxy: FaultProxy, through: str, target_dsn: str
+    ) -> None:
+        async def go() -> int:
+            async with connected(through) as con:
+                pid = con.get_server_pid()
+                proxy.silence()
+                proxy.forget_silenced()
+                await eventually(lambda: not backend_exists(target_dsn, pid), what="the backend gone")
+                proxy.heal()
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(con.fetchval("SELECT 1"), UNANSWERED)
+                assert not con.is_closed()  # the client heard nothing of it
+                async with connected(through) as fresh:
+                    assert await fresh.fetchval("SELECT 2") == 2
+                return pid
+
+        run_loop(go)
+
 
 class TestReset:
     def test_a_query_in_flight_fails_with_a_connection_error(

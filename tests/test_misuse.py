@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 import logging
+import mmap
 import re
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,7 @@ from loopbridge import (
     DeadlockError,
 )
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
+from tests.support import WAIT, Caller, all_released, in_thread, independent, run_loop
 
 
 async def add(a: int, b: int) -> int:
@@ -47,6 +50,75 @@ def still_serves(db: Database) -> None:
 def no_loop_errors(caplog: pytest.LogCaptureFixture) -> None:
     errors = [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
     assert errors == []
+
+
+def gigabytes(size: float) -> memoryview:
+    """A zero-filled bytes-like value of *size* GiB that takes no memory until it is read."""
+    return memoryview(mmap.mmap(-1, int(size * 2**30)))
+
+
+class TestLimits:
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"max_size": True}, "max_size must be an integer from 1 to 10,000, not True"),
+            ({"max_size": 10**7}, "max_size must be an integer from 1 to 10,000, not 10000000"),
+            ({"max_size": 2.0}, "max_size must be an integer from 1 to 10,000"),
+            ({"min_size": False}, "min_size must be an integer from 0 to 10"),
+            ({"min_size": 3, "max_size": 2}, "min_size must be an integer from 0 to 2"),
+            ({"pool_timeout": float("nan")}, "pool_timeout must be a positive number of seconds"),
+            ({"pool_timeout": -1}, "pool_timeout must be a positive number of seconds"),
+        ],
+    )
+    def test_sizes_and_timeouts_beyond_reach_are_refused_saying_what_is_allowed(
+        self, dsn: str, options: dict[str, Any], message: str
+    ) -> None:
+        """max_size=10**7 blocked the shared bridge for seconds when the pool opened and again at exit,
+        10**9 was killed by the kernel, and max_size=True was taken for 1."""
+        bridge = Bridge("limits")
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            Database(dsn, bridge=bridge, **options)
+        assert bridge.state == "created"  # refused before anything ran
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"max_queries": 0}, "max_queries must be an integer >= 1, not 0"),
+            ({"max_queries": 1.5}, "max_queries must be an integer >= 1"),
+            ({"max_inactive_connection_lifetime": -1}, "max_inactive_connection_lifetime must be"),
+            ({"command_timeout": 0}, "command_timeout must be a positive number of seconds"),
+            ({"timeout": float("inf")}, "timeout must be a positive number of seconds (finite)"),
+            ({"statement_cache_size": -1}, "statement_cache_size must be an integer >= 0"),
+            ({"server_settings": {"work_mem": 64}}, "server_settings must be a dict of str to str"),
+            ({"connection_class": dict}, "connection_class must be a subclass of asyncpg"),
+            ({"init": "SET x = 1"}, "init must be a function"),
+            ({"init_size": 11}, "init_size must be an integer from 1 to 10"),
+        ],
+    )
+    def test_asyncpg_pool_options_are_checked_up_front(
+        self, dsn: str, options: dict[str, Any], message: str
+    ) -> None:
+        """max_queries=0 was taken, and failed at the first call, on the bridge loop, with asyncpg's bare
+        ValueError."""
+        if "init_size" in options and "init_size" not in inspect.signature(asyncpg.create_pool).parameters:
+            pytest.skip("this asyncpg has no init_size")
+        bridge = Bridge("options")
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            Database(dsn, bridge=bridge, min_size=1, max_size=10, **options)
+        assert bridge.state == "created"
+
+    @pytest.mark.parametrize("timeout", [float("inf"), 1e300, threading.TIMEOUT_MAX])
+    def test_an_infinite_timeout_means_no_timeout(self, db: Database, caller: Caller, timeout: float) -> None:
+        """timeout=float('inf') (or 1e300) raised OverflowError from deep inside the wait."""
+        assert caller.call(db, "fetchval", "SELECT 1", timeout=timeout) == 1
+        assert db.bridge.run(add, 1, 2, timeout=timeout) == 3
+        assert db.bridge.submit(add, 2, 2, timeout=timeout).result(WAIT) == 4
+        assert [row[0] for row in db.iterate("SELECT generate_series(1, 3)", timeout=timeout)] == [1, 2, 3]
+        with db.listen("forever") as sub:
+            db.execute("NOTIFY forever")
+            assert sub.get(timeout=timeout) is not None
+        assert Database(db.dsn, bridge=db.bridge, command_timeout=timeout)._source.command_timeout is None
+        still_serves(db)
 
 
 class TestWhatIsSubmitted:
@@ -159,7 +231,7 @@ class TestServerErrors:
         with pytest.raises(error):
             caller.call(db, "fetch", query)
         still_serves(db)
-        assert pool_source(db).leased == 0
+        all_released(db)
 
     def test_a_query_timeout_cancels_the_query_on_the_server(
         self, db: Database, caller: Caller, admin_dsn: str, schema: str
@@ -211,6 +283,54 @@ class TestBlockingOnTheBridge:
 
         with pytest.raises(DeadlockError, match=r"correct: await db\.afetch"):
             db.run(nested)
+        still_serves(db)
+
+    def test_reading_a_stream_on_the_bridge_thread_raises_deadlock_error_and_leaves_it_readable(
+        self, db: Database, caller: Caller
+    ) -> None:
+        """A stream opened in the caller's thread and read inside db.run(fn) waited on the bridge thread
+        for a batch that only the bridge loop could fetch: the bridge was dead for good ("the bridge
+        loop did not respond to its cancellation"), every later call timed out."""
+        with db.iterate("SELECT generate_series(1, 5)", prefetch=2) as rows:
+            assert [next(rows)[0], next(rows)[0]] == [1, 2]  # the first batch: the next row needs a wait
+
+            async def read_on_the_bridge(conn: Any) -> object:
+                return next(rows)
+
+            with pytest.raises(DeadlockError, match="'async for'"):
+                caller.call(db, "run", read_on_the_bridge, timeout=WAIT)
+            assert [row[0] for row in rows] == [3, 4, 5]  # refused before anything changed
+        still_serves(db)
+
+    def test_a_subscription_read_on_the_bridge_thread_raises_deadlock_error_at_once(
+        self, db: Database, caller: Caller
+    ) -> None:
+        """sub.get(timeout=1) inside db.run blocked the bridge loop, and every caller, for a second."""
+        with db.listen("on_the_bridge") as sub:
+
+            async def get_on_the_bridge(conn: Any) -> object:
+                return sub.get(timeout=1)
+
+            started = time.monotonic()
+            with pytest.raises(DeadlockError, match=r"await sub\.aget\(\)"):
+                caller.call(db, "run", get_on_the_bridge, timeout=WAIT)
+            assert time.monotonic() - started < 0.9
+            assert db.bridge.stats().max_loop_lag < 0.5
+            db.execute("NOTIFY on_the_bridge, 'still there'")
+            item = sub.get(timeout=WAIT)
+        assert isinstance(item, loopbridge.Notification)
+        assert item.payload == "still there"
+        still_serves(db)
+
+    def test_a_copy_fed_on_the_bridge_thread_raises_deadlock_error(self, db: Database) -> None:
+        db.execute("CREATE TABLE t (k int)")
+
+        async def copy_on_the_bridge(conn: Any) -> str:
+            return db.copy_records_to_table("t", records=iter([(1,), (2,)]))
+
+        with pytest.raises(DeadlockError):
+            db.run(copy_on_the_bridge, timeout=WAIT)
+        assert db.fetchval("SELECT count(*) FROM t") == 0
         still_serves(db)
 
 
@@ -346,7 +466,41 @@ class TestHugeResults:
                 db, "fetch", "SELECT g, repeat('x', 1000) FROM generate_series(1, 10000000) g", timeout=0.5
             )
         still_serves(db)
-        assert pool_source(db).leased == 0
+        all_released(db)
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            # Each a view of an anonymous mapping: gigabytes that take no memory until they are read.
+            pytest.param((gigabytes(1.01),), id="one value over 1 GB"),
+            pytest.param((gigabytes(0.6), gigabytes(0.6)), id="two that do not fit together"),
+        ],
+    )
+    def test_parameters_too_big_to_send_are_refused_before_they_reach_the_bridge(
+        self, db: Database, caller: Caller, values: tuple[memoryview, ...]
+    ) -> None:
+        """A 2 GB string parameter was encoded on the bridge loop, stalling every caller for about 7 s,
+        before asyncpg's DataError: values that PostgreSQL cannot take in one message are refused in
+        the caller's thread, without reading them."""
+        placeholders = ", ".join(f"length(${n}::bytea)" for n in range(1, len(values) + 1))
+        started = time.monotonic()
+        with pytest.raises(asyncpg.DataError, match="PostgreSQL takes at most 1,073,741,823 bytes"):
+            caller.call(db, "fetchval", f"SELECT {placeholders}", *values, timeout=WAIT)
+        assert time.monotonic() - started < 2
+        assert db.bridge.stats().max_loop_lag < 0.5
+        still_serves(db)
+
+    def test_executemany_rows_too_big_to_send_are_refused(self, db: Database) -> None:
+        db.execute("CREATE TABLE t (b bytea)")
+        with pytest.raises(asyncpg.DataError, match="argument \\$1"):
+            db.executemany("INSERT INTO t VALUES ($1)", [(b"small",), (gigabytes(1.01),)])
+        assert db.fetchval("SELECT count(*) FROM t") == 0
+        still_serves(db)
+
+    def test_a_large_value_that_fits_is_sent(self, db: Database) -> None:
+        text = "é" * 3_000_000  # 6 MB in UTF-8: measured only when its bounds cannot tell
+        assert db.fetchval("SELECT octet_length($1::text)", text) == 6_000_000
+        still_serves(db)
 
     def test_a_value_beyond_postgres_limits_raises_the_servers_error(self, db: Database) -> None:
         with pytest.raises(asyncpg.ProgramLimitExceededError, match="requested length too large"):

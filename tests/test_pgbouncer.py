@@ -68,6 +68,22 @@ def table(cluster: PrivateCluster) -> Iterator[str]:
     independent(cluster.dsn(), f"DROP TABLE {name}")
 
 
+class TestKeepaliveBehindAPooler:
+    def test_a_pooler_that_refuses_keepalive_settings_is_connected_to_without_them(
+        self, fresh_pgbouncer: PgBouncer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """PgBouncer (in session mode too, where pgbouncer=True is not wanted) refuses startup parameters
+        it does not know: the server-side keepalive settings are dropped once, and every connection
+        then works, with keepalive on the client's side still."""
+        with Bridge("pgb-keepalive") as bridge:
+            db = Database(fresh_pgbouncer.dsn(), bridge=bridge, max_size=2, statement_cache_size=0)
+            assert db.fetchval("SELECT 1") == 1
+            all_at_once(lambda: db.fetchval("SELECT pg_sleep(0.1)"), lambda: db.fetchval("SELECT 2"))
+            refused = [r for r in caplog.records if "refuses keepalive settings" in r.getMessage()]
+            assert len(refused) == 1
+            db.close()
+
+
 class TestTransactionPooling:
     def test_without_the_option_asyncpgs_named_statements_break(self, fresh_pgbouncer: PgBouncer) -> None:
         """The control: this PgBouncer really pools by transaction, so asyncpg's statement cache fails."""

@@ -17,7 +17,7 @@ from asyncpg.transaction import Transaction
 
 from loopbridge import Database, Notification, PoolTimeoutError
 from loopbridge._pin import PinnedSource, pin, unpin
-from tests.support import WAIT, Caller, in_thread, independent, pool_source, run_loop
+from tests.support import WAIT, Caller, all_released, in_thread, independent, run_loop
 
 
 async def _pin_and_begin(db: Database) -> Transaction:
@@ -112,7 +112,7 @@ class TestPinned:
         db.bridge.run(_rollback_and_unpin, db, transaction)
         assert db.fetchval("SELECT count(*) FROM items") == 0
         assert not is_pinned(db)
-        assert pool_source(db).leased == 0
+        all_released(db)
         db.bridge.run(unpin, db)  # safe twice
 
     def test_a_transaction_inside_the_pinned_one_is_a_savepoint(self, db: Database) -> None:
@@ -144,7 +144,7 @@ class TestPinned:
 
         assert pinned.bridge.run(scenario, timeout=WAIT) == "SELECT 1"
         assert not is_pinned(pinned)
-        assert pool_source(pinned).leased == 0
+        all_released(pinned)
 
     def test_unpin_terminates_a_connection_held_too_long(
         self, pinned: Database, caplog: pytest.LogCaptureFixture
@@ -166,7 +166,7 @@ class TestPinned:
         assert pinned.bridge.run(scenario, timeout=WAIT) is not None
         assert "terminating it" in caplog.text
         assert not is_pinned(pinned)
-        assert pool_source(pinned).leased == 0
+        all_released(pinned)
 
     def test_closing_a_pinned_database_returns_its_connection_first(
         self, pinned: Database, caplog: pytest.LogCaptureFixture

@@ -216,7 +216,9 @@ from loopbridge import Bridge, Database, LoopBridgeError
 DSN = sys.argv[1]
 
 def exiting():
-    print("EXITING", time.time(), flush=True)
+    # One write: print() writes its pieces one by one, and another thread's print may land between them.
+    sys.stdout.write(f"EXITING {time.time()}\\n")
+    sys.stdout.flush()
 """
 
 #: Interpreters the exit is tested under: the strictest, warnings as errors alone, and plain python.
@@ -555,3 +557,100 @@ class TestExitVariants:
         )
         assert "bridge loop is uvloop: True" in out
         connections_closed(admin_dsn, schema)
+
+
+#: Scripts that put the fault-injecting proxy (tests/faultproxy.py) between their Database and the
+#: server: ``proxy`` and ``THROUGH``, the DSN through it.
+PROXY_PRELUDE = """
+from tests.faultproxy import FaultProxy
+proxy = FaultProxy.in_front_of(DSN).start()
+THROUGH = proxy.dsn_for(DSN)
+"""
+
+
+class TestExitWhateverTheServerDoes:
+    """Exit stays quiet and within the bound whatever the server does: silent (the pool still opening),
+    half-open under calls and a transaction, or refusing connections while asyncpg reconnects."""
+
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_exit_while_the_pool_opens_against_a_silent_server(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        """It took 5.1 s and printed "shutdown did not finish within 4.0 s ... Abandoning it", "Exception
+        ignored ... Event loop is closed", "coroutine 'Pool._maintain_min_size' was never awaited" and
+        three "Task was destroyed but it is pending!": the close waited for the opening, which waited
+        for asyncpg's 60 s connect timeout."""
+        exit_in_time(
+            PROXY_PRELUDE
+            + textwrap.dedent(
+                """
+            proxy.silence()
+            db = Database(THROUGH, min_size=2)
+            for _ in range(3):
+                threading.Thread(target=lambda: db.fetchval("SELECT 1"), daemon=True).start()
+            time.sleep(0.5)
+            exiting()
+            """
+            ),
+            dsn,
+            flags=flags,
+        )
+
+    @pytest.mark.parametrize("flags", FLAGS)
+    def test_exit_with_calls_and_a_transaction_on_half_open_connections(
+        self, dsn: str, admin_dsn: str, schema: str, flags: tuple[str, ...]
+    ) -> None:
+        exit_in_time(
+            PROXY_PRELUDE
+            + textwrap.dedent(
+                """
+            db = Database(THROUGH, min_size=3, max_size=4)
+            db.open()
+            inside = threading.Event()
+
+            def in_a_transaction():
+                with db.transaction() as tx:
+                    tx.execute("SELECT 1")
+                    inside.set()
+                    tx.execute("SELECT 2")  # into the silence, without a timeout
+
+            threading.Thread(target=in_a_transaction, daemon=True).start()
+            assert inside.wait(30)
+            proxy.silence()
+            for _ in range(2):  # statements into the silence, and one waiting for their slots
+                threading.Thread(target=lambda: db.fetchval("SELECT 1"), daemon=True).start()
+            time.sleep(0.5)
+            exiting()
+            """
+            ),
+            dsn,
+            flags=flags,
+        )
+        connections_closed(admin_dsn, schema)  # the proxy's end reset the server's side of each
+
+    def test_exit_while_asyncpg_reconnects_to_a_refusing_server_logs_once_without_traceback(
+        self, dsn: str, admin_dsn: str, schema: str
+    ) -> None:
+        """asyncpg's "Failed to restore the pool connection floor" printed a full traceback at every
+        retry: said once per episode, in a line, on the loopbridge logger."""
+        out = exit_in_time(
+            PROXY_PRELUDE
+            + textwrap.dedent(
+                """
+            import logging
+            logging.basicConfig(stream=sys.stdout, format="LOG %(levelname)s %(name)s: %(message)s")
+            db = Database(THROUGH, min_size=2)
+            db.open()
+            proxy.refuse()
+            proxy.reset()  # the pool's connections die; asyncpg reconnects to keep min_size, refused
+            time.sleep(3.5)  # asyncpg retries after 1 s, then 2 s
+            exiting()
+            """
+            ),
+            dsn,
+        )
+        logged = [line for line in out.splitlines() if line.startswith("LOG ")]
+        assert len(logged) == 1, out
+        assert logged[0].startswith("LOG WARNING loopbridge: ")
+        assert "could not reopen min_size=2 connections in the background" in logged[0]
+        assert "Traceback" not in out

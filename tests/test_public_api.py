@@ -41,6 +41,8 @@ def test_every_public_class_and_function_is_exported() -> None:
         (errors.ConnectionLostError, ConnectionError),
         (errors.ConfigurationError, ValueError),
         (errors.TransactionClosedError, RuntimeError),
+        (errors.TransactionTimeoutError, TimeoutError),
+        (errors.TransactionTimeoutError, RuntimeError),
         (errors.SubscriptionClosedError, RuntimeError),
     ],
 )
@@ -55,6 +57,11 @@ def test_each_error_is_a_loopbridge_error_and_a_builtin(
 
 def test_pool_timeout_is_a_call_timeout() -> None:
     assert issubclass(errors.PoolTimeoutError, errors.CallTimeoutError)
+
+
+def test_a_transaction_timeout_is_both_a_closed_transaction_and_a_call_timeout() -> None:
+    assert issubclass(errors.TransactionTimeoutError, errors.TransactionClosedError)
+    assert issubclass(errors.TransactionTimeoutError, errors.CallTimeoutError)
 
 
 def test_the_package_is_typed() -> None:

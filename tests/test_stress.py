@@ -205,6 +205,23 @@ class TestRuns:
         assert "postgres:***@" in proc.stdout  # the DSN is shown, redacted
         assert PASSWORD not in output
 
+    def test_a_short_half_open_run_passes_and_every_pool_slot_comes_back(self) -> None:
+        """Half-open connections (the load through a proxy that goes silent now and then) never hang a
+        caller, leak a connection or lose a write, and the pool serves its full size afterwards."""
+        proc = stress("--faults", "halfopen", "--duration", "12")
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output
+        line = summary(proc)
+        assert line.startswith("stress: PASS: "), output
+        for figure in ("lost 0", "duplicated 0", "hung 0", "leaked 0", "abandoned 0", "undocumented 0"):
+            assert figure in line
+        assert "through a fault-injecting proxy" in proc.stdout
+        assert " half-open episodes (" in proc.stdout
+        assert "stress: pool: served all 16 connections at once" in proc.stdout
+        assert "0 backends terminated in 0 rounds, 0 restart" in proc.stdout  # halfopen alone
+        assert "Traceback" not in output
+        assert PASSWORD not in output
+
     def test_a_call_that_returns_after_the_hang_bound_fails_the_run(self, admin_dsn: str) -> None:
         proc = stress("--dsn", admin_dsn, *SHORT, code=HANG_MUTANT)
         line = summary(proc)
@@ -227,3 +244,6 @@ def test_bad_arguments_are_refused_with_usage() -> None:
     proc = stress("--duration", "0", timeout=60)
     assert proc.returncode == 2
     assert "--duration must be positive" in proc.stderr
+    proc = stress("--faults", "halfopen,flood", timeout=60)
+    assert proc.returncode == 2
+    assert "--faults takes terminate, restart, fork, halfopen (comma-separated) or all" in proc.stderr

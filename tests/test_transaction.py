@@ -24,6 +24,7 @@ from loopbridge import (
     PoolTimeoutError,
     Transaction,
     TransactionClosedError,
+    TransactionTimeoutError,
 )
 from loopbridge._twins import twin_contexts
 from tests.boundary import Driver, sessions, settled, terminate, wait_until
@@ -270,6 +271,145 @@ class TestOptions:
             ConfigurationError, match=r"isolation must be one of 'read_committed'.*not 'snapshot'"
         ):
             db.transaction(isolation="snapshot")
+
+
+class TestTimeout:
+    def test_a_block_that_outlives_its_timeout_is_rolled_back_at_once_and_its_connection_returned(
+        self, db: Database, table: str, dsn: str, schema: str, admin_dsn: str, driver: Driver
+    ) -> None:
+        """The rollback happens when the timeout expires, on the bridge loop, not when the caller's code
+        comes back: the server session is not left idle in transaction meanwhile."""
+        tx = db.transaction(timeout=0.5)
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                wait_until(lambda: tx.state == "rolled back", what="rolled back at its timeout")
+                assert db.stats().in_use == 0  # the caller is still in the block
+                assert sessions(admin_dsn, schema, "idle in transaction") == 0
+                driver.call(tx, "execute", "INSERT INTO items VALUES (2, 'two')")
+
+        with pytest.raises(TransactionTimeoutError, match=r"timeout=0\.5 s .* expired"):
+            block()
+        assert names(dsn) == []
+
+    def test_a_statement_running_when_the_timeout_expires_is_cancelled(
+        self, db: Database, table: str, driver: Driver
+    ) -> None:
+        tx = db.transaction(timeout=0.5)
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "SELECT pg_sleep(30)")
+
+        started = time.monotonic()
+        with pytest.raises(TransactionTimeoutError, match="cut off while this statement ran"):
+            block()
+        assert time.monotonic() - started < 5
+        assert tx.state == "rolled back"
+        settled_pool(db)
+
+    def test_a_block_that_ends_normally_after_its_timeout_raises_and_commits_nothing(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        tx = db.transaction(timeout=0.5)
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+                time.sleep(1)  # the caller's own code, between statements
+
+        with pytest.raises(TransactionTimeoutError, match="could not commit"):
+            block()
+        assert names(dsn) == []
+        assert tx.state == "rolled back"
+        assert tx.timeout == 0.5
+
+    def test_a_block_within_its_timeout_commits(
+        self, db: Database, table: str, dsn: str, driver: Driver
+    ) -> None:
+        with driver.block(db.transaction(timeout=WAIT)) as tx:
+            driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")
+            with driver.block(tx.transaction()) as savepoint:
+                driver.call(savepoint, "execute", "INSERT INTO items VALUES (2, 'two')")
+        assert names(dsn) == ["one", "two"]
+        assert tx.state == "committed"
+
+    def test_the_timeout_bounds_waiting_for_a_connection(
+        self, dsn: str, bridge: Bridge, driver: Driver
+    ) -> None:
+        db = Database(dsn, bridge=bridge, max_size=1, pool_timeout=WAIT)
+        try:
+            with db.transaction():  # the only connection
+                started = time.monotonic()
+                with pytest.raises(TransactionTimeoutError, match="could not begin"):
+                    driver.enter(db.transaction(timeout=0.5))
+                assert time.monotonic() - started < 5
+        finally:
+            db.close()
+
+    def test_the_server_ends_the_transaction_itself_if_it_outlives_its_timeout(
+        self, db: Database, driver: Driver
+    ) -> None:
+        """Should the ROLLBACK not reach the server (a partition), the server ends the session: the
+        transaction sets idle_in_transaction_session_timeout to its timeout and a second."""
+        with driver.block(db.transaction(timeout=3)) as tx:
+            assert driver.call(tx, "fetchval", "SHOW idle_in_transaction_session_timeout") == "4s"
+        assert db.fetchval("SHOW idle_in_transaction_session_timeout") == "0"  # for that transaction only
+
+    def test_the_database_default_applies_and_inf_turns_it_off(
+        self, dsn: str, bridge: Bridge, driver: Driver
+    ) -> None:
+        db = Database(dsn, bridge=bridge, transaction_timeout=0.5)
+
+        def block() -> None:
+            with driver.block(db.transaction()) as tx:
+                driver.call(tx, "execute", "SELECT pg_sleep(5)")
+
+        try:
+            with pytest.raises(TransactionTimeoutError):
+                block()
+            with driver.block(db.transaction(timeout=float("inf"))) as tx:
+                assert driver.call(tx, "fetchval", "SELECT 1 FROM pg_sleep(0.8)") == 1
+            assert tx.timeout is None
+            # A stream's own transaction is not a block of the caller's: the default does not apply.
+            rows = db.iterate("SELECT g FROM generate_series(1, 2) g, pg_sleep(0.4)")
+            assert [row[0] for row in rows] == [1, 2]
+        finally:
+            db.close()
+
+    def test_a_commit_cut_off_by_the_timeout_says_its_outcome_is_unknown(
+        self, db: Database, table: str, driver: Driver
+    ) -> None:
+        """A timed-out COMMIT keeps saying that its outcome is unknown: it may have committed."""
+        db.execute(
+            """
+            CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON items
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();
+            """
+        )
+        tx = db.transaction(timeout=1)
+
+        def block() -> None:
+            with driver.block(tx):
+                driver.call(tx, "execute", "INSERT INTO items VALUES (1, 'one')")  # checked at COMMIT
+
+        with pytest.raises(CallTimeoutError, match="outcome is unknown") as raised:
+            block()
+        assert not isinstance(raised.value, TransactionClosedError)  # which would say nothing committed
+        assert tx.state == "lost"
+        settled_pool(db)
+
+    @pytest.mark.parametrize("timeout", [0, -1, "5", True])
+    def test_a_bad_timeout_is_refused(self, db: Database, timeout: Any) -> None:
+        with pytest.raises(ConfigurationError, match="timeout must be a positive number of seconds"):
+            db.transaction(timeout=timeout)
+
+
+def settled_pool(db: Database) -> None:
+    wait_until(lambda: db.stats().in_use == 0, what="every connection back")
 
 
 class TestSavepoints:

@@ -97,7 +97,7 @@ class Engine(ClosedWhenUnreachable, Closing, OpenClose):
                 raise ConfigurationError(f"Engine does not take {name!r}: {why}")
         connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
         password = connect_args.get("password")
-        self._secrets = (self._info.password, password if isinstance(password, str) else None)
+        self._secrets = (*self._info.secrets, password if isinstance(password, str) else None)
         try:
             # As in SQLAlchemy: connect_args override the URL's options.
             self._dialect_args, self._connect_args = _split_connect_args({**url_options, **connect_args})
