@@ -4,8 +4,10 @@ For a change to the call path: each revision is checked out in a temporary git w
 measurement runs in a fresh process with that checkout first on ``sys.path``, alternating A, B, A, B
 (and the order of the cases shuffled per round), so that both see the same machine. A measurement drives
 N callers (sync threads, or tasks on one foreign event loop) calling ``db.fetchval("SELECT 1")`` on a
-pool of 16 for a fixed window, and reports calls per second and the process's CPU time per call (all
-its threads: the callers' and the bridge's). The medians of the rounds are compared as B / A.
+pool of 16 for a fixed window, and reports calls per second, the process's CPU time per call (all its
+threads: the callers' and the bridge's) and, when the server runs on this machine, its processes' CPU
+time per call (the pool's sixteen backends, read from ``/proc``). The medians of the rounds are compared
+as B / A.
 
 It never fails because something is slow; only when a measurement crashes.
 """
@@ -22,19 +24,35 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: One measurement, run in a child process with the revision's checkout first on sys.path.
 MEASURE = r"""
-import asyncio, json, sys, threading, time
+import asyncio, json, os, sys, threading, time
 from loopbridge import Bridge, Database
 
 dsn, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 warmup, window = float(sys.argv[4]), float(sys.argv[5])
 bridge = Bridge("revisions")
-db = Database(dsn, bridge=bridge, min_size=16, max_size=16)
+name = f"revisions-{os.getpid()}"
+db = Database(dsn, bridge=bridge, min_size=16, max_size=16, server_settings={"application_name": name})
 db.fetchval("SELECT 1")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu() -> float | None:
+    # The pool's server processes, when the server runs on this machine: their CPU seconds so far.
+    pids = [row[0] for row in db.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", name)]
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 def threads(seconds: float) -> int:
@@ -73,12 +91,17 @@ def tasks(seconds: float) -> int:
 
 drive = threads if kind == "sync" else tasks
 drive(warmup)
+server = server_cpu()
 started, cpu = time.monotonic(), time.process_time()
 calls = drive(window)
 elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
+server_after = server_cpu()
 db.close()
 bridge.close()
-print(json.dumps({"rate": calls / elapsed, "cpu_us": cpu / calls * 1e6}))
+server_us = None if server is None or server_after is None else (server_after - server) / calls * 1e6
+import loopbridge
+print(json.dumps({"rate": calls / elapsed, "cpu_us": cpu / calls * 1e6, "server_us": server_us,
+                  "imported": loopbridge.__file__}))
 """
 
 
@@ -95,17 +118,21 @@ def checkout(revision: str, into: Path) -> Path:
     return path
 
 
-def measure(tree: Path, dsn: str, kind: str, n: int, warmup: float, window: float) -> dict[str, float]:
+def measure(tree: Path, dsn: str, kind: str, n: int, warmup: float, window: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    # In the checkout: `python -c` puts the working directory first on sys.path, before PYTHONPATH.
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, dsn, kind, str(n), str(warmup), str(window)],
         env=env,
+        cwd=tree,
         capture_output=True,
         text=True,
         timeout=warmup + window + 60,
         check=True,
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["imported"].startswith(str(tree)):
+        raise RuntimeError(f"the measurement of {tree} imported loopbridge from {result['imported']}")
     return result
 
 
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for side in ("a", "b"):
             trees[side] = checkout(getattr(args, side), scratch)
-        results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         order = random.Random(args.seed)
         for round_ in range(args.rounds):
             shuffled = cases[:]
@@ -146,16 +173,25 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         print(f"\nmedians of {args.rounds} rounds, b={args.b} against a={args.a}:")
-        print("| case | a calls/s | b calls/s | b/a | a CPU µs/call | b CPU µs/call | b/a |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| case | a calls/s | b calls/s | b/a | a CPU µs/call | b CPU µs/call | b/a "
+            "| a server µs/call | b server µs/call | b/a |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for kind, n in cases:
             a = results[(kind, n, "a")]
             b = results[(kind, n, "b")]
             rate_a, rate_b = (statistics.median(x["rate"] for x in side) for side in (a, b))
             cpu_a, cpu_b = (statistics.median(x["cpu_us"] for x in side) for side in (a, b))
+            servers = [[x["server_us"] for x in side if x.get("server_us") is not None] for side in (a, b)]
+            if all(servers):
+                srv_a, srv_b = (statistics.median(each) for each in servers)
+                server = f"{srv_a:.1f} | {srv_b:.1f} | {srv_b / srv_a:.2f}"
+            else:
+                server = "– | – | –"  # the server runs elsewhere: its processes are not readable here
             print(
                 f"| {kind} N={n} | {rate_a:.0f} | {rate_b:.0f} | {rate_b / rate_a:.2f} | {cpu_a:.1f} | "
-                f"{cpu_b:.1f} | {cpu_b / cpu_a:.2f} |"
+                f"{cpu_b:.1f} | {cpu_b / cpu_a:.2f} | {server} |"
             )
     finally:
         for tree in trees.values():
