@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import asyncpg.cursor
+import asyncpg.pool
 import asyncpg.utils
 
 from ._loop import bridge_threads
@@ -36,6 +37,7 @@ __all__ = [
     "restoring_floor",
     "sent_so_far",
     "socket_of",
+    "unproxied",
 ]
 
 #: The asyncpg releases these internals were checked against.
@@ -52,6 +54,7 @@ def _incompatible(what: str) -> RuntimeError:
 def _class_internals() -> Iterable[tuple[object, str, str]]:
     yield asyncpg.cursor.Cursor, "_close_portal", "Cursor._close_portal()"
     yield asyncpg.utils, "_quote_ident", "asyncpg.utils._quote_ident()"
+    yield asyncpg.pool.PoolConnectionProxy, "_con", "PoolConnectionProxy._con"
 
 
 @functools.cache
@@ -134,6 +137,11 @@ def close_portal(cursor: object) -> Callable[[], Awaitable[None]] | None:
     """A function that CLOSEs *cursor*'s portal now (asyncpg's Cursor has no public close), or None."""
     close = getattr(cursor, "_close_portal", None)
     return None if close is None else functools.partial(close, None)
+
+
+def unproxied(connection: object) -> object:
+    """The connection behind a pool's proxy (a connection is itself)."""
+    return getattr(connection, "_con", None) or connection
 
 
 def quote_ident(name: str) -> str:

@@ -21,6 +21,7 @@ import asyncpg
 from ._call import invoke
 from ._dead import DEAD_CONNECTION_RETRIES
 from ._limits import check_parameters, check_rows
+from ._session_state import may_change_session_state, note_change
 from ._source import Lease
 from ._twins import checked
 from .errors import CallTimeoutError, ConnectionLostError
@@ -115,6 +116,7 @@ class Queries:
         label = f"{type(self).__name__}.run()"
         _check_callable(fn, label)
         async with self._lease(callers_code=True) as con:
+            note_change(con)  # the caller's own code may do anything to the session
             result: R = await invoke(label, fn, (con, *args))
             return result
 
@@ -139,10 +141,13 @@ class Queries:
                 f"{type(query).__name__}; pass values as arguments: {method}('SELECT * FROM t WHERE id = "
                 "$1', 42)"
             )
+        changes_session = may_change_session_state(query)
         for retry in range(DEAD_CONNECTION_RETRIES + 1):
             lease = self._lease()
             try:
                 async with lease as con:
+                    if changes_session:  # reset when it goes back to the pool: see loopbridge._session_state
+                        note_change(con)
                     return await getattr(con, method)(query, *args, **options)
             except ConnectionLostError:
                 if not lease.unsent or retry == DEAD_CONNECTION_RETRIES:

@@ -128,6 +128,7 @@ def shared_replicated(
     round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
     transaction_timeout: float | None = None,
     keepalive: Keepalive | None = None,
+    session_reset: str = "when_changed",
 ) -> ReplicatedSource:
     """The open :class:`ReplicatedSource` of this configuration on *bridge*, or a new one, as
     :meth:`PoolSource.shared <loopbridge._source.PoolSource.shared>` does for a Database without replicas
@@ -146,6 +147,7 @@ def shared_replicated(
         round_trip_timeout,
         transaction_timeout,
         keepalive,
+        session_reset,
         _frozen(pool_options),
     )
     with _shared_lock:
@@ -167,6 +169,7 @@ def shared_replicated(
                 round_trip_timeout=round_trip_timeout,
                 transaction_timeout=transaction_timeout,
                 keepalive=keepalive,
+                session_reset=session_reset,
             )
             sources[key] = source
         source._users.add(user)
@@ -193,6 +196,7 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
         round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
         transaction_timeout: float | None = None,
         keepalive: Keepalive | None = None,
+        session_reset: str = "when_changed",
     ) -> None:
         password = pool_options.get("password")
         everything = (*secrets, *(secret for each in replicas for secret in each.secrets))
@@ -211,6 +215,7 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
                     secrets=(*each.secrets, password if isinstance(password, str) else None),
                     round_trip_timeout=round_trip_timeout,
                     keepalive=keepalive,
+                    session_reset=session_reset,
                 ),
                 connect_options,
             )
@@ -227,6 +232,7 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
             round_trip_timeout=round_trip_timeout,
             transaction_timeout=transaction_timeout,
             keepalive=keepalive,
+            session_reset=session_reset,
         )
         self.consistency = consistency
         self.max_lag = float(max_lag)

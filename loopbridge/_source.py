@@ -49,6 +49,7 @@ from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_conne
 from ._dsn import DsnInfo, redact
 from ._keepalive import Keepalive
 from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, stranded_log_level
+from ._session_state import reset_always, reset_when_changed
 from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
 
@@ -182,6 +183,7 @@ class PoolSource(ClosedWhenUnreachable):
         round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
         transaction_timeout: float | None = None,
         keepalive: Keepalive | None = None,
+        session_reset: str = "when_changed",
     ) -> None:
         self.info = info
         self._bridge = bridge
@@ -191,6 +193,7 @@ class PoolSource(ClosedWhenUnreachable):
         self._round_trip_timeout = round_trip_timeout
         self._transaction_timeout = transaction_timeout
         self._keepalive = keepalive
+        self._session_reset = session_reset
         self._user_connect: Callable[..., Awaitable[asyncpg.Connection]] = pool_options.pop(
             "connect", asyncpg.connect
         )
@@ -235,6 +238,7 @@ class PoolSource(ClosedWhenUnreachable):
         round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
         transaction_timeout: float | None = None,
         keepalive: Keepalive | None = None,
+        session_reset: str = "when_changed",
     ) -> PoolSource:
         """The open source of this configuration on *bridge*, or a new one; *user* (a facade) uses it
         until :meth:`let_go`.
@@ -252,6 +256,7 @@ class PoolSource(ClosedWhenUnreachable):
             round_trip_timeout,
             transaction_timeout,
             keepalive,
+            session_reset,
             _frozen(pool_options),
         )
         with _shared_lock:
@@ -269,6 +274,7 @@ class PoolSource(ClosedWhenUnreachable):
                     round_trip_timeout=round_trip_timeout,
                     transaction_timeout=transaction_timeout,
                     keepalive=keepalive,
+                    session_reset=session_reset,
                 )
             source._users.add(user)
         return source
@@ -392,6 +398,7 @@ class PoolSource(ClosedWhenUnreachable):
                 # Not self._connect: the pool is reachable from the loop (its idle connections' timers),
                 # and must not keep the source alive, or a source nobody holds would never be closed.
                 connect=functools.partial(_connect_weakly, weakref.ref(self)),
+                **self._reset_option(),
                 **self._pool_options,
             )
             _asyncpg.check(pool)
@@ -405,6 +412,15 @@ class PoolSource(ClosedWhenUnreachable):
         self.pool = pool
         logger.debug("%r: pool open", self)
         return pool
+
+    def _reset_option(self) -> dict[str, Any]:
+        """asyncpg's ``reset=`` for the pool: a full reset only for a connection whose session state may
+        have changed (``loopbridge._session_state``), or on every release; none of ours when the options
+        name a reset of their own (``pgbouncer=True``'s, or the caller's)."""
+        if "reset" in self._pool_options:
+            return {}
+        always = self._session_reset == "always"
+        return {"reset": reset_always if always else reset_when_changed}
 
     async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
         """Every new pooled connection: asyncpg's connect, never abandoned halfway.

@@ -42,6 +42,7 @@ from ._call import ToCompletion
 from ._limits import call_timeout
 from ._owner import Finalizer, Owner, OwnerWatch, abandon_soon, guard
 from ._pipe import End, Pipe, PipeClosed
+from ._session_state import may_change_session_state, note_change
 from ._twins import NotAwaitable, twin_contexts
 from .errors import (
     BridgeClosedError,
@@ -494,6 +495,8 @@ class _CursorBatches:
             core.add_dependent(producer)  # the caller's transaction watches its owner, and ends us
         try:
             async with core.statement() as con:
+                if may_change_session_state(self.query):  # SELECT set_config(...), say
+                    note_change(con)
                 self.cursor = await con.cursor(self.query, *self.args)
         except BaseException as exc:
             await self._end_transaction(exc)

@@ -27,6 +27,7 @@ from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
 from ._replicas import ReplicatedSource, check_replicas, shared_replicated
+from ._session_state import SESSION_RESETS
 from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, ClosedSource, Lease, PoolSource
 from ._stream import StreamMethods
 from ._twins import OpenClose, twins
@@ -63,6 +64,7 @@ _OWN_OPTIONS = frozenset(
         "round_trip_timeout",
         "transaction_timeout",
         "keepalive",
+        "session_reset",
         "replicas",
         "consistency",
         "max_lag",
@@ -104,6 +106,10 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
     :param transaction_timeout: the default ``timeout=`` of :meth:`transaction` blocks (None: none).
     :param keepalive: seconds of silence before the kernel probes a connection (TCP keepalive, and
         ``TCP_USER_TIMEOUT`` at three times that; the server probes its side too); None: off.
+    :param session_reset: ``'when_changed'``: a connection given back to the pool is reset only if its
+        session state may have changed (a ``SET``, ``LISTEN``, a temporary table, ``db.run(fn)``...: see
+        "What is reset" in the documentation), else it costs nothing; ``'always'``: the full reset on
+        every release, a round trip each.
     :param replicas: DSNs of hot standbys of the primary, which serve :attr:`read` (each with a pool of
         its own, of the same sizes and options); ``db`` itself always uses the primary. See "Several
         hosts and replicas" in the documentation.
@@ -133,6 +139,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
         transaction_timeout: float | None = None,
         keepalive: float | None = DEFAULT_KEEPALIVE,
+        session_reset: str = "when_changed",
         replicas: Sequence[str] = (),
         consistency: str = "caller",
         max_lag: float = 5.0,
@@ -160,6 +167,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
             "round_trip_timeout": round_trip,
             "transaction_timeout": seconds("transaction_timeout", transaction_timeout),
             "keepalive": probing,
+            "session_reset": _check_session_reset(session_reset),
         }
         secrets = (*info.secrets, password if isinstance(password, str) else None)
         # Every call goes through the source; the pytest plugin swaps a pinned one in (loopbridge._pin),
@@ -345,6 +353,15 @@ def _check_sizes(min_size: object, max_size: object, pool_timeout: object) -> tu
     high = pool_size("max_size", max_size, low=1)
     low = pool_size("min_size", min_size, low=0, high=high)
     return low, high, seconds("pool_timeout", pool_timeout)
+
+
+def _check_session_reset(value: object) -> str:
+    if value not in SESSION_RESETS:
+        raise ConfigurationError(
+            "session_reset must be 'when_changed' (reset a connection given back to the pool only when its "
+            f"session state may have changed) or 'always', not {value!r}"
+        )
+    return str(value)
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from ._call import ToCompletion
 from ._limits import call_timeout, seconds
 from ._owner import Finalizer, Owner, OwnerWatch, guard
 from ._pipe import End, Pipe
+from ._session_state import note_change
 from ._twins import NotAwaitable, twin_contexts
 from ._within import within
 from .errors import (
@@ -315,6 +316,7 @@ class _Core:
     async def _connect(self) -> None:
         held = await self.source.hold_apart()
         con = held.con
+        note_change(con)  # LISTEN: reset (UNLISTEN *) when it goes back, whatever happens to our UNLISTEN
         bound = self.source.round_trip_timeout
         try:
             for channel in self.channels:
