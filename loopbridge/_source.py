@@ -211,7 +211,8 @@ class PoolSource(ClosedWhenUnreachable):
         self._opening: asyncio.Task[asyncpg.Pool] | None = None
         self._releasing: dict[asyncio.Task[None], PoolConnectionProxy] = {}  # releases under way
         self._kept: set[Resource] = set()  # they hold a connection until closed: closed first
-        self._orphans: set[asyncio.Task[None]] = set()  # connection attempts whose caller gave up
+        # Connection attempts whose caller gave up, and the closes of the connections they made.
+        self._orphans: set[asyncio.Future[Any]] = set()
         self._silent = False  # a connection went unanswered since a connection was last made
         # The bounded waits in flight, with the loop time each must end by (see _check_deadlines); and
         # those the check ended, for the wait itself to tell its caller why.
@@ -462,9 +463,9 @@ class PoolSource(ClosedWhenUnreachable):
     def _orphan(self, attempt: asyncio.Future[asyncpg.Connection]) -> None:
         """Leave a connection attempt nobody waits for any more to finish on its own, and close what it
         makes (see :meth:`_connect`)."""
-        orphan = asyncio.ensure_future(_close_when_made(attempt))
-        self._orphans.add(orphan)
-        orphan.add_done_callback(self._orphans.discard)
+        self._orphans.add(attempt)
+        attempt.add_done_callback(self._orphans.discard)
+        attempt.add_done_callback(functools.partial(_close_made, weakref.ref(self)))
 
     def _floor_failed(self, exc: ConnectError) -> None:
         """asyncpg could not reconnect to keep ``min_size`` connections open, in the background (no call
@@ -1027,15 +1028,29 @@ async def _connect_weakly(source: weakref.ref[PoolSource], *args: Any, **kwargs:
     return await alive._connect(*args, **kwargs)
 
 
-async def _close_when_made(attempt: asyncio.Future[asyncpg.Connection]) -> None:
-    """Wait for a connection attempt nobody waits for any more, and close what it made."""
-    try:
-        connection = await attempt
-    except BaseException:  # it failed: the error was its caller's, who has gone
+def _close_made(source: weakref.ref[PoolSource], attempt: asyncio.Future[asyncpg.Connection]) -> None:
+    """An orphaned connection attempt is over: close the connection it made, if any.
+
+    A callback rather than a task that awaits the attempt: a bridge that stops cancels every task, and
+    a task cancelled just as the attempt succeeded (or before it first ran) would let go of a connection
+    nobody closes, its socket left open when the loop closes. While the source is open the close is
+    graceful (the server is told, and logs nothing), in a task its close waits for; the connection is
+    terminated if that task fails, and at once once the source is closed (nothing waits any more)."""
+    if attempt.cancelled() or attempt.exception() is not None:  # the error was its caller's, who has gone
         return
-    try:
-        await connection.close(timeout=5)
-    except BaseException:  # closing failed or was cancelled: close() has aborted the connection
+    connection = attempt.result()
+    alive = source()
+    if alive is None or alive.closed_flag:
+        connection.terminate()
+        return
+    closing = asyncio.ensure_future(connection.close(timeout=GRACE))
+    closing.add_done_callback(functools.partial(_terminate_unless_closed, connection))
+    alive._orphans.add(closing)
+    closing.add_done_callback(alive._orphans.discard)
+
+
+def _terminate_unless_closed(connection: asyncpg.Connection, closing: asyncio.Future[None]) -> None:
+    if closing.cancelled() or closing.exception() is not None:
         connection.terminate()
 
 
@@ -1068,7 +1083,7 @@ async def _stop_opening(opening: asyncio.Task[asyncpg.Pool], timeout: float) -> 
     return opening.result()
 
 
-async def _end_tasks(tasks: set[asyncio.Task[None]], timeout: float) -> None:
+async def _end_tasks(tasks: set[asyncio.Future[Any]], timeout: float) -> None:
     """Wait up to *timeout* seconds for *tasks*, then cancel what is left and let it unwind."""
     if not tasks:
         return

@@ -273,11 +273,21 @@ class _Unanswered(Exception):
 
 
 async def _round_trip(
-    pin: _Pin | Held, what: str, bound: float | None, operation: Callable[[], Awaitable[T]]
+    pin: _Pin | Held,
+    what: str,
+    bound: float | None,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    silence: bool = True,
 ) -> T:
     """``await operation()`` within *bound* seconds; past it, the connection is taken for dead: its
     turn's task stops waiting, the connection is terminated (the server rolls back whatever it was in;
-    its slot is free at once) and :class:`_Unanswered` raised."""
+    its slot is free at once) and :class:`_Unanswered` raised.
+
+    *silence*: an answer missing after *bound* (``round_trip_timeout``) says that the network or the
+    server went silent, which the source logs and acts on (it replaces its idle connections too). False
+    when *bound* is the caller's own timeout: a COMMIT that outlives what is left of a transaction's
+    ``timeout=`` is slow work (a deferred check, a synchronous standby), not a silent network."""
     try:
         async with within(bound) as limit:
             return await operation()
@@ -286,7 +296,7 @@ async def _round_trip(
             raise
     held = pin.held if isinstance(pin, _Pin) else pin
     assert bound is not None
-    held.discard(what)
+    held.discard(what if silence else None)
     if isinstance(pin, _Pin):
         pin.lost = True
     raise _Unanswered(what, bound)
@@ -612,7 +622,7 @@ class _Core:
                 bound = round_trip if self.deadline is None else max(0.0, self.deadline - loop.time())
                 try:
                     if commit:
-                        await _round_trip(pin, "COMMIT", bound, xact.commit)
+                        await _round_trip(pin, "COMMIT", bound, xact.commit, silence=self.deadline is None)
                     else:
                         await _round_trip(pin, "ROLLBACK", round_trip, xact.rollback)
                 except _Unanswered as exc:
