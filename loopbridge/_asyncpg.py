@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import asyncpg
+import asyncpg.connection
 import asyncpg.cursor
 import asyncpg.pool
 import asyncpg.utils
@@ -34,6 +35,7 @@ __all__ = [
     "protocol_of",
     "quiet_floor_warnings",
     "quote_ident",
+    "release_at_once",
     "restoring_floor",
     "sent_so_far",
     "socket_of",
@@ -55,6 +57,12 @@ def _class_internals() -> Iterable[tuple[object, str, str]]:
     yield asyncpg.cursor.Cursor, "_close_portal", "Cursor._close_portal()"
     yield asyncpg.utils, "_quote_ident", "asyncpg.utils._quote_ident()"
     yield asyncpg.pool.PoolConnectionProxy, "_con", "PoolConnectionProxy._con"
+    yield asyncpg.pool.PoolConnectionProxy, "_holder", "PoolConnectionProxy._holder"
+    yield asyncpg.pool.Pool, "_closed", "Pool._closed"
+    for name in ("_release", "_setup_inactive_callback", "_max_queries", "_generation", "_timeout", "_pool"):
+        yield asyncpg.pool.PoolConnectionHolder, name, f"PoolConnectionHolder.{name}"
+    for name in ("_on_release", "_top_xact", "_listeners", "_log_listeners", "_protocol"):
+        yield asyncpg.connection.Connection, name, f"Connection.{name}"
 
 
 @functools.cache
@@ -142,6 +150,40 @@ def close_portal(cursor: object) -> Callable[[], Awaitable[None]] | None:
 def unproxied(connection: object) -> object:
     """The connection behind a pool's proxy (a connection is itself)."""
     return getattr(connection, "_con", None) or connection
+
+
+def release_at_once(proxy: Any, clean: Callable[[Any], bool]) -> bool:
+    """Give a pooled connection that needs nothing back to its pool now, without a task: True if done,
+    False (nothing done) when asyncpg's own release must do it (:meth:`asyncpg.Pool.release`).
+
+    asyncpg's release runs as a task of its own (shielded), with a timeout context, for every
+    connection, though for one that needs no reset it does no I/O at all: it checks the connection,
+    drops its listeners, puts its holder back in the pool's queue and rearms its inactivity timer. That
+    is what this does, in line, for a connection that is open, not in a transaction, not being
+    cancelled, not due to be closed (``max_queries``, an expired generation), and that *clean* (the
+    session-state check of ``loopbridge._session_state``) says needs no reset. On the bridge loop.
+    """
+    con = proxy._con
+    holder = proxy._holder
+    if con is None or holder._in_use is None or holder._pool._closed or con.is_closed():
+        return False
+    protocol = con._protocol
+    if (
+        protocol.is_in_transaction()
+        or con._top_xact is not None
+        or protocol._is_cancelling()
+        or protocol.queries_count >= holder._max_queries
+        or holder._generation != holder._pool._generation
+        or not clean(con)
+    ):
+        return False
+    con._on_release()  # what Pool.release() does first: the check for listeners left behind
+    con._listeners.clear()  # what Connection._reset() does for a connection not in a transaction
+    con._log_listeners.clear()
+    holder._timeout = None
+    holder._release()  # back in the pool's queue, the proxy detached
+    holder._setup_inactive_callback()
+    return True
 
 
 def quote_ident(name: str) -> str:

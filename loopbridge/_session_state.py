@@ -34,7 +34,14 @@ from typing import Any
 
 from . import _asyncpg
 
-__all__ = ["SESSION_RESETS", "may_change_session_state", "note_change", "reset_always", "reset_when_changed"]
+__all__ = [
+    "SESSION_RESETS",
+    "may_change_session_state",
+    "note_change",
+    "reset_always",
+    "reset_when_changed",
+    "unchanged",
+]
 
 #: ``Database(session_reset=...)``: reset a connection given back to the pool only when its session state
 #: may have changed (the default), or always.
@@ -63,6 +70,12 @@ def note_change(connection: object) -> None:
     """*connection* (a pool proxy, or a connection) may carry session state: reset it when it goes back
     to the pool. On the bridge loop, before the statement that may change it is sent."""
     _changed.add(_asyncpg.unproxied(connection))
+
+
+def unchanged(connection: Any) -> bool:
+    """Whether *connection* (not a proxy) needs no reset: nothing sent on it since its last one may have
+    changed its session state."""
+    return connection not in _changed
 
 
 async def reset_when_changed(connection: Any) -> None:

@@ -49,7 +49,7 @@ from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_conne
 from ._dsn import DsnInfo, redact
 from ._keepalive import Keepalive
 from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, stranded_log_level
-from ._session_state import reset_always, reset_when_changed
+from ._session_state import reset_always, reset_when_changed, unchanged
 from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
 
@@ -200,6 +200,10 @@ class PoolSource(ClosedWhenUnreachable):
         if keepalive is not None and self._user_connect is not asyncpg.connect:
             keepalive = keepalive.client_only()  # a connect of the caller's may not take settings
         self._pool_options = pool_options
+        # The in-line release's test that a connection needs no reset; None (every release asyncpg's)
+        # unless the reset is ours and only for connections whose session state may have changed.
+        ours = "reset" not in pool_options and session_reset == "when_changed"
+        self._clean: Callable[[Any], bool] | None = unchanged if ours else None
         self._secrets = secrets
         # Read from callers' threads (closed, stats(), repr): each a single attribute, written only on
         # the bridge loop, except closed, which close() sets first in the caller's thread.
@@ -576,6 +580,8 @@ class PoolSource(ClosedWhenUnreachable):
         """Give *con* back to *pool* and wait until it is back (see :meth:`_start_release`). Never
         raises: a failed reset is logged (asyncpg has terminated that connection, and the pool replaces
         it). The release runs to its end even if the caller is cancelled meanwhile (it stops waiting)."""
+        if self._give_back_at_once(con):
+            return
         release = self._start_release(pool, con, bound)
         try:
             await asyncio.shield(release)
@@ -644,9 +650,25 @@ class PoolSource(ClosedWhenUnreachable):
         connection instead. Measured with ``SELECT 1`` at N=1 on a 2-core machine: the caller's latency
         drops by one round trip (see benchmarks/NOTES.md).
         """
+        if self._give_back_at_once(con):
+            return True
         if pool.get_idle_size() == 0:
             return False
         self._start_release(pool, con, None)
+        return True
+
+    def _give_back_at_once(self, con: PoolConnectionProxy) -> bool:
+        """Give *con* back in line, if it needs no reset: True if done.
+
+        Most connections need none (``session_reset="when_changed"``: nothing sent on them could have
+        changed their session state). asyncpg's release would still run as a task of its own, shielded,
+        under a timeout, with no I/O to do: on a busy bridge loop that machinery cost more CPU than the
+        query itself (profiled with py-spy, see docs/performance.md). Nothing to wait for, so no
+        deadline either.
+        """
+        if self._clean is None or not _asyncpg.release_at_once(con, self._clean):
+            return False
+        self.leased -= 1
         return True
 
     def _released(self, task: asyncio.Task[None]) -> None:

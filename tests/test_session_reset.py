@@ -16,6 +16,7 @@ import pytest
 
 from loopbridge import Bridge, ConfigurationError, Database
 from loopbridge._session_state import may_change_session_state
+from tests.boundary import wait_until
 from tests.support import Caller
 
 SEARCH_PATH = "SELECT current_setting('search_path')"
@@ -165,6 +166,45 @@ class TestWhatIsNotReset:
     def test_a_bad_session_reset_is_refused(self, dsn: str) -> None:
         with pytest.raises(ConfigurationError, match="session_reset must be 'when_changed'"):
             Database(dsn, session_reset="never")
+
+
+class TestGivenBackAtOnce:
+    """A connection that needs no reset is back in the pool before the caller hears of its result (no
+    task, no round trip); asyncpg's own release still handles every connection that needs something."""
+
+    def test_a_plain_call_leaves_no_connection_in_use_when_it_returns(
+        self, one_connection: Database, caller: Caller
+    ) -> None:
+        db = one_connection
+        for _ in range(3):
+            assert caller.call(db, "fetchval", "SELECT 1") == 1
+            assert db.stats().in_use == 0  # at once: nothing was left to finish in the background
+
+    def test_the_idle_connection_keeps_its_inactivity_timer(self, dsn: str, bridge: Bridge) -> None:
+        # asyncpg rearms it on release: a connection given back in line must be closed after the same
+        # idle time as any other (the pool then reopens its min_size).
+        with Database(
+            dsn, bridge=bridge, min_size=0, max_size=1, max_inactive_connection_lifetime=0.2
+        ) as db:
+            assert db.fetchval("SELECT 1") == 1
+            wait_until(lambda: db.stats().size == 0, what="the idle connection closed after 0.2 s")
+
+    def test_a_connection_at_max_queries_is_replaced(self, dsn: str, bridge: Bridge, caller: Caller) -> None:
+        with Database(dsn, bridge=bridge, min_size=1, max_size=1, max_queries=2) as db:
+            first = caller.call(db, "fetchval", "SELECT pg_backend_pid()")
+            caller.call(db, "fetchval", "SELECT 1")  # its second query: closed by asyncpg's release
+            assert caller.call(db, "fetchval", "SELECT pg_backend_pid()") != first
+
+    def test_listeners_left_on_a_raw_connection_are_dropped_with_a_warning(
+        self, one_connection: Database
+    ) -> None:
+        async def leave_a_listener(con: Any) -> None:
+            await con.add_listener("left_behind", lambda *args: None)  # never removed
+
+        # asyncpg's check of a connection given back, kept: it warns, and the connection listens no more.
+        with pytest.warns(Warning, match="left_behind|listener"):
+            one_connection.run(leave_a_listener)
+        assert one_connection.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
 
 
 class TestRecognised:
