@@ -45,14 +45,14 @@ from ._replica_health import (
     watch_primary,
     watch_replica,
 )
-from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, Lease, PoolSource, _frozen, _shared, _shared_lock
+from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, Lease, PoolSource
 from ._written import RecordingSource, current_writes, ticket
 from .errors import ConfigurationError, DatabaseClosedError
 
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-__all__ = ["CONSISTENCY", "ReplicatedSource", "check_replicas", "shared_replicated"]
+__all__ = ["CONSISTENCY", "ReplicatedSource", "check_replicas"]
 
 logger = logging.getLogger("loopbridge")
 
@@ -109,71 +109,6 @@ def check_replicas(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ConfigurationError(f"{name} must be a number of seconds (0 or more), not {value!r}")
     return infos
-
-
-def shared_replicated(
-    user: object,
-    info: DsnInfo,
-    bridge: Bridge,
-    *,
-    replicas: Sequence[DsnInfo],
-    consistency: str,
-    max_lag: float,
-    replica_wait: float,
-    min_size: int,
-    max_size: int,
-    pool_timeout: float | None,
-    pool_options: dict[str, Any],
-    secrets: tuple[str | None, ...],
-    round_trip_timeout: float = DEFAULT_ROUND_TRIP_TIMEOUT,
-    transaction_timeout: float | None = None,
-    keepalive: Keepalive | None = None,
-    session_reset: str = "when_changed",
-) -> ReplicatedSource:
-    """The open :class:`ReplicatedSource` of this configuration on *bridge*, or a new one, as
-    :meth:`PoolSource.shared <loopbridge._source.PoolSource.shared>` does for a Database without replicas
-    (a notebook cell that makes its Database again does not pile up pools and watchers). Never the source
-    of a Database without replicas, whose calls count nothing."""
-    key = (
-        "replicas",
-        tuple(each.dsn for each in replicas),
-        consistency,
-        float(max_lag),
-        float(replica_wait),
-        info.dsn,
-        min_size,
-        max_size,
-        pool_timeout,
-        round_trip_timeout,
-        transaction_timeout,
-        keepalive,
-        session_reset,
-        _frozen(pool_options),
-    )
-    with _shared_lock:
-        sources = _shared.setdefault(bridge, weakref.WeakValueDictionary())
-        source = sources.get(key)
-        if not isinstance(source, ReplicatedSource) or source.closed_flag:
-            source = ReplicatedSource(
-                info,
-                bridge,
-                replicas=replicas,
-                consistency=consistency,
-                max_lag=max_lag,
-                replica_wait=replica_wait,
-                min_size=min_size,
-                max_size=max_size,
-                pool_timeout=pool_timeout,
-                pool_options=dict(pool_options),
-                secrets=secrets,
-                round_trip_timeout=round_trip_timeout,
-                transaction_timeout=transaction_timeout,
-                keepalive=keepalive,
-                session_reset=session_reset,
-            )
-            sources[key] = source
-        source._users.add(user)
-    return source
 
 
 class ReplicatedSource(RecordingSource, ReplicaHealth):
@@ -256,6 +191,19 @@ class ReplicatedSource(RecordingSource, ReplicaHealth):
         self._primary_problem: str | None = None
         self._waiters: list[tuple[Position | None, asyncio.Future[Replica | None]]] = []
         self._rotation = 0
+
+    @classmethod
+    def _sharing_key(cls, **extra: Any) -> tuple[Any, ...]:
+        """Databases share a primary's source only with the same replicas and routing too (a notebook
+        cell that makes its Database again does not pile up pools and watchers); *extra* is this
+        class's own keyword arguments."""
+        replicas: Sequence[DsnInfo] = extra["replicas"]
+        return (
+            tuple(each.dsn for each in replicas),
+            extra["consistency"],
+            float(extra["max_lag"]),
+            float(extra["replica_wait"]),
+        )
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, {len(self.replicas)} replica(s)>"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,11 @@ from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, st
 from ._session_state import reset_always, reset_when_changed, unchanged
 from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -244,9 +250,11 @@ class PoolSource(ClosedWhenUnreachable):
         transaction_timeout: float | None = None,
         keepalive: Keepalive | None = None,
         session_reset: str = "when_changed",
-    ) -> PoolSource:
-        """The open source of this configuration on *bridge*, or a new one; *user* (a facade) uses it
-        until :meth:`let_go`.
+        **extra: Any,
+    ) -> Self:
+        """The open source of this class and configuration on *bridge*, or a new one; *user* (a facade)
+        uses it until :meth:`let_go`. *extra*: a subclass's own options (a Database's replicas), part
+        of its configuration too (:meth:`_sharing_key`).
 
         Databases of the same bridge and configuration share one pool: a notebook cell that makes its
         Database again (and whose previous result IPython's output history keeps alive) does not pile up
@@ -254,6 +262,7 @@ class PoolSource(ClosedWhenUnreachable):
         value; functions and other unhashable values (``init=``, an ``ssl`` context) by identity.
         """
         key = (
+            cls,
             info.dsn,
             min_size,
             max_size,
@@ -263,12 +272,13 @@ class PoolSource(ClosedWhenUnreachable):
             keepalive,
             session_reset,
             _frozen(pool_options),
+            cls._sharing_key(**extra),
         )
         with _shared_lock:
             sources = _shared.setdefault(bridge, weakref.WeakValueDictionary())
             source = sources.get(key)
-            if source is None or source.closed_flag:
-                source = sources[key] = cls(
+            if not isinstance(source, cls) or source.closed_flag:
+                source = cls(
                     info,
                     bridge,
                     min_size=min_size,
@@ -280,9 +290,17 @@ class PoolSource(ClosedWhenUnreachable):
                     transaction_timeout=transaction_timeout,
                     keepalive=keepalive,
                     session_reset=session_reset,
+                    **extra,
                 )
+                sources[key] = source
             source._users.add(user)
         return source
+
+    @classmethod
+    def _sharing_key(cls, **extra: Any) -> tuple[Any, ...]:
+        """What of a subclass's own options (see :meth:`shared`) tells one configuration from another:
+        nothing here, where there are none."""
+        return ()
 
     def let_go(self, user: object) -> bool:
         """*user* is done with the source; True if nobody uses it any more (close it then)."""

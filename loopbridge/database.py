@@ -26,7 +26,7 @@ from ._limits import check_pool_options, pool_size, seconds
 from ._pgbouncer import transaction_pooling_options
 from ._pin import PinnedSource
 from ._queries import Queries
-from ._replicas import ReplicatedSource, check_replicas, shared_replicated
+from ._replicas import ReplicatedSource, check_replicas
 from ._session_state import SESSION_RESETS
 from ._source import DEFAULT_ROUND_TRIP_TIMEOUT, ClosedSource, Lease, PoolSource
 from ._stream import StreamMethods
@@ -175,7 +175,7 @@ class Database(Queries, Closing, OpenClose, CopyMethods, StreamMethods):
         # db.read (loopbridge._replicas).
         self._source: PoolSource | PinnedSource | ClosedSource
         if standbys:
-            self._source = shared_replicated(
+            self._source = ReplicatedSource.shared(
                 self,
                 info,
                 bridge if bridge is not None else default_bridge(),
