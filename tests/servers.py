@@ -8,6 +8,7 @@ SIGKILL if it has not exited in time. Its output goes to a file that failing ass
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: How long a server may take to answer its first request, and to stop.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+#: How often a server that has not stopped yet is sent SIGTERM again.
+TERM_AGAIN = 2.0
 
 
 def free_port() -> int:
@@ -48,15 +51,30 @@ class Served:
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Stop it gracefully (SIGTERM to the group), or kill it after *timeout*; its exit code."""
+        """Stop it gracefully (SIGTERM to the group, repeated), or kill it after *timeout*; its exit code.
+
+        SIGTERM is sent again every :data:`TERM_AGAIN` seconds: a pre-fork server (gunicorn) may be
+        forking a worker just then, and a worker takes a signal that arrives before it installs its own
+        handlers with the arbiter's, which only queue it; the arbiter's own SIGTERM to that worker can
+        come that early too, and it then waits its graceful timeout (30 s) for a worker that never heard.
+        A server that stops at all hears a repeated SIGTERM once its handlers are in place.
+        """
         if self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.proc, signal.SIGKILL)
-                self.proc.wait(5)
-                pytest.fail(f"the server did not stop within {timeout} s of SIGTERM\n{self.output()}")
+            deadline = time.monotonic() + timeout
+            while True:
+                _signal_group(self.proc, signal.SIGTERM)
+                try:
+                    self.proc.wait(max(0.0, min(TERM_AGAIN, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() < deadline:
+                        continue
+                    where = _stacks(self.proc.pid)
+                    _signal_group(self.proc, signal.SIGKILL)
+                    self.proc.wait(5)
+                    pytest.fail(
+                        f"the server did not stop within {timeout} s of SIGTERM\n{self.output()}\n{where}"
+                    )
         # Workers of a pre-fork server are in the same group: none may outlive the test.
         _signal_group(self.proc, signal.SIGKILL)
         return self.proc.returncode
@@ -113,3 +131,30 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _stacks(pgid: int) -> str:
+    """What each process of group *pgid* is doing, for a failure message: py-spy's dump of its Python
+    stacks when py-spy is installed (the bench extra), its state and kernel wait channel always."""
+    lines = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # the process group, after the state and the parent
+                continue
+            pid = int(stat.parent.name)
+            wchan = (stat.parent / "wchan").read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        lines.append(f"pid {pid} state {fields[0]} waiting in {wchan or '-'}: {cmdline}")
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if spy is not None:
+            try:
+                dump = subprocess.run(
+                    [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=10
+                )
+                lines.append(dump.stdout + dump.stderr)
+            except subprocess.TimeoutExpired:
+                lines.append("(py-spy dump did not answer within 10 s)")
+    return "\n".join(lines) or "(no process of its group is left)"
