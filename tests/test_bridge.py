@@ -183,6 +183,52 @@ class TestCalls:
         else:
             assert run_loop(running_loop_thread) == "req-7"
 
+    def test_a_first_step_runs_as_a_task_in_the_callers_context_and_leaks_nothing(
+        self, bridge: Bridge
+    ) -> None:
+        # On Python 3.12+ a call's first step runs at once, inside the callback that takes the call
+        # from the queue: it must still be a task of its own, in the caller's context, and leave
+        # nothing in the next call's.
+        async def first_step_only() -> tuple[str, bool]:
+            seen = request_id.get()
+            request_id.set("set by the first call")
+            return seen, asyncio.current_task() is not None
+
+        def caller(value: str) -> tuple[str, bool]:
+            def inner() -> tuple[str, bool]:
+                if value:
+                    request_id.set(value)
+                result: tuple[str, bool] = bridge.run(first_step_only)
+                return result
+
+            return contextvars.Context().run(inner)
+
+        assert in_thread(lambda: caller("req-1")) == ("req-1", True)
+        assert in_thread(lambda: caller("")) == ("unset", True)
+
+    def test_a_call_cancelled_right_after_its_first_step_is_cancelled(self, bridge: Bridge) -> None:
+        recorder = Recorder()
+        future = bridge.submit(recorder.sleep, 30, timeout=0.0001)
+        with pytest.raises(CallTimeoutError):
+            future.result(timeout=WAIT)
+        assert not recorder.finished.is_set()
+
+    def test_calls_queued_while_a_first_step_blocks_the_loop_all_run(self, bridge: Bridge) -> None:
+        # A first step that blocks the loop (run at once on Python 3.12+) delays the calls queued
+        # behind it; they start in the next turn, after the loop has read its sockets, and all finish.
+        holding, release = threading.Event(), threading.Event()
+
+        async def hold_the_loop() -> None:
+            holding.set()
+            release.wait(WAIT)
+
+        blocker = bridge.submit(hold_the_loop)
+        assert holding.wait(WAIT)
+        queued = [bridge.submit(add, n, 1) for n in range(50)]
+        release.set()
+        blocker.result(WAIT)
+        assert [future.result(WAIT) for future in queued] == [n + 1 for n in range(50)]
+
     def test_changes_to_contextvars_on_the_bridge_stay_there(self, bridge: Bridge) -> None:
         async def write() -> None:
             request_id.set("changed on the bridge")
