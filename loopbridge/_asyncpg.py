@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import select
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -29,7 +28,6 @@ from ._loop import bridge_threads
 __all__ = [
     "check",
     "close_portal",
-    "closed_once_read",
     "held_connections",
     "idle_connections",
     "is_connected",
@@ -42,7 +40,6 @@ __all__ = [
     "sent_so_far",
     "socket_of",
     "unproxied",
-    "unread_input",
 ]
 
 #: The asyncpg releases these internals were checked against.
@@ -193,47 +190,6 @@ def quote_ident(name: str) -> str:
     """*name* as a quoted SQL identifier, as asyncpg quotes the channels it LISTENs on."""
     quoted: str = asyncpg.utils._quote_ident(name)
     return quoted
-
-
-def unread_input(connection: object) -> bool:
-    """Whether *connection*'s socket holds bytes, or its end, that the event loop has not read yet.
-
-    An idle pooled connection has none unless the server spoke since the loop last looked, and an
-    idle server speaks mostly to say the session is over (a terminated backend, a restart, an idle
-    session timeout: a FATAL error, then the end of the stream). A call whose first step runs at once
-    (Python 3.12+) would otherwise take such a connection before asyncpg learned it is dead. One
-    ``poll()`` system call with a zero timeout; False if the socket cannot be found.
-    """
-    sock = socket_of(unproxied(connection))
-    if sock is None:
-        return False
-    fd = sock.fileno()
-    if fd < 0:  # the transport closed its socket already: asyncpg is about to hear of it
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)  # an error or hang-up is reported whatever is asked
-    return bool(poller.poll(0))
-
-
-async def closed_once_read(connection: Any) -> bool:
-    """Let the event loop read what *connection*'s socket holds (see :func:`unread_input`): True if
-    that closed the connection (asyncpg now knows it is dead), False if it is still open.
-
-    A few turns of the loop, no timer: in the first, this task runs ahead of the reads of that turn
-    (asyncio runs the callbacks it had before those its poll added; uvloop runs them before it polls);
-    the loop reads the socket next, and the transport reports the end of the stream to asyncpg one
-    turn later still (``connection_lost`` is scheduled, not called).
-    """
-    con = unproxied(connection)  # a pool's proxy refuses even is_closed() once asyncpg released it
-    for _ in range(_TURNS_TO_READ):
-        await asyncio.sleep(0)
-        if con.is_closed():  # type: ignore[attr-defined]
-            return True
-    return False
-
-
-#: Turns of the loop :func:`closed_once_read` gives a connection: three suffice (see there), one spare.
-_TURNS_TO_READ = 4
 
 
 def socket_of(connection: object) -> Any:

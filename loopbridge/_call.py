@@ -47,8 +47,6 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 _TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)
-#: Python 3.12+ can run a task's first step at once, inside the callback that creates it.
-EAGER_START = sys.version_info >= (3, 12)
 
 
 class CancelReason(enum.Enum):
@@ -140,20 +138,13 @@ class Call(Generic[T]):
         """Begin the work as a task on *loop* (the bridge loop)."""
         ledger.started += 1
         ledger.inflight.add(self)
-        if self.timeout is not None:  # before the first step, which may already settle the call
-            self._timer = loop.call_later(self.timeout, self.cancel, CancelReason.TIMEOUT)
         coro = self._drive(ledger)
-        if EAGER_START and loop.get_task_factory() is None:
-            # The first step runs now, in the callback that received the call, up to the work's first
-            # suspension (typically: its query is on the wire), instead of one loop iteration later.
-            # The task is current during that step and runs in the caller's context, as a scheduled
-            # one would. That step runs before the loop has read what arrived meanwhile: a pooled
-            # connection is checked for unread input before use (PoolSource.acquire).
-            self.task = asyncio.Task(coro, loop=loop, context=self.context, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-        elif _TASK_TAKES_CONTEXT:
+        if _TASK_TAKES_CONTEXT:
             self.task = loop.create_task(coro, context=self.context)  # type: ignore[call-arg,unused-ignore]
         else:  # a task copies the context current at its creation
             self.task = self.context.run(loop.create_task, coro)
+        if self.timeout is not None:
+            self._timer = loop.call_later(self.timeout, self.cancel, CancelReason.TIMEOUT)
 
     async def _drive(self, ledger: Ledger) -> None:
         try:

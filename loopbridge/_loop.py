@@ -342,18 +342,12 @@ class LoopThread:
         queue = self._queue
         loop = self.loop
         ledger = self.ledger
-        # The calls queued by now, and only those. A call's first step may run right here (Python
-        # 3.12+, see Call.start), and callers keep queueing meanwhile: the later ones wait for the
-        # next drain, once the loop has read its sockets, rather than keep it from them. All of these
-        # were taken while the loop ran, so they start even if close() begins during one's first step
-        # (a graceful close lets them finish).
-        running = self.state == RUNNING
-        for _ in range(len(queue)):
+        while queue:
             try:
                 call = queue.popleft()
             except IndexError:  # withdrawn by its caller meanwhile
                 break
-            if running:
+            if self.state == RUNNING:
                 call.start(loop, ledger)
             else:
                 self._refuse(call)

@@ -46,7 +46,6 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from . import _asyncpg
-from ._call import EAGER_START
 from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_connection
 from ._dsn import DsnInfo, redact
 from ._keepalive import Keepalive
@@ -557,37 +556,8 @@ class PoolSource(ClosedWhenUnreachable):
                     raise ConnectionLostError(self.lost_message(exc)) from exc
                 logger.debug("%r: a connection died while being acquired; acquiring another", self)
                 continue
-            if EAGER_START and _asyncpg.unread_input(con) and await self._found_closed(pool, con):
-                if retry == DEAD_CONNECTION_RETRIES:
-                    raise ConnectionLostError(
-                        f"{retry + 1} connections in a row to {self.info.describe()} had been closed by the "
-                        "server while idle; nothing of the call was sent. Check that the server is up (is "
-                        "it restarting?), then retry"
-                    )
-                logger.debug("%r: an idle connection had been closed by the server; acquiring another", self)
-                continue
             return pool, con
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _found_closed(self, pool: asyncpg.Pool, con: PoolConnectionProxy) -> bool:
-        """*con*, just acquired, holds input the loop has not read (most often: the server ended its
-        session while it was idle). Let the loop read it first: True (and *con* given back, where the
-        pool replaces it) if that closed the connection, False if *con* is fine to use.
-
-        Nothing has been sent on *con* for this call, so another connection may serve it. Asked only
-        where a call's first step runs at once (Python 3.12+, see ``loopbridge._call``): a scheduled
-        first step runs after the loop has polled its sockets, and asyncpg then knows (a connection
-        that dies later than that is the same race on every version, and the retry of
-        ``loopbridge._dead`` covers what it can).
-        """
-        try:
-            closed = await _asyncpg.closed_once_read(con)
-        except BaseException:  # cancelled meanwhile: the caller never gets the connection
-            self._start_release(pool, con, None)
-            raise
-        if closed:
-            await self.release(pool, con)
-        return closed
 
     async def _acquire_within(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         """``pool.acquire()`` within ``pool_timeout``, whatever it waits for: a connection to become

@@ -54,8 +54,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction as _AsyncpgTransaction
 
-from ._asyncpg import closed_once_read, protocol_of, sent_so_far, unread_input
-from ._call import EAGER_START
+from ._asyncpg import protocol_of, sent_so_far
 from ._copy import CopyMethods
 from ._dead import DEAD_CONNECTION_RETRIES, died_unsent, is_connection_failure, lost_connection
 from ._limits import seconds
@@ -241,19 +240,6 @@ class _Pin:
         if not self.lost:
             self.lost = self.held.gone()
         return self.lost
-
-    async def found_lost(self) -> bool:
-        """:meth:`check_lost`, once the loop has read what the connection's socket holds, if anything.
-
-        A statement whose first step runs at once (Python 3.12+) comes here before the loop has read
-        that the server ended the session while the transaction sat between statements: it must not
-        send the statement on a connection that is already gone, and report that as lost under it.
-        """
-        if self.check_lost():
-            return True
-        if EAGER_START and unread_input(self.con) and await closed_once_read(self.con):
-            return self.check_lost()
-        return False
 
 
 class _Turn:
@@ -834,7 +820,7 @@ class _Step:
         await self._turn.__aenter__()
         try:
             core.check_usable()  # it may have ended while we waited
-            if self._check_first and await pin.found_lost():
+            if self._check_first and pin.check_lost():
                 raise core._gone()
         except BaseException:
             await self._turn.__aexit__(None, None, None)

@@ -183,12 +183,9 @@ class TestCalls:
         else:
             assert run_loop(running_loop_thread) == "req-7"
 
-    def test_a_first_step_runs_as_a_task_in_the_callers_context_and_leaks_nothing(
-        self, bridge: Bridge
-    ) -> None:
-        # On Python 3.12+ a call's first step runs at once, inside the callback that takes the call
-        # from the queue: it must still be a task of its own, in the caller's context, and leave
-        # nothing in the next call's.
+    def test_the_work_runs_as_a_task_in_the_callers_context_and_leaks_nothing(self, bridge: Bridge) -> None:
+        # A call's work is a task of its own, in a copy of the caller's context: what it sets there
+        # leaves nothing in the next call's.
         async def first_step_only() -> tuple[str, bool]:
             seen = request_id.get()
             request_id.set("set by the first call")
@@ -206,16 +203,15 @@ class TestCalls:
         assert in_thread(lambda: caller("req-1")) == ("req-1", True)
         assert in_thread(lambda: caller("")) == ("unset", True)
 
-    def test_a_call_cancelled_right_after_its_first_step_is_cancelled(self, bridge: Bridge) -> None:
+    def test_a_call_whose_timeout_expires_at_once_is_cancelled_not_finished(self, bridge: Bridge) -> None:
         recorder = Recorder()
         future = bridge.submit(recorder.sleep, 30, timeout=0.0001)
         with pytest.raises(CallTimeoutError):
             future.result(timeout=WAIT)
         assert not recorder.finished.is_set()
 
-    def test_calls_queued_while_a_first_step_blocks_the_loop_all_run(self, bridge: Bridge) -> None:
-        # A first step that blocks the loop (run at once on Python 3.12+) delays the calls queued
-        # behind it; they start in the next turn, after the loop has read its sockets, and all finish.
+    def test_calls_queued_while_the_loop_is_blocked_all_run(self, bridge: Bridge) -> None:
+        # Work that blocks the loop delays the calls queued behind it; once it is done they all run.
         holding, release = threading.Event(), threading.Event()
 
         async def hold_the_loop() -> None:
