@@ -100,6 +100,41 @@ class TestFork:
         )
         assert "parent still ok" in out
 
+    def test_a_child_forked_while_another_thread_made_a_database_makes_its_own(self, dsn: str) -> None:
+        # A thread of the parent was making a Database (holding the lock of the shared pools) at the
+        # moment another forked: the child has no such thread to release it, and its own first
+        # Database must not wait for it forever. The lock is held by hand to catch that moment.
+        out = run_script(
+            f"""
+            {ALLOW_FORK}
+            import os, signal, sys, threading
+            import loopbridge._source
+            from loopbridge import Database
+            Database({dsn!r}).fetchval("SELECT 1")  # the parent uses loopbridge before it forks
+            held, done = threading.Event(), threading.Event()
+
+            def making_a_database():
+                with loopbridge._source._shared_lock:
+                    held.set()
+                    done.wait(30)
+
+            maker = threading.Thread(target=making_a_database)
+            maker.start()
+            held.wait(30)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(20)  # a deadlock ends the child with SIGALRM instead of hanging the test
+                print("child", Database({dsn!r}, min_size=0).fetchval("SELECT 'ok'"), flush=True)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            done.set()
+            maker.join(30)
+            print("child exit", os.waitstatus_to_exitcode(status))
+            """
+        )
+        assert "child ok" in out
+        assert "child exit 0" in out
+
     def test_multiprocessing_fork_workers_use_the_database(self, dsn: str) -> None:
         out = run_script(
             f"""
