@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from loopbridge import Database
+from loopbridge import Bridge, Database
 from loopbridge._source import PoolSource
 
 T = TypeVar("T")
@@ -114,6 +114,25 @@ class Caller:
             return getattr(obj, method)(*args, **kwargs)
 
         return run_loop(blocking_inside_loop)
+
+
+@contextmanager
+def loop_held(bridge: Bridge) -> Iterator[None]:
+    """The bridge loop kept busy for the block (a call's work waits on an event, on the loop's own
+    thread), then let go: what the block queued or caused meanwhile reaches the loop only after."""
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold_the_loop() -> None:
+        holding.set()
+        release.wait(WAIT)
+
+    blocker = bridge.submit(hold_the_loop)
+    assert holding.wait(WAIT)
+    try:
+        yield
+    finally:
+        release.set()
+        blocker.result(WAIT)
 
 
 def pool_source(db: Database) -> PoolSource:

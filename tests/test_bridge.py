@@ -28,7 +28,7 @@ from loopbridge import (
     DeadlockError,
 )
 from tests.boundary import sessions, wait_until
-from tests.support import WAIT, Caller, in_thread, independent, run_loop, run_script
+from tests.support import WAIT, Caller, in_thread, independent, loop_held, run_loop, run_script
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
 
@@ -212,17 +212,8 @@ class TestCalls:
 
     def test_calls_queued_while_the_loop_is_blocked_all_run(self, bridge: Bridge) -> None:
         # Work that blocks the loop delays the calls queued behind it; once it is done they all run.
-        holding, release = threading.Event(), threading.Event()
-
-        async def hold_the_loop() -> None:
-            holding.set()
-            release.wait(WAIT)
-
-        blocker = bridge.submit(hold_the_loop)
-        assert holding.wait(WAIT)
-        queued = [bridge.submit(add, n, 1) for n in range(50)]
-        release.set()
-        blocker.result(WAIT)
+        with loop_held(bridge):
+            queued = [bridge.submit(add, n, 1) for n in range(50)]
         assert [future.result(WAIT) for future in queued] == [n + 1 for n in range(50)]
 
     def test_changes_to_contextvars_on_the_bridge_stay_there(self, bridge: Bridge) -> None:

@@ -20,7 +20,7 @@ import pytest
 from loopbridge import Bridge, CallTimeoutError, ConnectionLostError, Database, TransactionClosedError
 from tests.boundary import wait_until
 from tests.pgcluster import PASSWORD, PrivateCluster
-from tests.support import WAIT, Caller, all_released, independent
+from tests.support import WAIT, Caller, all_released, independent, loop_held
 
 
 def terminate(admin_dsn: str, application_name: str, *, when: str = "true") -> int:
@@ -112,26 +112,17 @@ class TestDeadPooledConnections:
         caplog.set_level(logging.DEBUG, logger="loopbridge")
         db = Database(dsn, bridge=bridge, min_size=1, max_size=1)
         db.execute("CREATE TABLE t (k int)")
-        holding, release = threading.Event(), threading.Event()
-
-        async def hold_the_loop() -> None:
-            # Keep the bridge loop from reading the dead socket until the insert is already queued.
-            holding.set()
-            release.wait(WAIT)
-
-        blocker = bridge.submit(hold_the_loop)
-        assert holding.wait(WAIT)
-        assert terminate(admin_dsn, schema) == 1
-        wait_until(
-            lambda: (
-                not independent(
-                    admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
+        # The bridge loop is kept from reading the dead socket until the insert is already queued.
+        with loop_held(bridge):
+            assert terminate(admin_dsn, schema) == 1
+            wait_until(
+                lambda: (
+                    not independent(
+                        admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
+                    )
                 )
             )
-        )
-        insert = bridge.submit(db.aexecute, "INSERT INTO t VALUES (1)")
-        release.set()
-        blocker.result(WAIT)
+            insert = bridge.submit(db.aexecute, "INSERT INTO t VALUES (1)")
         assert insert.result(WAIT) == "INSERT 0 1"
         assert db.fetchval("SELECT count(*) FROM t") == 1
         assert any("dead before use; retrying" in r.getMessage() for r in caplog.records)
@@ -304,22 +295,6 @@ class TestTransactionsLosingTheirConnection:
     ) -> Any:
         """Terminate this test's backends while the bridge loop is held, queue *then* (in a thread),
         and let the loop go: *then* runs before asyncpg has seen its socket close."""
-        holding, release = threading.Event(), threading.Event()
-
-        async def hold_the_loop() -> None:
-            holding.set()
-            release.wait(WAIT)
-
-        blocker = bridge.submit(hold_the_loop)
-        assert holding.wait(WAIT)
-        terminate(admin_dsn, schema)
-        wait_until(
-            lambda: (
-                not independent(
-                    admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
-                )
-            )
-        )
         outcome: list[Any] = []
 
         def call() -> None:
@@ -329,10 +304,17 @@ class TestTransactionsLosingTheirConnection:
                 outcome.append(exc)
 
         caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(0.2)  # let the call be queued behind the held loop
-        release.set()
-        blocker.result(WAIT)
+        with loop_held(bridge):
+            terminate(admin_dsn, schema)
+            wait_until(
+                lambda: (
+                    not independent(
+                        admin_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
+                    )
+                )
+            )
+            caller.start()
+            time.sleep(0.2)  # let the call be queued behind the held loop
         caller.join(WAIT)
         return outcome[0]
 
