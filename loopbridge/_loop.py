@@ -42,6 +42,8 @@ __all__ = [
     "bridge_threads",
     "closing_log_level",
     "park_at_exit",
+    "renew_after_fork",
+    "renew_in_forked_children",
     "stranded_log_level",
 ]
 
@@ -611,6 +613,27 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 
 
 # Objects a forked child inherited and must never touch again. See abandon().
+#: What other modules renew in a forked child: their locks (see :func:`renew_in_forked_children`).
+_renewals: list[Callable[[], None]] = []
+
+
+def renew_in_forked_children(renew: Callable[[], None]) -> None:
+    """Have *renew* run in every child forked once a bridge has started (the bridges' own fork hook,
+    ``loopbridge.bridge``, calls :func:`renew_after_fork`; importing registers no hook of its own).
+
+    For a module-level lock that threads other than the forking one take (making or closing a
+    Database, say): the child has only the forking thread, so a lock another thread held at fork time
+    would never be released there. *renew* replaces it.
+    """
+    _renewals.append(renew)
+
+
+def renew_after_fork() -> None:
+    """In a forked child: run what :func:`renew_in_forked_children` registered."""
+    for renew in _renewals:
+        renew()
+
+
 _abandoned: list[object] = []
 
 

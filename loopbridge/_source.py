@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -50,7 +49,14 @@ from . import _asyncpg
 from ._dead import DEAD_CONNECTION_RETRIES, died_in_acquire, discard, lost_connection
 from ._dsn import DsnInfo, redact
 from ._keepalive import Keepalive
-from ._loop import GRACE, ClosedWhenUnreachable, Resource, closing_log_level, stranded_log_level
+from ._loop import (
+    GRACE,
+    ClosedWhenUnreachable,
+    Resource,
+    closing_log_level,
+    renew_in_forked_children,
+    stranded_log_level,
+)
 from ._session_state import reset_always, reset_when_changed, unchanged
 from ._within import within
 from .errors import ConnectError, ConnectionLostError, DatabaseClosedError, PoolTimeoutError
@@ -275,7 +281,6 @@ class PoolSource(ClosedWhenUnreachable):
             _frozen(pool_options),
             cls._sharing_key(**extra),
         )
-        _renew_in_forked_children()
         with _shared_lock:
             sources = _shared.setdefault(bridge, weakref.WeakValueDictionary())
             source = sources.get(key)
@@ -1020,21 +1025,16 @@ def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
 
 
 _shared_lock = threading.Lock()
-_fork_hook = threading.Lock()  # held for good once the hook below is registered
 
 
-def _renew_after_fork() -> None:
+def _renew_shared_lock() -> None:
     global _shared_lock
     # In a forked child: another thread of the parent (one making or closing a Database) may have
     # held the lock at fork time, and that thread does not exist here to release it.
     _shared_lock = threading.Lock()
 
 
-def _renew_in_forked_children() -> None:
-    # Registered with the first shared source, never at import: importing loopbridge changes nothing.
-    if _fork_hook.acquire(blocking=False):
-        os.register_at_fork(after_in_child=_renew_after_fork)
-
+renew_in_forked_children(_renew_shared_lock)
 
 #: The sources of each bridge by configuration, held weakly: a source nobody uses is closed and goes.
 _shared: weakref.WeakKeyDictionary[Bridge, weakref.WeakValueDictionary[tuple[Any, ...], PoolSource]] = (

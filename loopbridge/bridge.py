@@ -35,7 +35,7 @@ from ._call import (
     invoke,
 )
 from ._limits import call_timeout, seconds
-from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit
+from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit, renew_after_fork
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -679,6 +679,7 @@ def _on_collection(phase: str, info: dict[str, int]) -> None:
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()  # another thread may have held it at fork time
+    renew_after_fork()
     for bridge in list(_bridges):
         bridge._after_fork()
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+from loopbridge._loop import renew_in_forked_children
+
 __all__ = ["Closable", "defer_close", "hold", "release"]
 
 
@@ -40,6 +42,14 @@ class _Hold:
 
 _lock = threading.Lock()
 _held: dict[int, _Hold] = {}  # by id(resource): held is a matter of identity
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # in a forked child: a thread of the parent may have held it
+
+
+renew_in_forked_children(_renew_lock)
 
 
 def hold(resource: Closable) -> None:
