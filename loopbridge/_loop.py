@@ -612,7 +612,6 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
-# Objects a forked child inherited and must never touch again. See abandon().
 #: What other modules renew in a forked child: their locks (see :func:`renew_in_forked_children`).
 _renewals: list[Callable[[], None]] = []
 
@@ -634,6 +633,7 @@ def renew_after_fork() -> None:
         renew()
 
 
+# Objects a forked child inherited and must never touch again. See abandon().
 _abandoned: list[object] = []
 
 
