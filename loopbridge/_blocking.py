@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar
 
-from ._loop import renew_in_forked_children
+from ._loop import ForkSafeLock
 
 __all__ = ["call_on_running_loop"]
 
@@ -39,15 +39,7 @@ _CACHE = dis.opmap.get("CACHE", -1)  # inline cache entries follow a call (3.11+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 _warned: set[tuple[str, int]] = set()
-_warned_lock = threading.Lock()
-
-
-def _renew_warned_lock() -> None:
-    global _warned_lock
-    _warned_lock = threading.Lock()  # in a forked child: a thread of the parent may have held it
-
-
-renew_in_forked_children(_renew_warned_lock)
+_warned_lock = ForkSafeLock()
 
 
 def call_on_running_loop(

@@ -36,6 +36,7 @@ __all__ = [
     "GRACE",
     "STOP_MARGIN",
     "ClosedWhenUnreachable",
+    "ForkSafeLock",
     "LoopThread",
     "Resource",
     "abandon",
@@ -43,7 +44,6 @@ __all__ = [
     "closing_log_level",
     "park_at_exit",
     "renew_after_fork",
-    "renew_in_forked_children",
     "stranded_log_level",
 ]
 
@@ -612,25 +612,38 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
-#: What other modules renew in a forked child: their locks (see :func:`renew_in_forked_children`).
-_renewals: list[Callable[[], None]] = []
+class ForkSafeLock:
+    """A ``threading.Lock`` for module-level state that threads other than a forking one take (making
+    or closing a Database, say), renewed in every child forked once a bridge has started.
 
-
-def renew_in_forked_children(renew: Callable[[], None]) -> None:
-    """Have *renew* run in every child forked once a bridge has started (the bridges' own fork hook,
-    ``loopbridge.bridge``, calls :func:`renew_after_fork`; importing registers no hook of its own).
-
-    For a module-level lock that threads other than the forking one take (making or closing a
-    Database, say): the child has only the forking thread, so a lock another thread held at fork time
-    would never be released there. *renew* replaces it.
+    The child has only the forking thread, so a lock another thread held at fork time would never be
+    released there. The bridges' own fork hook renews these (:func:`renew_after_fork`, called from
+    ``loopbridge.bridge``): making one registers no hook of its own, so importing changes nothing.
     """
-    _renewals.append(renew)
+
+    __slots__ = ("__weakref__", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _fork_safe_locks.add(self)
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+
+
+_fork_safe_locks: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
 
 
 def renew_after_fork() -> None:
-    """In a forked child: run what :func:`renew_in_forked_children` registered."""
-    for renew in _renewals:
-        renew()
+    """In a forked child: every :class:`ForkSafeLock` a new, free lock."""
+    for lock in list(_fork_safe_locks):
+        lock._renew()
 
 
 # Objects a forked child inherited and must never touch again. See abandon().

@@ -36,7 +36,6 @@ import asyncio
 import functools
 import logging
 import sys
-import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -52,9 +51,9 @@ from ._keepalive import Keepalive
 from ._loop import (
     GRACE,
     ClosedWhenUnreachable,
+    ForkSafeLock,
     Resource,
     closing_log_level,
-    renew_in_forked_children,
     stranded_log_level,
 )
 from ._session_state import reset_always, reset_when_changed, unchanged
@@ -1024,18 +1023,7 @@ def connect_failure(info: DsnInfo, exc: Exception, *secrets: str | None) -> str:
     return f"could not connect to {info.describe()}: {type(exc).__name__}: {detail}. {hint}"
 
 
-_shared_lock = threading.Lock()
-
-
-def _renew_shared_lock() -> None:
-    global _shared_lock
-    # In a forked child: another thread of the parent (one making or closing a Database) may have
-    # held the lock at fork time, and that thread does not exist here to release it.
-    _shared_lock = threading.Lock()
-
-
-renew_in_forked_children(_renew_shared_lock)
-
+_shared_lock = ForkSafeLock()  # taken by any thread making or closing a Database
 #: The sources of each bridge by configuration, held weakly: a source nobody uses is closed and goes.
 _shared: weakref.WeakKeyDictionary[Bridge, weakref.WeakValueDictionary[tuple[Any, ...], PoolSource]] = (
     weakref.WeakKeyDictionary()

@@ -35,7 +35,16 @@ from ._call import (
     invoke,
 )
 from ._limits import call_timeout, seconds
-from ._loop import GRACE, STOP_MARGIN, LoopThread, Resource, abandon, park_at_exit, renew_after_fork
+from ._loop import (
+    GRACE,
+    STOP_MARGIN,
+    ForkSafeLock,
+    LoopThread,
+    Resource,
+    abandon,
+    park_at_exit,
+    renew_after_fork,
+)
 from .errors import BridgeClosedError, CallTimeoutError, ConfigurationError, DeadlockError
 from .stats import BridgeStats
 
@@ -603,7 +612,7 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 _bridges: weakref.WeakSet[Bridge] = weakref.WeakSet()
 _default: Bridge | None = None
-_default_lock = threading.Lock()
+_default_lock = ForkSafeLock()
 _exiting = False
 #: At interpreter exit, calls still in flight get this long to finish before they are cancelled.
 EXIT_TIMEOUT = 1.0
@@ -677,8 +686,6 @@ def _on_collection(phase: str, info: dict[str, int]) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _default_lock
-    _default_lock = threading.Lock()  # another thread may have held it at fork time
     renew_after_fork()
     for bridge in list(_bridges):
         bridge._after_fork()

@@ -16,10 +16,9 @@ This module imports nothing but the standard library: the framework helpers use 
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
-from loopbridge._loop import renew_in_forked_children
+from loopbridge._loop import ForkSafeLock
 
 __all__ = ["Closable", "defer_close", "hold", "release"]
 
@@ -40,16 +39,8 @@ class _Hold:
         self.close_requested = False
 
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _held: dict[int, _Hold] = {}  # by id(resource): held is a matter of identity
-
-
-def _renew_lock() -> None:
-    global _lock
-    _lock = threading.Lock()  # in a forked child: a thread of the parent may have held it
-
-
-renew_in_forked_children(_renew_lock)
 
 
 def hold(resource: Closable) -> None:
