@@ -59,22 +59,21 @@ class Served:
         come that early too, and it then waits its graceful timeout (30 s) for a worker that never heard.
         A server that stops at all hears a repeated SIGTERM once its handlers are in place.
         """
-        if self.proc.poll() is None:
-            deadline = time.monotonic() + timeout
-            while True:
-                _signal_group(self.proc, signal.SIGTERM)
-                try:
-                    self.proc.wait(max(0.0, min(TERM_AGAIN, deadline - time.monotonic())))
-                    break
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() < deadline:
-                        continue
-                    where = _stacks(self.proc.pid)
-                    _signal_group(self.proc, signal.SIGKILL)
-                    self.proc.wait(5)
-                    pytest.fail(
-                        f"the server did not stop within {timeout} s of SIGTERM\n{self.output()}\n{where}"
-                    )
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                where = _stacks(self.proc.pid)
+                _signal_group(self.proc, signal.SIGKILL)
+                self.proc.wait(5)
+                pytest.fail(
+                    f"the server did not stop within {timeout} s of SIGTERM\n{self.output()}\n{where}"
+                )
+            _signal_group(self.proc, signal.SIGTERM)
+            try:
+                self.proc.wait(min(TERM_AGAIN, left))
+            except subprocess.TimeoutExpired:
+                pass
         # Workers of a pre-fork server are in the same group: none may outlive the test.
         _signal_group(self.proc, signal.SIGKILL)
         return self.proc.returncode
@@ -137,6 +136,7 @@ def _stacks(pgid: int) -> str:
     """What each process of group *pgid* is doing, for a failure message: py-spy's dump of its Python
     stacks when py-spy is installed (the bench extra), its state and kernel wait channel always."""
     lines = []
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -148,7 +148,6 @@ def _stacks(pgid: int) -> str:
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
         lines.append(f"pid {pid} state {fields[0]} waiting in {wchan or '-'}: {cmdline}")
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if spy is not None:
             try:
                 dump = subprocess.run(
