@@ -2,7 +2,8 @@
 
 asyncpg's public API cannot tell how many statements a connection has sent (so a call on a connection that
 turned out dead may safely run again), which pooled connections are held (so a closing bridge can end
-the ones nobody will give back), whether a cancel request is still on its way, or close a cursor's
+the ones nobody will give back), whether a cancel request is still on its way, which statements a
+connection has prepared (so a reset can tell whether the session dropped them), or close a cursor's
 portal before its transaction ends. loopbridge reads those from asyncpg's private attributes, here and
 nowhere else. :func:`check` verifies that they exist when the first pool opens: an asyncpg release that
 renamed one fails there, with a message saying what to install, instead of deep inside a later call.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -21,6 +23,7 @@ import asyncpg
 import asyncpg.connection
 import asyncpg.cursor
 import asyncpg.pool
+import asyncpg.protocol
 import asyncpg.utils
 
 from ._loop import bridge_threads
@@ -28,10 +31,12 @@ from ._loop import bridge_threads
 __all__ = [
     "check",
     "close_portal",
+    "forget_statements",
     "held_connections",
     "idle_connections",
     "is_connected",
     "pending_cancellations",
+    "prepared_statements",
     "protocol_of",
     "quiet_floor_warnings",
     "quote_ident",
@@ -61,8 +66,13 @@ def _class_internals() -> Iterable[tuple[object, str, str]]:
     yield asyncpg.pool.Pool, "_closed", "Pool._closed"
     for name in ("_release", "_setup_inactive_callback", "_max_queries", "_generation", "_timeout", "_pool"):
         yield asyncpg.pool.PoolConnectionHolder, name, f"PoolConnectionHolder.{name}"
-    for name in ("_on_release", "_top_xact", "_listeners", "_log_listeners", "_protocol"):
+    connection_internals = ("_on_release", "_top_xact", "_listeners", "_log_listeners", "_protocol")
+    for name in (*connection_internals, "_stmt_cache", "_stmts_to_close"):
         yield asyncpg.connection.Connection, name, f"Connection.{name}"
+    yield asyncpg.connection.Connection, "_mark_stmts_as_closed", "Connection._mark_stmts_as_closed()"
+    cache = getattr(asyncpg.connection, "_StatementCache", None)  # not in asyncpg's type stubs
+    yield cache, "iter_statements", "_StatementCache.iter_statements()"
+    yield asyncpg.protocol.protocol.PreparedStatementState, "name", "PreparedStatementState.name"
 
 
 @functools.cache
@@ -184,6 +194,22 @@ def release_at_once(proxy: Any, clean: Callable[[Any], bool]) -> bool:
     holder._release()  # back in the pool's queue, the proxy detached
     holder._setup_inactive_callback()
     return True
+
+
+def prepared_statements(connection: Any) -> int:
+    """How many named statements asyncpg knows it has prepared in *connection*'s session (not a proxy):
+    those in its cache and those waiting to be closed. A ``PreparedStatement`` of the caller's own that
+    is in neither adds one more on the server; the cache being off (``statement_cache_size=0``), every
+    statement is unnamed and none is counted."""
+    statements = itertools.chain(connection._stmt_cache.iter_statements(), connection._stmts_to_close)
+    return sum(1 for statement in statements if statement.name)
+
+
+def forget_statements(connection: Any) -> None:
+    """Forget every statement asyncpg has prepared on *connection* (not a proxy), cached or waiting to
+    be closed, without closing any on the server: for a session that has none left (``DEALLOCATE
+    ALL``). The next call of each prepares it anew."""
+    connection._mark_stmts_as_closed()
 
 
 def quote_ident(name: str) -> str:

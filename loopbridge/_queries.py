@@ -21,7 +21,7 @@ import asyncpg
 from ._call import invoke
 from ._dead import DEAD_CONNECTION_RETRIES
 from ._limits import check_parameters, check_rows
-from ._session_state import may_change_session_state, note_change
+from ._session_state import may_change_session_state, may_drop_statements, note_change
 from ._source import Lease
 from ._twins import checked
 from .errors import CallTimeoutError, ConnectionLostError
@@ -116,7 +116,8 @@ class Queries:
         label = f"{type(self).__name__}.run()"
         _check_callable(fn, label)
         async with self._lease(callers_code=True) as con:
-            note_change(con)  # the caller's own code may do anything to the session
+            # The caller's own code may do anything to the session, DEALLOCATE ALL included.
+            note_change(con, drops_statements=True)
             result: R = await invoke(label, fn, (con, *args))
             return result
 
@@ -147,7 +148,7 @@ class Queries:
             try:
                 async with lease as con:
                     if changes_session:  # reset when it goes back to the pool: see loopbridge._session_state
-                        note_change(con)
+                        note_change(con, drops_statements=may_drop_statements(query))
                     return await getattr(con, method)(query, *args, **options)
             except ConnectionLostError:
                 if not lease.unsent or retry == DEAD_CONNECTION_RETRIES:

@@ -22,7 +22,15 @@ keep the full reset on every release (``Database(session_reset="always")``).
 
 The full reset is asyncpg's own (advisory locks, cursors, listeners, settings), and what asyncpg's leaves
 behind: the session's role and authorization, its temporary tables and sequences' state, and the
-statements it PREPAREd by name (asyncpg's own cached statements are kept).
+statements it PREPAREd by name. asyncpg's own cached statements are kept, unless the session may have
+dropped some of them: a statement that began with ``DEALLOCATE``, ``DISCARD ALL`` or ``DO`` ran on it, or
+the caller's own code did. Then the same round trip counts the statements asyncpg prepared that the
+session still has, and if that is fewer than asyncpg knows of, a second one deallocates them all and
+asyncpg forgets them (the next call of each prepares it anew), where asyncpg's own pool would hand the
+next caller a cache naming statements that no longer exist ("prepared statement ... does not exist").
+Only then: the count costs about as much server time as the rest of the reset. (A ``PreparedStatement``
+the caller's own code keeps past its ``run`` is one asyncpg does not count: with one alive, one of
+asyncpg's dropped by its name goes unseen.)
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from . import _asyncpg
 __all__ = [
     "SESSION_RESETS",
     "may_change_session_state",
+    "may_drop_statements",
     "note_change",
     "reset_always",
     "reset_when_changed",
@@ -61,15 +70,25 @@ DO $loopbridge$ DECLARE name text; BEGIN
 END $loopbridge$;
 """
 
-# The connections whose session state may have changed since they were last reset (weakly: a connection
-# that is closed meanwhile goes with its state).
+# The statements asyncpg prepared (through the protocol: from_sql is false), the SQL PREPAREd ones being
+# gone by now.
+_COUNT_ASYNCPGS = "SELECT FROM pg_prepared_statements WHERE NOT from_sql;"
+
+# The connections whose session state may have changed since they were last reset, and those of them
+# whose prepared statements may have been dropped (weakly: a connection that is closed meanwhile goes with
+# its state).
 _changed: weakref.WeakSet[Any] = weakref.WeakSet()
+_dropping: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def note_change(connection: object) -> None:
+def note_change(connection: object, *, drops_statements: bool = False) -> None:
     """*connection* (a pool proxy, or a connection) may carry session state: reset it when it goes back
-    to the pool. On the bridge loop, before the statement that may change it is sent."""
-    _changed.add(_asyncpg.unproxied(connection))
+    to the pool; *drops_statements*: it may also have lost prepared statements asyncpg has cached (see
+    :func:`may_drop_statements`). On the bridge loop, before the statement that may change it is sent."""
+    connection = _asyncpg.unproxied(connection)
+    _changed.add(connection)
+    if drops_statements:
+        _dropping.add(connection)
 
 
 def unchanged(connection: Any) -> bool:
@@ -89,8 +108,16 @@ async def reset_when_changed(connection: Any) -> None:
 async def reset_always(connection: Any) -> None:
     """The pool's ``reset=`` with ``session_reset="always"``: the full reset, every time."""
     _changed.discard(connection)
-    reset = connection.get_reset_query()
-    await connection.execute(f"{reset}\n{_REST_OF_THE_RESET}" if reset else _REST_OF_THE_RESET)
+    expected = _asyncpg.prepared_statements(connection) if connection in _dropping else 0
+    _dropping.discard(connection)
+    statements = [connection.get_reset_query(), _REST_OF_THE_RESET, _COUNT_ASYNCPGS if expected else ""]
+    status = await connection.execute("\n".join(filter(None, statements)))
+    # With the count, the last statement's status ("SELECT <n>") says how many of asyncpg's are left.
+    if expected and int(status.rpartition(" ")[2]) < expected:
+        # The session dropped a statement asyncpg has cached: the next caller's call of it would fail.
+        # Which others are still there does not matter; none will be, and asyncpg will prepare anew.
+        await connection.execute("DEALLOCATE ALL")
+        _asyncpg.forget_statements(connection)
 
 
 # Comments (gone), and quoted text (emptied: a keyword inside a string, a quoted identifier or a dollar-
@@ -109,6 +136,9 @@ _STARTS = re.compile(
     r"|CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?TEMP(?:ORARY)?)\b",
     re.IGNORECASE,
 )
+# A statement that may drop prepared statements other than its own session's SQL PREPAREd ones: a
+# DEALLOCATE (of all, or of one by a name it found), DISCARD ALL, or a DO block's EXECUTE of either.
+_DROPS = re.compile(r"(?:^|;)\s*(?:DEALLOCATE|DISCARD\s+ALL|DO)\b", re.IGNORECASE)
 _ANYWHERE = re.compile(
     r"\bINTO\s+TEMP(?:ORARY)?\b|\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\("
     r"|\bdblink_connect",
@@ -126,3 +156,10 @@ def may_change_session_state(sql: str) -> bool:
     quotes leave the text as it is: a false alarm at worst."""
     text = _LEXEMES.sub(_masked, sql)
     return _STARTS.search(text) is not None or _ANYWHERE.search(text) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def may_drop_statements(sql: str) -> bool:
+    """Whether running *sql* may drop prepared statements asyncpg has cached (``DEALLOCATE``, ``DISCARD
+    ALL``, ``DO``); asked only of statements :func:`may_change_session_state` flags."""
+    return _DROPS.search(_LEXEMES.sub(_masked, sql)) is not None

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from loopbridge import Bridge, ConfigurationError, Database
-from loopbridge._session_state import may_change_session_state
+from loopbridge._session_state import may_change_session_state, may_drop_statements
 from tests.boundary import wait_until
 from tests.support import Caller
 
@@ -69,6 +69,29 @@ CHANGES = [
         "SELECT coalesce(current_setting('auto_explain.log_min_duration', true), '-1')",
         id="load",
     ),
+    # The commands that undo session state: the next caller finds the pool's session as it was (the
+    # DSN's application_name, asyncpg's cached statement of the probe itself still working).
+    pytest.param("RESET ALL", "SELECT current_setting('application_name')", id="reset-all"),
+    pytest.param("SET ROLE pg_monitor; RESET ROLE", "SELECT current_user", id="reset-role"),
+    pytest.param("RESET search_path", SEARCH_PATH, id="reset-one"),
+    pytest.param("UNLISTEN *", "SELECT count(*) FROM pg_listening_channels()", id="unlisten"),
+    pytest.param("CLOSE ALL", "SELECT count(*) FROM pg_cursors WHERE name <> ''", id="close"),
+    pytest.param(
+        "DEALLOCATE ALL", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", id="deallocate-all"
+    ),
+    pytest.param(
+        "PREPARE mine AS SELECT 1; DEALLOCATE PREPARE mine",
+        "SELECT count(*) FROM pg_prepared_statements WHERE from_sql",
+        id="deallocate-one",
+    ),
+    pytest.param("DISCARD ALL", "SELECT current_setting('application_name')", id="discard-all"),
+    pytest.param("DISCARD PLANS", "SELECT current_setting('application_name')", id="discard-plans"),
+    pytest.param(
+        "CREATE TEMP TABLE scratch (n int); DISCARD TEMP",
+        "SELECT to_regclass('pg_temp.scratch')::text",
+        id="discard-temp",
+    ),
+    pytest.param("DISCARD SEQUENCES", "SELECT current_setting('application_name')", id="discard-sequences"),
     pytest.param("/* a comment first */ SET search_path = elsewhere", SEARCH_PATH, id="after-a-comment"),
     pytest.param("-- a line comment\nSET search_path = elsewhere", SEARCH_PATH, id="after-a-line-comment"),
     pytest.param("SELECT 1; SET search_path = elsewhere", SEARCH_PATH, id="second-statement"),
@@ -109,6 +132,59 @@ class TestWhatIsReset:
         _, before = same_session(one_connection, caller, SEARCH_PATH)
         caller.call(one_connection, "run", change)
         assert same_session(one_connection, caller, SEARCH_PATH)[1] == before
+
+    def test_asyncpgs_statements_dropped_by_the_session_are_prepared_anew(
+        self, one_connection: Database, caller: Caller
+    ) -> None:
+        # DEALLOCATE ALL and DISCARD ALL drop the statements asyncpg has prepared and cached: unless the
+        # reset sees it, the next caller's call of one fails ("prepared statement ... does not exist").
+        db = one_connection
+        probe = "SELECT $1::int + 1"
+        assert caller.call(db, "fetchval", probe, 1) == 2
+        for drop in (
+            "DEALLOCATE ALL",
+            "DISCARD ALL",
+            "DEALLOCATE PREPARE ALL",
+            "DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$",
+        ):
+            caller.call(db, "execute", drop)
+            assert caller.call(db, "fetchval", probe, 2) == 3
+
+    def test_a_cached_statement_deallocated_by_its_name_is_prepared_anew(
+        self, one_connection: Database, caller: Caller
+    ) -> None:
+        db = one_connection
+        probe = "SELECT $1::int * 2"
+        assert caller.call(db, "fetchval", probe, 2) == 4
+        name = caller.call(
+            db, "fetchval", "SELECT name FROM pg_prepared_statements WHERE statement = $1", probe
+        )
+        caller.call(db, "execute", f'DEALLOCATE "{name}"')
+        assert caller.call(db, "fetchval", probe, 3) == 6
+
+    def test_statements_dropped_on_a_raw_connection_in_run_are_prepared_anew(
+        self, one_connection: Database, caller: Caller
+    ) -> None:
+        async def discard(con: Any) -> None:
+            await con.execute("DISCARD ALL")  # the caller's own code: nothing loopbridge reads the text of
+
+        db = one_connection
+        assert caller.call(db, "fetchval", "SELECT $1::int - 1", 1) == 0
+        caller.call(db, "run", discard)
+        assert caller.call(db, "fetchval", "SELECT $1::int - 1", 2) == 1
+        # Nothing prepared before the drop is left for asyncpg to close later: the server holds the
+        # statement just prepared anew and the one listing them, no more.
+        listing = "SELECT array_agg(statement ORDER BY statement) FROM pg_prepared_statements"
+        assert caller.call(db, "fetchval", listing) == sorted(["SELECT $1::int - 1", listing])
+
+    def test_statements_deallocated_in_a_transaction_are_prepared_anew_after_it(
+        self, one_connection: Database, caller: Caller
+    ) -> None:
+        db = one_connection
+        assert caller.call(db, "fetchval", "SELECT $1::int + 10", 1) == 11
+        with db.transaction() as tx:
+            tx.execute("DEALLOCATE ALL")
+        assert caller.call(db, "fetchval", "SELECT $1::int + 10", 2) == 12
 
     def test_a_session_setting_made_in_a_transaction_is_reset(
         self, one_connection: Database, caller: Caller
@@ -238,3 +314,23 @@ class TestRecognised:
     )
     def test_every_command_on_the_list_is_recognised(self, sql: str) -> None:
         assert may_change_session_state(sql)
+
+    @pytest.mark.parametrize(
+        ("sql", "drops"),
+        [
+            ("DEALLOCATE ALL", True),
+            ("deallocate prepare mine", True),
+            ("DISCARD ALL", True),
+            ("SELECT 1; discard all", True),
+            ("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$", True),
+            ("DISCARD PLANS", False),
+            ("DISCARD TEMP", False),
+            ("PREPARE mine AS SELECT 1", False),
+            ("SET search_path = 'DEALLOCATE ALL'", False),
+            ("/* DISCARD ALL */ RESET ALL", False),
+        ],
+    )
+    def test_what_may_drop_asyncpgs_statements_is_told_apart(self, sql: str, drops: bool) -> None:
+        # Only these make the reset ask the server whether asyncpg's cached statements are all still
+        # there (a question that costs as much server time as the rest of the reset).
+        assert may_drop_statements(sql) is drops
