@@ -58,6 +58,11 @@ CHANGES = [
         id="advisory-lock",
     ),
     pytest.param(
+        "SELECT pg_try_advisory_lock(4242)",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        id="try-advisory-lock",
+    ),
+    pytest.param(
         "SELECT pg_try_advisory_lock_shared(4242)",
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
         id="try-advisory-lock-shared",
