@@ -66,8 +66,15 @@ def _class_internals() -> Iterable[tuple[object, str, str]]:
     yield asyncpg.pool.Pool, "_closed", "Pool._closed"
     for name in ("_release", "_setup_inactive_callback", "_max_queries", "_generation", "_timeout", "_pool"):
         yield asyncpg.pool.PoolConnectionHolder, name, f"PoolConnectionHolder.{name}"
-    connection_internals = ("_on_release", "_top_xact", "_listeners", "_log_listeners", "_protocol")
-    for name in (*connection_internals, "_stmt_cache", "_stmts_to_close"):
+    for name in (
+        "_on_release",
+        "_top_xact",
+        "_listeners",
+        "_log_listeners",
+        "_protocol",
+        "_stmt_cache",
+        "_stmts_to_close",
+    ):
         yield asyncpg.connection.Connection, name, f"Connection.{name}"
     yield asyncpg.connection.Connection, "_mark_stmts_as_closed", "Connection._mark_stmts_as_closed()"
     cache = getattr(asyncpg.connection, "_StatementCache", None)  # not in asyncpg's type stubs

@@ -74,11 +74,10 @@ END $loopbridge$;
 # gone by now.
 _COUNT_ASYNCPGS = "SELECT FROM pg_prepared_statements WHERE NOT from_sql;"
 
-# The connections whose session state may have changed since they were last reset, and those of them
-# whose prepared statements may have been dropped (weakly: a connection that is closed meanwhile goes with
+# The connections whose session state may have changed since they were last reset, each with whether its
+# prepared statements may have been dropped too (weakly: a connection that is closed meanwhile goes with
 # its state).
-_changed: weakref.WeakSet[Any] = weakref.WeakSet()
-_dropping: weakref.WeakSet[Any] = weakref.WeakSet()
+_changed: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def note_change(connection: object, *, drops_statements: bool = False) -> None:
@@ -86,9 +85,7 @@ def note_change(connection: object, *, drops_statements: bool = False) -> None:
     to the pool; *drops_statements*: it may also have lost prepared statements asyncpg has cached (see
     :func:`may_drop_statements`). On the bridge loop, before the statement that may change it is sent."""
     connection = _asyncpg.unproxied(connection)
-    _changed.add(connection)
-    if drops_statements:
-        _dropping.add(connection)
+    _changed[connection] = drops_statements or _changed.get(connection, False)
 
 
 def unchanged(connection: Any) -> bool:
@@ -107,9 +104,7 @@ async def reset_when_changed(connection: Any) -> None:
 
 async def reset_always(connection: Any) -> None:
     """The pool's ``reset=`` with ``session_reset="always"``: the full reset, every time."""
-    _changed.discard(connection)
-    expected = _asyncpg.prepared_statements(connection) if connection in _dropping else 0
-    _dropping.discard(connection)
+    expected = _asyncpg.prepared_statements(connection) if _changed.pop(connection, False) else 0
     statements = [connection.get_reset_query(), _REST_OF_THE_RESET, _COUNT_ASYNCPGS if expected else ""]
     status = await connection.execute("\n".join(filter(None, statements)))
     # With the count, the last statement's status ("SELECT <n>") says how many of asyncpg's are left.

@@ -20,29 +20,24 @@ from tests.boundary import wait_until
 from tests.support import Caller
 
 SEARCH_PATH = "SELECT current_setting('search_path')"
+APPLICATION_NAME = "SELECT current_setting('application_name')"
+ADVISORY_LOCKS = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+SQL_PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+LISTENING = "SELECT count(*) FROM pg_listening_channels()"
+CURSORS = "SELECT count(*) FROM pg_cursors WHERE name <> ''"
 
 #: (what changes the session, what shows it): each change must be gone for the next caller.
 CHANGES = [
     pytest.param("SET search_path = elsewhere, public", SEARCH_PATH, id="set"),
+    pytest.param("set application_name = 'changed'", APPLICATION_NAME, id="set-lower"),
     pytest.param(
-        "set application_name = 'changed'", "SELECT current_setting('application_name')", id="set-lower"
-    ),
-    pytest.param(
-        "SELECT set_config('application_name', 'changed', false)",
-        "SELECT current_setting('application_name')",
-        id="set_config",
+        "SELECT set_config('application_name', 'changed', false)", APPLICATION_NAME, id="set_config"
     ),
     pytest.param("SET ROLE pg_monitor", "SELECT current_user", id="set-role"),
     pytest.param("SET SESSION AUTHORIZATION pg_monitor", "SELECT session_user", id="session-authorization"),
-    pytest.param("LISTEN somewhere", "SELECT count(*) FROM pg_listening_channels()", id="listen"),
-    pytest.param(
-        "DECLARE held CURSOR WITH HOLD FOR SELECT 1",
-        "SELECT count(*) FROM pg_cursors WHERE name <> ''",
-        id="declare-with-hold",
-    ),
-    pytest.param(
-        "PREPARE mine AS SELECT 1", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", id="prepare"
-    ),
+    pytest.param("LISTEN somewhere", LISTENING, id="listen"),
+    pytest.param("DECLARE held CURSOR WITH HOLD FOR SELECT 1", CURSORS, id="declare-with-hold"),
+    pytest.param("PREPARE mine AS SELECT 1", SQL_PREPARED, id="prepare"),
     pytest.param(
         "CREATE TEMP TABLE scratch (n int)", "SELECT to_regclass('pg_temp.scratch')::text", id="temp-table"
     ),
@@ -52,21 +47,9 @@ CHANGES = [
     pytest.param(
         "SELECT 1 AS n INTO TEMP copied", "SELECT to_regclass('pg_temp.copied')::text", id="select-into-temp"
     ),
-    pytest.param(
-        "SELECT pg_advisory_lock(4242)",
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-        id="advisory-lock",
-    ),
-    pytest.param(
-        "SELECT pg_try_advisory_lock(4242)",
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-        id="try-advisory-lock",
-    ),
-    pytest.param(
-        "SELECT pg_try_advisory_lock_shared(4242)",
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-        id="try-advisory-lock-shared",
-    ),
+    pytest.param("SELECT pg_advisory_lock(4242)", ADVISORY_LOCKS, id="advisory-lock"),
+    pytest.param("SELECT pg_try_advisory_lock(4242)", ADVISORY_LOCKS, id="try-advisory-lock"),
+    pytest.param("SELECT pg_try_advisory_lock_shared(4242)", ADVISORY_LOCKS, id="try-advisory-lock-shared"),
     pytest.param("DO $$ BEGIN EXECUTE 'SET search_path = elsewhere'; END $$", SEARCH_PATH, id="do-block"),
     pytest.param(
         "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0",
@@ -76,27 +59,21 @@ CHANGES = [
     ),
     # The commands that undo session state: the next caller finds the pool's session as it was (the
     # DSN's application_name, asyncpg's cached statement of the probe itself still working).
-    pytest.param("RESET ALL", "SELECT current_setting('application_name')", id="reset-all"),
+    pytest.param("RESET ALL", APPLICATION_NAME, id="reset-all"),
     pytest.param("SET ROLE pg_monitor; RESET ROLE", "SELECT current_user", id="reset-role"),
     pytest.param("RESET search_path", SEARCH_PATH, id="reset-one"),
-    pytest.param("UNLISTEN *", "SELECT count(*) FROM pg_listening_channels()", id="unlisten"),
-    pytest.param("CLOSE ALL", "SELECT count(*) FROM pg_cursors WHERE name <> ''", id="close"),
-    pytest.param(
-        "DEALLOCATE ALL", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", id="deallocate-all"
-    ),
-    pytest.param(
-        "PREPARE mine AS SELECT 1; DEALLOCATE PREPARE mine",
-        "SELECT count(*) FROM pg_prepared_statements WHERE from_sql",
-        id="deallocate-one",
-    ),
-    pytest.param("DISCARD ALL", "SELECT current_setting('application_name')", id="discard-all"),
-    pytest.param("DISCARD PLANS", "SELECT current_setting('application_name')", id="discard-plans"),
+    pytest.param("UNLISTEN *", LISTENING, id="unlisten"),
+    pytest.param("CLOSE ALL", CURSORS, id="close"),
+    pytest.param("DEALLOCATE ALL", SQL_PREPARED, id="deallocate-all"),
+    pytest.param("PREPARE mine AS SELECT 1; DEALLOCATE PREPARE mine", SQL_PREPARED, id="deallocate-one"),
+    pytest.param("DISCARD ALL", APPLICATION_NAME, id="discard-all"),
+    pytest.param("DISCARD PLANS", APPLICATION_NAME, id="discard-plans"),
     pytest.param(
         "CREATE TEMP TABLE scratch (n int); DISCARD TEMP",
         "SELECT to_regclass('pg_temp.scratch')::text",
         id="discard-temp",
     ),
-    pytest.param("DISCARD SEQUENCES", "SELECT current_setting('application_name')", id="discard-sequences"),
+    pytest.param("DISCARD SEQUENCES", APPLICATION_NAME, id="discard-sequences"),
     pytest.param("/* a comment first */ SET search_path = elsewhere", SEARCH_PATH, id="after-a-comment"),
     pytest.param("-- a line comment\nSET search_path = elsewhere", SEARCH_PATH, id="after-a-line-comment"),
     pytest.param("SELECT 1; SET search_path = elsewhere", SEARCH_PATH, id="second-statement"),
@@ -206,7 +183,7 @@ class TestWhatIsReset:
         db = one_connection
         with db.listen("events"):
             pass
-        assert same_session(db, caller, "SELECT count(*) FROM pg_listening_channels()")[1] == 0
+        assert same_session(db, caller, LISTENING)[1] == 0
 
 
 class TestWhatIsNotReset:
@@ -227,15 +204,15 @@ class TestWhatIsNotReset:
         caller.call(db, "execute", sneaky)
         # No reset ran: what the function did is still there (what a statement of its text shows would
         # be gone). The documented blind spot, and the proof that a plain call pays for no reset.
-        assert same_session(db, caller, "SELECT current_setting('application_name')")[1] == "sneaky"
+        assert same_session(db, caller, APPLICATION_NAME)[1] == "sneaky"
 
     def test_session_reset_always_resets_every_connection(
         self, dsn: str, bridge: Bridge, sneaky: str, caller: Caller
     ) -> None:
         with Database(dsn, bridge=bridge, min_size=1, max_size=1, session_reset="always") as db:
-            _, before = same_session(db, caller, "SELECT current_setting('application_name')")
+            _, before = same_session(db, caller, APPLICATION_NAME)
             caller.call(db, "execute", sneaky)
-            assert same_session(db, caller, "SELECT current_setting('application_name')")[1] == before
+            assert same_session(db, caller, APPLICATION_NAME)[1] == before
 
     def test_asyncpgs_own_statement_cache_survives_the_full_reset(self, one_connection: Database) -> None:
         db = one_connection
@@ -283,7 +260,7 @@ class TestGivenBackAtOnce:
         # asyncpg's check of a connection given back, kept: it warns, and the connection listens no more.
         with pytest.warns(Warning, match="left_behind|listener"):
             one_connection.run(leave_a_listener)
-        assert one_connection.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+        assert one_connection.fetchval(LISTENING) == 0
 
 
 class TestRecognised:
